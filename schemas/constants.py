@@ -1,0 +1,19 @@
+"""Numbers and names that the whole contract shares."""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: Bumped when a payload changes incompatibly; also the ``vN`` in the default prefix.
+SCHEMA_VERSION: Final = 1
+DEFAULT_PREFIX: Final = f"kiosk/v{SCHEMA_VERSION}"
+
+#: Larger payloads are rejected before they are parsed.
+MAX_PAYLOAD_BYTES: Final = 16 * 1024
+
+#: Reserved pseudo-device under the prefix for the bridge's own presence.
+BRIDGE_SEGMENT: Final = "_bridge"
+PROVISION_SEGMENT: Final = "provision"
+
+# Largest value a signed 64-bit SQL column holds; sessions and seqs must fit in one.
+MAX_INT64: Final = 2**63 - 1

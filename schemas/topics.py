@@ -1,0 +1,119 @@
+"""Every topic of the contract, built and parsed in one place.
+
+No other module concatenates topic strings: build with the functions here and parse a
+received topic with :func:`parse_topic`, which returns the device id and the kind.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import lru_cache
+
+from schemas.constants import BRIDGE_SEGMENT, DEFAULT_PREFIX, PROVISION_SEGMENT
+from schemas.device_id import is_valid_device_id, validate_device_id
+from schemas.errors import InvalidDeviceId, InvalidTopic
+
+
+class TopicKind(StrEnum):
+    PRESENCE = "presence"
+    STATUS = "status"
+    CMD = "cmd"
+    ACK = "ack"
+    CONFIG = "config"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceTopic:
+    device_id: str
+    kind: TopicKind
+
+
+def _check_prefix(prefix: str) -> str:
+    if not prefix or prefix.startswith("/") or prefix.endswith("/"):
+        raise ValueError(f"topic prefix {prefix!r} must be non-empty, without leading/trailing '/'")
+    if any(ch in prefix for ch in "+#\x00"):
+        raise ValueError(f"topic prefix {prefix!r} must not contain wildcards or NUL")
+    return prefix
+
+
+def device_topic(device_id: str, kind: TopicKind, prefix: str = DEFAULT_PREFIX) -> str:
+    """``{prefix}/{device_id}/{kind}``; raises :class:`InvalidDeviceId` for a bad id."""
+    validate_device_id(device_id)
+    return f"{_check_prefix(prefix)}/{device_id}/{TopicKind(kind).value}"
+
+
+def device_filter(kind: TopicKind, prefix: str = DEFAULT_PREFIX) -> str:
+    """Subscription filter for ``kind`` on every device: ``{prefix}/+/{kind}``."""
+    return f"{_check_prefix(prefix)}/+/{TopicKind(kind).value}"
+
+
+def all_filter(prefix: str = DEFAULT_PREFIX) -> str:
+    """Everything under the prefix: ``{prefix}/#``."""
+    return f"{_check_prefix(prefix)}/#"
+
+
+def shared(filter_: str, group: str | None) -> str:
+    """Wrap a filter in an MQTT 5 shared subscription when ``group`` is set."""
+    if not group:
+        return filter_
+    if any(ch in group for ch in "/+#"):
+        raise ValueError(f"shared group name {group!r} must not contain '/', '+' or '#'")
+    return f"$share/{group}/{filter_}"
+
+
+def bridge_presence_topic(prefix: str = DEFAULT_PREFIX) -> str:
+    """Where the bridge publishes its own retained birth and Last Will."""
+    return f"{_check_prefix(prefix)}/{BRIDGE_SEGMENT}/presence"
+
+
+def provision_topic(client_id: str, leaf: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """``{prefix}/provision/{client_id}/{request|response}``."""
+    if leaf not in ("request", "response"):
+        raise ValueError(f"provision leaf must be 'request' or 'response', not {leaf!r}")
+    validate_device_id(client_id)
+    return f"{_check_prefix(prefix)}/{PROVISION_SEGMENT}/{client_id}/{leaf}"
+
+
+@lru_cache(maxsize=16)
+def _device_topic_re(prefix: str) -> re.Pattern[str]:
+    kinds = "|".join(k.value for k in TopicKind)
+    return re.compile(rf"{re.escape(_check_prefix(prefix))}/(?P<device_id>[^/]*)/(?P<kind>{kinds})")
+
+
+def parse_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> DeviceTopic:
+    """Split a received device topic into device id and kind.
+
+    Raises :class:`InvalidTopic` for anything that is not ``{prefix}/{id}/{kind}`` and
+    :class:`InvalidDeviceId` when the shape is right but the id breaks the grammar.
+    """
+    match = _device_topic_re(prefix).fullmatch(topic)
+    if match is None:
+        raise InvalidTopic(f"not a device topic under {prefix!r}: {topic[:200]!r}", field="topic")
+    device_id = match["device_id"]
+    if not is_valid_device_id(device_id):
+        raise InvalidDeviceId(
+            f"invalid device id {device_id[:80]!r} in topic {topic[:200]!r}", field="device_id"
+        )
+    return DeviceTopic(device_id=device_id, kind=TopicKind(match["kind"]))
+
+
+def is_bridge_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> bool:
+    return topic == bridge_presence_topic(prefix)
+
+
+__all__ = [
+    "DeviceTopic",
+    "InvalidDeviceId",
+    "InvalidTopic",
+    "TopicKind",
+    "all_filter",
+    "bridge_presence_topic",
+    "device_filter",
+    "device_topic",
+    "is_bridge_topic",
+    "parse_topic",
+    "provision_topic",
+    "shared",
+]
