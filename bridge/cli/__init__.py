@@ -1,0 +1,19 @@
+"""The ``kiosk-bridge`` command line: one module per command group, composed here."""
+
+from __future__ import annotations
+
+import typer
+
+from bridge.cli import kiosk_cmd, run_cmd, schema_cmd
+
+app = typer.Typer(
+    name="kiosk-bridge",
+    help="Truthful kiosk presence and tracked commands over MQTT, bridged into the CMS.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+for module in (run_cmd, schema_cmd, kiosk_cmd):
+    module.register(app)
+
+__all__ = ["app"]
