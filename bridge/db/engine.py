@@ -1,0 +1,91 @@
+"""Engines for SQLite, MariaDB/MySQL and PostgreSQL, tuned for the bridge's writes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlmodel import SQLModel
+
+from bridge.db import models
+
+log = logging.getLogger(__name__)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # WAL lets readers (the CMS, the CLI) work while the bridge writes; NORMAL sync is
+    # durable across process crashes, which is the failure the bridge must survive.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _sqlite_begin_immediate(conn: Any) -> None:
+    # Take the write lock when the transaction starts: a deferred transaction that reads
+    # and then writes can deadlock against another process doing the same.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str, *, echo: bool = False) -> Engine:
+    """An engine for ``url``; raises ``ValueError`` naming the URL when it is malformed."""
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise ValueError(f"database URL {url!r} is not a valid SQLAlchemy URL: {exc}") from exc
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        engine = create_engine(
+            parsed,
+            echo=echo,
+            connect_args={"check_same_thread": False, "timeout": 10},
+        )
+        # pysqlite's own transaction handling would defeat BEGIN IMMEDIATE.
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(
+            engine,
+            "connect",
+            lambda dbapi_conn, _rec: setattr(dbapi_conn, "isolation_level", None),
+        )
+        event.listen(engine, "begin", _sqlite_begin_immediate)
+        return engine
+    if backend in ("mysql", "mariadb"):
+        return create_engine(
+            parsed,
+            echo=echo,
+            pool_pre_ping=True,
+            pool_recycle=3600,
+            isolation_level="READ COMMITTED",
+        )
+    if backend == "postgresql":
+        return create_engine(parsed, echo=echo, pool_pre_ping=True)
+    raise ValueError(
+        f"database backend {backend!r} is not supported: use sqlite://, mysql+pymysql:// "
+        "or postgresql+psycopg://"
+    )
+
+
+def create_schema(engine: Engine) -> list[str]:
+    """Create missing tables (``remotes`` included, for a new install); return their names.
+
+    An existing ``remotes`` table is left exactly as it is.
+    """
+    existing = set(inspect(engine).get_table_names())
+    SQLModel.metadata.create_all(engine, tables=[m.__table__ for m in _all_models()])
+    created = [m.__tablename__ for m in _all_models() if m.__tablename__ not in existing]
+    for name in created:
+        log.info("created table %s", name)
+    return created
+
+
+def _all_models() -> tuple[Any, ...]:
+    return (models.Remote, *models.BRIDGE_TABLES)
+
+
+def missing_tables(engine: Engine) -> list[str]:
+    existing = set(inspect(engine).get_table_names())
+    return [m.__tablename__ for m in _all_models() if m.__tablename__ not in existing]

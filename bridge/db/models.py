@@ -1,0 +1,106 @@
+"""SQL tables: the CMS's ``remotes`` (as Laravel created it) and the bridge's own.
+
+``remotes`` is shared with the CMS: the bridge writes only the columns it documents and
+never adds columns. Tables the bridge owns are prefixed ``kb_``. Times in ``remotes`` are
+naive UTC datetimes (Laravel's default); the bridge's own tables keep epoch milliseconds
+so that lags and uptime need no timezone arithmetic.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, Float, Index, Integer, String, Text
+from sqlmodel import Field, SQLModel
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY (the rowid alias), not a BIGINT one.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Remote(SQLModel, table=True):
+    __tablename__ = "remotes"
+
+    id: int | None = Field(
+        default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True)
+    )
+    # 191 chars: the longest utf8mb4 string a unique index takes on older MySQL.
+    device_identifier: str = Field(sa_column=Column(String(191), nullable=False, unique=True))
+    token: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    name: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
+    status: str = Field(default="Disconnected", sa_column=Column(String(32), nullable=False))
+    last_seen_at: datetime | None = Field(default=None, sa_column=Column(DateTime, nullable=True))
+    battery_level: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    wifi_strength: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    screen_on: bool | None = Field(default=None, sa_column=Column(Boolean, nullable=True))
+    storage_available_mb: int | None = Field(
+        default=None, sa_column=Column(BigInteger, nullable=True)
+    )
+    storage_total_mb: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    ram_usage_mb: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    ram_total_mb: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    cpu_temp: float | None = Field(default=None, sa_column=Column(Float, nullable=True))
+    network_type: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
+    current_url: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    app_version: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
+    android_version: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
+    ip_address: str | None = Field(default=None, sa_column=Column(String(45), nullable=True))
+    mac_address: str | None = Field(default=None, sa_column=Column(String(17), nullable=True))
+    remote_control_enabled: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, default=False)
+    )
+    created_at: datetime | None = Field(default=None, sa_column=Column(DateTime, nullable=True))
+    updated_at: datetime | None = Field(default=None, sa_column=Column(DateTime, nullable=True))
+    deleted_at: datetime | None = Field(default=None, sa_column=Column(DateTime, nullable=True))
+
+
+class Connectivity(SQLModel, table=True):
+    """One row per device: the state machine's stored state plus bookkeeping."""
+
+    __tablename__ = "kb_connectivity"
+
+    device_id: str = Field(sa_column=Column(String(64), primary_key=True))
+    state: str = Field(sa_column=Column(String(16), nullable=False))
+    session: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    since_ms: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    reason: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
+    status_session: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    last_seq: int = Field(default=-1, sa_column=Column(BigInteger, nullable=False, default=-1))
+    last_status_ms: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    last_device_ts_ms: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    flap_penalty: float = Field(default=0.0, sa_column=Column(Float, nullable=False, default=0.0))
+    flap_at_ms: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    flapping: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, default=False))
+    transitions: int = Field(default=0, sa_column=Column(Integer, nullable=False, default=0))
+    #: What the bridge last wrote into ``remotes.status``.
+    legacy_status: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
+    #: Instance that wrote the row last.
+    writer: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
+    updated_ms: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+
+
+class PresenceHistory(SQLModel, table=True):
+    """Append-only: every presence event the bridge received, applied or not."""
+
+    __tablename__ = "kb_presence_history"
+    __table_args__ = (
+        Index("ix_kb_presence_history_device_received", "device_id", "received_ms"),
+        Index("ix_kb_presence_history_received", "received_ms"),
+    )
+
+    id: int | None = Field(
+        default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True)
+    )
+    device_id: str = Field(sa_column=Column(String(64), nullable=False))
+    state: str = Field(sa_column=Column(String(16), nullable=False))
+    prev_state: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
+    session: int = Field(sa_column=Column(BigInteger, nullable=False))
+    reason: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
+    #: applied | reset | stale | duplicate | deleted (soft-deleted device, ignored)
+    verdict: str = Field(sa_column=Column(String(16), nullable=False))
+    device_ts_ms: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    received_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+    committed_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+    writer: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
+
+
+BRIDGE_TABLES = (Connectivity, PresenceHistory)

@@ -1,0 +1,403 @@
+"""Fenced, transactional writes of presence into ``kb_connectivity`` and ``remotes``.
+
+Each batch runs in one transaction that first locks the devices' connectivity rows
+(``SELECT ... FOR UPDATE``; on SQLite the transaction starts with ``BEGIN IMMEDIATE``),
+then runs the pure state machine on what it read. A second bridge instance, or anything
+else that follows the same locking, therefore cannot interleave a stale state. Inserts
+of first-seen devices can still race another writer; the unique keys turn that into an
+``IntegrityError`` and the whole batch is retried.
+
+All methods are blocking: the service calls them from its single database thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from bridge.db.models import Connectivity, PresenceHistory, Remote
+from bridge.db.rows import state_columns, to_device_state, utc_naive
+from bridge.presence import (
+    ConnState,
+    DeviceState,
+    LegacyStatus,
+    PresenceEvent,
+    PresenceRules,
+    Verdict,
+    apply_presence,
+    legacy_status,
+    mark_unknown,
+)
+from bridge.presence.flap import settle
+
+log = logging.getLogger(__name__)
+
+CONN = Connectivity.__table__
+HIST = PresenceHistory.__table__
+REMOTES = Remote.__table__
+
+#: Rows per ``IN (...)`` list: well under every backend's parameter limit.
+CHUNK = 500
+_RETRIES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class BirthInfo:
+    """Device metadata carried by a birth, copied into ``remotes``."""
+
+    app_version: str | None = None
+    android_version: str | None = None
+    ip_address: str | None = None
+    mac_address: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceItem:
+    event: PresenceEvent
+    birth: BirthInfo | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceResult:
+    device_id: str
+    #: A :class:`Verdict` value, or ``"deleted"`` for a soft-deleted device.
+    verdict: str
+    before: DeviceState
+    after: DeviceState
+    legacy: LegacyStatus | None
+    recheck_at_ms: int | None
+    received_ms: int
+    committed_ms: int
+
+
+def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class PresenceStore:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        writer: str,
+        rules: PresenceRules,
+        grace_ms: int,
+        clock: Callable[[], int],
+    ) -> None:
+        self._engine = engine
+        self._writer = writer
+        self._rules = rules
+        self._grace_ms = grace_ms
+        self._clock = clock
+        self._lock_rows = engine.dialect.name != "sqlite"
+
+    # -- reads under lock --------------------------------------------------------------
+
+    def _lock_connectivity(self, conn: Connection, device_ids: Sequence[str]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for part in chunks(sorted(set(device_ids))):
+            stmt = select(CONN).where(CONN.c.device_id.in_(part))
+            if self._lock_rows:
+                stmt = stmt.with_for_update()
+            found.update({row.device_id: row for row in conn.execute(stmt)})
+        return found
+
+    def _remotes(self, conn: Connection, device_ids: Sequence[str]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        cols = (REMOTES.c.id, REMOTES.c.device_identifier, REMOTES.c.deleted_at, REMOTES.c.status)
+        for part in chunks(sorted(set(device_ids))):
+            stmt = select(*cols).where(REMOTES.c.device_identifier.in_(part))
+            found.update({row.device_identifier: row for row in conn.execute(stmt)})
+        return found
+
+    # -- presence -------------------------------------------------------------------------
+
+    def apply_presence(self, items: Sequence[PresenceItem]) -> list[PresenceResult]:
+        """Apply events in order; retried whole on a write race. Never drops an event
+        silently: an exception propagates and the caller keeps the batch."""
+        for attempt in range(_RETRIES):
+            try:
+                with self._engine.begin() as conn:
+                    return self._apply_presence(conn, items)
+            except IntegrityError:
+                if attempt == _RETRIES - 1:
+                    raise
+                log.info("presence batch raced another writer; retrying (%d)", attempt + 1)
+        raise AssertionError("unreachable")
+
+    def _apply_presence(
+        self, conn: Connection, items: Sequence[PresenceItem]
+    ) -> list[PresenceResult]:
+        ids = [item.event.device_id for item in items]
+        rows = self._lock_connectivity(conn, ids)
+        remotes = self._remotes(conn, ids)
+        states = {device_id: to_device_state(row) for device_id, row in rows.items()}
+        legacy = {device_id: row.legacy_status for device_id, row in rows.items()}
+        known = set(rows)
+        results: list[PresenceResult] = []
+        history: list[dict[str, Any]] = []
+        now = self._clock()
+        for item in items:
+            event = item.event
+            device_id = event.device_id
+            before = states.get(device_id, DeviceState())
+            remote = remotes.get(device_id)
+            if remote is not None and remote.deleted_at is not None:
+                verdict, after, view = "deleted", before, None
+            else:
+                outcome = apply_presence(before, event, self._rules)
+                verdict, after = outcome.verdict.value, outcome.after
+                view = None
+                if outcome.verdict.changes_state:
+                    view = legacy_status(
+                        after,
+                        legacy.get(device_id),
+                        now,
+                        grace_ms=self._grace_ms,
+                        flap=self._rules.flap,
+                    )
+                    self._store_state(conn, device_id, after, view.status, event, known)
+                    known.add(device_id)
+                    states[device_id] = after
+                    if legacy.get(device_id) != view.status or outcome.verdict is Verdict.RESET:
+                        self._write_remote(conn, device_id, remote, view.status, event, item.birth)
+                        if remote is None and event.state is ConnState.ONLINE:
+                            remotes[device_id] = self._remotes(conn, [device_id])[device_id]
+                    elif item.birth is not None and remote is not None:
+                        self._write_birth_metadata(conn, remote.id, event, item.birth)
+                    legacy[device_id] = view.status
+            history.append(
+                {
+                    "device_id": device_id,
+                    "state": event.state.value,
+                    "prev_state": before.state.value if before.session else None,
+                    "session": event.session,
+                    "reason": event.reason,
+                    "verdict": verdict,
+                    "device_ts_ms": event.device_ts_ms,
+                    "received_ms": event.received_ms,
+                    "writer": self._writer,
+                }
+            )
+            results.append(
+                PresenceResult(
+                    device_id=device_id,
+                    verdict=verdict,
+                    before=before,
+                    after=after,
+                    legacy=view.status if view else None,
+                    recheck_at_ms=view.recheck_at_ms if view else None,
+                    received_ms=event.received_ms,
+                    committed_ms=0,
+                )
+            )
+        committed = self._clock()
+        for row in history:
+            row["committed_ms"] = committed
+        if history:
+            conn.execute(insert(HIST), history)
+        return [replace(result, committed_ms=committed) for result in results]
+
+    def _store_state(
+        self,
+        conn: Connection,
+        device_id: str,
+        state: DeviceState,
+        legacy: LegacyStatus,
+        event: PresenceEvent,
+        known: set[str],
+    ) -> None:
+        values = {
+            **state_columns(state),
+            "legacy_status": legacy,
+            "writer": self._writer,
+            "updated_ms": event.received_ms,
+        }
+        if event.device_ts_ms is not None:
+            values["last_device_ts_ms"] = event.device_ts_ms
+        if device_id in known:
+            conn.execute(update(CONN).where(CONN.c.device_id == device_id).values(**values))
+        else:
+            conn.execute(insert(CONN).values(device_id=device_id, **values))
+
+    def _write_remote(
+        self,
+        conn: Connection,
+        device_id: str,
+        remote: Any | None,
+        status: LegacyStatus,
+        event: PresenceEvent,
+        birth: BirthInfo | None,
+    ) -> None:
+        now = utc_naive(event.received_ms)
+        meta = _birth_columns(birth)
+        if remote is None:
+            if event.state is not ConnState.ONLINE:
+                # Only a birth creates a device; a Will for an unseen one has no metadata.
+                return
+            conn.execute(
+                insert(REMOTES).values(
+                    device_identifier=device_id,
+                    status=status,
+                    last_seen_at=now,
+                    remote_control_enabled=False,
+                    created_at=now,
+                    updated_at=now,
+                    **meta,
+                )
+            )
+            return
+        values: dict[str, Any] = {"status": status, "updated_at": now, **meta}
+        if event.state is ConnState.ONLINE:
+            values["last_seen_at"] = now
+        conn.execute(
+            update(REMOTES)
+            .where(REMOTES.c.id == remote.id, REMOTES.c.deleted_at.is_(None))
+            .values(**values)
+        )
+
+    def _write_birth_metadata(
+        self, conn: Connection, remote_id: int, event: PresenceEvent, birth: BirthInfo
+    ) -> None:
+        now = utc_naive(event.received_ms)
+        conn.execute(
+            update(REMOTES)
+            .where(REMOTES.c.id == remote_id, REMOTES.c.deleted_at.is_(None))
+            .values(last_seen_at=now, updated_at=now, **_birth_columns(birth))
+        )
+
+    # -- legacy status that changes with time ----------------------------------------------
+
+    def settle_legacy(
+        self, device_ids: Sequence[str]
+    ) -> list[tuple[str, LegacyStatus, int | None]]:
+        """Re-derive ``remotes.status`` for devices whose grace or flap hold may have
+        ended; returns ``(device, status, next recheck)`` for each device still known."""
+        out: list[tuple[str, LegacyStatus, int | None]] = []
+        with self._engine.begin() as conn:
+            rows = self._lock_connectivity(conn, device_ids)
+            remotes = self._remotes(conn, list(rows))
+            now = self._clock()
+            for device_id, row in rows.items():
+                state = to_device_state(row)
+                view = legacy_status(
+                    state, row.legacy_status, now, grace_ms=self._grace_ms, flap=self._rules.flap
+                )
+                flap_now = _settled(state, now, self._rules)
+                if view.status != row.legacy_status or flap_now != row.flapping:
+                    conn.execute(
+                        update(CONN)
+                        .where(CONN.c.device_id == device_id)
+                        .values(legacy_status=view.status, flapping=flap_now, writer=self._writer)
+                    )
+                    remote = remotes.get(device_id)
+                    if remote is not None and view.status != row.legacy_status:
+                        conn.execute(
+                            update(REMOTES)
+                            .where(REMOTES.c.id == remote.id, REMOTES.c.deleted_at.is_(None))
+                            .values(status=view.status, updated_at=utc_naive(now))
+                        )
+                out.append((device_id, view.status, view.recheck_at_ms))
+        return out
+
+    def devices_needing_recheck(self) -> list[str]:
+        """Devices whose legacy status may still change with time (for start-up)."""
+        with self._engine.connect() as conn:
+            stmt = select(CONN.c.device_id).where(
+                (CONN.c.flapping.is_(True))
+                | (
+                    CONN.c.state.in_([ConnState.OFFLINE.value, ConnState.LOST.value])
+                    & (CONN.c.legacy_status != "Disconnected")
+                )
+            )
+            return [row.device_id for row in conn.execute(stmt)]
+
+    # -- reconciliation ------------------------------------------------------------------------
+
+    def snapshot_sessions(self) -> dict[str, int]:
+        """Every known device and its stored session, including CMS rows never seen."""
+        with self._engine.connect() as conn:
+            sessions = {r.device_id: int(r.session) for r in conn.execute(select(CONN))}
+            for row in conn.execute(
+                select(REMOTES.c.device_identifier).where(REMOTES.c.deleted_at.is_(None))
+            ):
+                sessions.setdefault(row.device_identifier, 0)
+        return sessions
+
+    def mark_unknown(self, expected: dict[str, int]) -> list[str]:
+        """Set devices to ``unknown`` (legacy ``Disconnected``) unless their session moved
+        on since ``expected`` was read: a birth that raced the reconciliation wins."""
+        changed: list[str] = []
+        ids = list(expected)
+        for part in chunks(ids):
+            with self._engine.begin() as conn:
+                rows = self._lock_connectivity(conn, part)
+                remotes = self._remotes(conn, part)
+                now = self._clock()
+                for device_id in part:
+                    row = rows.get(device_id)
+                    if row is not None and int(row.session) != expected[device_id]:
+                        continue
+                    before = to_device_state(row)
+                    after = mark_unknown(before, now)
+                    remote = remotes.get(device_id)
+                    if remote is not None and remote.deleted_at is not None:
+                        continue
+                    if row is None:
+                        if remote is None:
+                            continue
+                        conn.execute(
+                            insert(CONN).values(
+                                device_id=device_id,
+                                **state_columns(after),
+                                legacy_status="Disconnected",
+                                writer=self._writer,
+                                updated_ms=now,
+                            )
+                        )
+                    elif after != before or row.legacy_status != "Disconnected":
+                        conn.execute(
+                            update(CONN)
+                            .where(CONN.c.device_id == device_id)
+                            .values(
+                                **state_columns(after),
+                                legacy_status="Disconnected",
+                                writer=self._writer,
+                                updated_ms=now,
+                            )
+                        )
+                    else:
+                        continue
+                    if remote is not None and remote.status != "Disconnected":
+                        conn.execute(
+                            update(REMOTES)
+                            .where(REMOTES.c.id == remote.id, REMOTES.c.deleted_at.is_(None))
+                            .values(status="Disconnected", updated_at=utc_naive(now))
+                        )
+                    changed.append(device_id)
+        return changed
+
+
+def _settled(state: DeviceState, now_ms: int, rules: PresenceRules) -> bool:
+    return settle(state.flap, now_ms, rules.flap).flapping
+
+
+def _birth_columns(birth: BirthInfo | None) -> dict[str, Any]:
+    if birth is None:
+        return {}
+    return {
+        key: value
+        for key, value in (
+            ("app_version", birth.app_version),
+            ("android_version", birth.android_version),
+            ("ip_address", birth.ip_address),
+            ("mac_address", birth.mac_address),
+        )
+        if value is not None
+    }

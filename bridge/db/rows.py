@@ -1,0 +1,43 @@
+"""Conversions between connectivity rows and the state machine's values."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from bridge.presence import ConnState, DeviceState, FlapState
+
+
+def utc_naive(ms: int) -> datetime:
+    """Epoch ms as the naive UTC datetime Laravel stores by default."""
+    return datetime.fromtimestamp(ms / 1000, UTC).replace(tzinfo=None)
+
+
+def to_device_state(row: Any | None) -> DeviceState:
+    if row is None:
+        return DeviceState()
+    return DeviceState(
+        state=ConnState(row.state),
+        session=int(row.session),
+        since_ms=int(row.since_ms),
+        reason=row.reason,
+        flap=FlapState(
+            penalty=float(row.flap_penalty),
+            at_ms=int(row.flap_at_ms),
+            flapping=bool(row.flapping),
+            transitions=int(row.transitions),
+        ),
+    )
+
+
+def state_columns(state: DeviceState) -> dict[str, Any]:
+    return {
+        "state": state.state.value,
+        "session": state.session,
+        "since_ms": state.since_ms,
+        "reason": state.reason,
+        "flap_penalty": state.flap.penalty,
+        "flap_at_ms": state.flap.at_ms,
+        "flapping": state.flap.flapping,
+        "transitions": state.flap.transitions,
+    }

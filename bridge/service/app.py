@@ -1,0 +1,121 @@
+"""The bridge service: every part composed, started and stopped in one place.
+
+``Bridge`` is an async context manager. Entering it creates the schema if needed,
+starts the database writer and the MQTT link as owned tasks; leaving it announces the
+bridge offline, cancels the link, drains what is queued for the database (bounded), then
+cancels and awaits every task and shuts the database thread down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import PackageNotFoundError, version
+from types import TracebackType
+from typing import Self
+
+from bridge.clock import now_ms
+from bridge.db.engine import create_schema, make_engine
+from bridge.db.presence_store import PresenceStore
+from bridge.db.status_store import StatusStore
+from bridge.service.ingest import Ingest
+from bridge.service.metrics import BridgeMetrics
+from bridge.service.mqtt_link import MqttLink
+from bridge.service.writer import DbWriter
+from bridge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_DRAIN_S = 5.0
+
+
+def package_version() -> str:
+    try:
+        return version("kiosk-bridge")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class Bridge:
+    def __init__(self, settings: Settings, *, protocol: str | None = None) -> None:
+        self.settings = settings
+        self.metrics = BridgeMetrics()
+        self.engine = make_engine(settings.db)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kb-db")
+        self.ingest = Ingest(
+            prefix=settings.prefix, metrics=self.metrics, buffer_max=settings.presence_buffer_max
+        )
+        self.presence_store = PresenceStore(
+            self.engine,
+            writer=settings.instance,
+            rules=settings.rules,
+            grace_ms=settings.grace_ms,
+            clock=now_ms,
+        )
+        self.status_store = StatusStore(self.engine, writer=settings.instance)
+        self.writer = DbWriter(
+            settings,
+            self.ingest,
+            self.presence_store,
+            self.status_store,
+            self.metrics,
+            self._executor,
+        )
+        self.link = MqttLink(
+            settings, self.ingest, self.writer, self.metrics, package_version(), protocol=protocol
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Self:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, create_schema, self.engine)
+        await self.writer.start()
+        self._tasks = [
+            asyncio.create_task(self.writer.run(), name="kb-db-writer"),
+            asyncio.create_task(self.link.run(), name="kb-mqtt-link"),
+        ]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        writer_task, link_task = self._tasks
+        await self.link.announce_offline()
+        link_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await link_task
+        try:
+            async with asyncio.timeout(_DRAIN_S):
+                await self.writer.drain()
+        except TimeoutError:
+            log.error(
+                "shutdown: %d presence events and %d devices' telemetry not written "
+                "(the retained state will reconcile them at the next start)",
+                len(self.ingest.presence),
+                len(self.ingest.status),
+            )
+        writer_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer_task
+        self._executor.shutdown(wait=True)
+        self.engine.dispose()
+        self._tasks = []
+
+    async def wait_synced(self) -> None:
+        """Until the retained snapshot of the current connection is reconciled."""
+        await self.link.synced.wait()
+
+    async def wait_idle(self) -> None:
+        """Until nothing is queued for the database."""
+        await self.writer.drain()
+
+    async def serve_forever(self) -> None:
+        """Run until cancelled; a task that dies takes the bridge down with it."""
+        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()

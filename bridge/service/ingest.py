@@ -1,0 +1,159 @@
+"""From a received MQTT message to work for the database, without touching it.
+
+Runs on the receive path, so it only parses, validates and queues: presence events go to
+a bounded FIFO (never coalesced, every transition is history), telemetry is coalesced per
+device (last value by ``(session, seq)`` wins). Every rejected message is logged with its
+reason, truncated, and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from bridge.db.presence_store import BirthInfo, PresenceItem
+from bridge.db.status_store import StatusItem
+from bridge.presence import ConnState, PresenceEvent
+from bridge.service.metrics import BridgeMetrics
+from schemas import (
+    ContractError,
+    PresenceMessage,
+    PresenceOffline,
+    PresenceOnline,
+    Status,
+    TopicKind,
+    decode,
+    decode_presence,
+    parse_topic,
+)
+from schemas.topics import is_bridge_topic
+
+log = logging.getLogger(__name__)
+
+_SHOWN_BYTES = 120
+
+
+@dataclass
+class Ingest:
+    prefix: str
+    metrics: BridgeMetrics
+    buffer_max: int
+    presence: deque[PresenceItem] = field(default_factory=deque)
+    status: dict[str, StatusItem] = field(default_factory=dict)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Devices whose presence arrived since :meth:`start_snapshot` (reconciliation).
+    seen: set[str] | None = None
+    #: Set when an event had to be dropped: the retained state must be re-read.
+    overflowed: bool = False
+
+    def handle(self, topic: str, payload: bytes, received_ms: int) -> None:
+        """Validate one message and queue its effect; never raises."""
+        if is_bridge_topic(topic, self.prefix):
+            return
+        try:
+            parsed = parse_topic(topic, self.prefix)
+        except ContractError as exc:
+            self._reject(exc.reason, topic, payload, str(exc))
+            return
+        self.metrics.messages.labels(parsed.kind.value).inc()
+        try:
+            if parsed.kind is TopicKind.PRESENCE:
+                self._presence(parsed.device_id, decode_presence(payload), received_ms)
+            elif parsed.kind is TopicKind.STATUS:
+                self._status(parsed.device_id, decode(Status, payload), received_ms)
+        except ContractError as exc:
+            self._reject(exc.reason, topic, payload, str(exc))
+
+    def _reject(self, reason: str, topic: str, payload: bytes, why: str) -> None:
+        self.metrics.rejected.labels(reason).inc()
+        log.warning(
+            "rejected message reason=%s topic=%.200r error=%r payload=%r",
+            reason,
+            topic,
+            why,
+            bytes(payload[:_SHOWN_BYTES]),
+        )
+
+    def _presence(self, device_id: str, message: PresenceMessage, received_ms: int) -> None:
+        state = ConnState(message.state.value)
+        event = PresenceEvent(
+            device_id=device_id,
+            state=state,
+            session=message.session,
+            received_ms=received_ms,
+            device_ts_ms=message.ts,
+            reason=message.reason.value if isinstance(message, PresenceOffline) else None,
+        )
+        birth = None
+        if isinstance(message, PresenceOnline):
+            birth = BirthInfo(
+                app_version=message.app_version,
+                android_version=message.android_version,
+                ip_address=message.ip_address,
+                mac_address=message.mac_address,
+            )
+        if self.seen is not None:
+            self.seen.add(device_id)
+        if len(self.presence) >= self.buffer_max:
+            self.metrics.buffer_dropped.inc()
+            self.overflowed = True
+            log.error(
+                "presence buffer full (%d events): dropped device=%s session=%d state=%s; "
+                "the retained state will be re-read to reconcile",
+                self.buffer_max,
+                device_id,
+                event.session,
+                state.value,
+            )
+            return
+        self.presence.append(PresenceItem(event, birth))
+        self.metrics.buffer_depth.set(len(self.presence))
+        self.wake.set()
+
+    def _status(self, device_id: str, status: Status, received_ms: int) -> None:
+        pending = self.status.get(device_id)
+        if pending is not None:
+            if (status.session, status.seq) <= (pending.status.session, pending.status.seq):
+                self.metrics.status_skipped.labels("stale").inc()
+                return
+            self.metrics.status_coalesced.inc()
+        self.status[device_id] = StatusItem(device_id, status, received_ms)
+        self.wake.set()
+
+    def take_presence(self, limit: int) -> list[PresenceItem]:
+        batch = [self.presence.popleft() for _ in range(min(limit, len(self.presence)))]
+        self.metrics.buffer_depth.set(len(self.presence))
+        return batch
+
+    def requeue_presence(self, batch: list[PresenceItem]) -> None:
+        """Put a batch the database refused back at the front, oldest first."""
+        self.presence.extendleft(reversed(batch))
+        self.metrics.buffer_depth.set(len(self.presence))
+
+    def take_status(self, limit: int) -> list[StatusItem]:
+        if len(self.status) <= limit:
+            batch, self.status = list(self.status.values()), {}
+        else:
+            keys = list(self.status)[:limit]
+            batch = [self.status.pop(key) for key in keys]
+        self.metrics.status_pending.set(len(self.status))
+        return batch
+
+    def requeue_status(self, batch: list[StatusItem]) -> None:
+        for item in batch:
+            newer = self.status.get(item.device_id)
+            if newer is None or (newer.status.session, newer.status.seq) < (
+                item.status.session,
+                item.status.seq,
+            ):
+                self.status[item.device_id] = item
+        self.metrics.status_pending.set(len(self.status))
+
+    def start_snapshot(self) -> None:
+        self.seen = set()
+
+    def end_snapshot(self) -> set[str]:
+        seen, self.seen = self.seen or set(), None
+        return seen

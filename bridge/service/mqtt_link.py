@@ -1,0 +1,227 @@
+"""The bridge's connection to the broker: connect, birth, subscribe, receive, repeat.
+
+aiomqtt 2.x does not reconnect by itself; as its docs prescribe, the loop here wraps
+``async with client`` and subscribes inside it, so every reconnect resubscribes (and
+re-reads the retained truth). Delays between attempts are capped exponential backoff
+with full jitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import uuid
+from collections.abc import Callable
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from bridge.backoff import Backoff
+from bridge.clock import now_ms
+from bridge.service.ingest import Ingest
+from bridge.service.metrics import BridgeMetrics
+from bridge.service.writer import DbWriter
+from bridge.settings import Settings
+from schemas import BridgePresence, PresenceState, TopicKind, encode
+from schemas.topics import bridge_presence_topic, bridge_sync_topic, device_filter, shared
+
+log = logging.getLogger(__name__)
+
+# CONNACK codes meaning "I do not speak that protocol version" (3.1.1 and v5 spellings).
+_UNSUPPORTED_PROTOCOL = {1, 132}
+
+
+class MqttLink:
+    def __init__(
+        self,
+        settings: Settings,
+        ingest: Ingest,
+        writer: DbWriter,
+        metrics: BridgeMetrics,
+        version: str,
+        *,
+        protocol: str | None = None,
+    ) -> None:
+        self._settings = settings
+        self._ingest = ingest
+        self._writer = writer
+        self._metrics = metrics
+        self._version = version
+        self._protocol = protocol or settings.mqtt_protocol
+        self._client: aiomqtt.Client | None = None
+        self._backoff = Backoff(base=settings.reconnect_base_s, cap=settings.reconnect_cap_s)
+        #: Set once the retained snapshot of a connection has been reconciled.
+        self.synced = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.on_connected: list[Callable[[aiomqtt.Client], None]] = []
+
+    @property
+    def client(self) -> aiomqtt.Client | None:
+        return self._client
+
+    def _presence_payload(self, state: PresenceState) -> bytes:
+        return encode(
+            BridgePresence(
+                state=state,
+                instance=self._settings.instance,
+                ts=now_ms() if state is not PresenceState.LOST else None,
+                version=self._version,
+            )
+        )
+
+    def _make_client(self, v5: bool) -> aiomqtt.Client:
+        address = self._settings.broker_address
+        if address is None:
+            host, port = self._settings.listen_address
+            username = password = None
+            tls = False
+        else:
+            host, port = address.host, address.port
+            username, password, tls = address.username, address.password, address.tls
+        will = aiomqtt.Will(
+            topic=bridge_presence_topic(self._settings.prefix),
+            payload=self._presence_payload(PresenceState.LOST),
+            qos=1,
+            retain=True,
+        )
+        common = {
+            "hostname": host,
+            "port": port,
+            "username": username,
+            "password": password,
+            "identifier": self._settings.client_id,
+            "will": will,
+            "keepalive": self._settings.keepalive_s,
+            "timeout": 10,
+            "tls_context": ssl.create_default_context() if tls else None,
+        }
+        if v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self._settings.session_expiry_s
+            return aiomqtt.Client(
+                protocol=aiomqtt.ProtocolVersion.V5,
+                clean_start=False,
+                properties=props,
+                **common,  # type: ignore[arg-type]
+            )
+        return aiomqtt.Client(
+            protocol=aiomqtt.ProtocolVersion.V311,
+            clean_session=False,
+            **common,  # type: ignore[arg-type]
+        )
+
+    async def run(self) -> None:
+        """Connect and consume forever; returns only by cancellation."""
+        address = self._settings.broker_address
+        shown = address.url if address else "mqtt://{}:{}".format(*self._settings.listen_address)
+        attempt = 0
+        while True:
+            attempt += 1
+            v5 = self._protocol in ("auto", "5")
+            try:
+                await self._session(v5)
+            except MqttConnectError as exc:
+                if self._protocol == "auto" and exc.rc in _UNSUPPORTED_PROTOCOL:
+                    log.info("broker %s refused MQTT 5; using MQTT 3.1.1", shown)
+                    self._protocol = "3.1.1"
+                    continue
+                self._lost(shown, attempt, exc)
+            except aiomqtt.MqttError as exc:
+                self._lost(shown, attempt, exc)
+            delay = self._backoff.next_delay()
+            log.warning("reconnecting to %s in %.2fs (attempt %d)", shown, delay, attempt)
+            await asyncio.sleep(delay)
+
+    def _lost(self, shown: str, attempt: int, exc: Exception) -> None:
+        self.connected.clear()
+        self._metrics.connected.set(0)
+        self._client = None
+        log.warning("broker %s unavailable (attempt %d): %s", shown, attempt, exc)
+
+    async def _session(self, v5: bool) -> None:
+        settings = self._settings
+        prefix = settings.prefix
+        nonce = uuid.uuid4().hex
+        # Stable per instance, so the bridge's persistent session does not collect one
+        # stale subscription per reconnect; the payload tells this connection's marker.
+        sync_topic = bridge_sync_topic(
+            uuid.uuid5(uuid.NAMESPACE_DNS, settings.client_id).hex, prefix
+        )
+        presence_filter = device_filter(TopicKind.PRESENCE, prefix)
+        async with self._make_client(v5) as client:
+            self._client = client
+            self._backoff.reset()
+            self._metrics.connects.inc()
+            self._metrics.connected.set(1)
+            log.info(
+                "connected to broker as %s (MQTT %s)", settings.client_id, "5" if v5 else "3.1.1"
+            )
+            await client.publish(
+                bridge_presence_topic(prefix),
+                self._presence_payload(PresenceState.ONLINE),
+                qos=1,
+                retain=True,
+            )
+            self._ingest.start_snapshot()
+            group = settings.shared_group
+            await client.subscribe(shared(presence_filter, group), qos=1)
+            await client.subscribe(shared(device_filter(TopicKind.STATUS, prefix), group), qos=1)
+            if group:
+                # Shared subscriptions get no retained messages [MQTT-4.8.2-?]: read the
+                # snapshot through a plain subscription, dropped once reconciled.
+                await client.subscribe(presence_filter, qos=1)
+            await client.subscribe(sync_topic, qos=1)
+            await client.publish(sync_topic, nonce.encode(), qos=1)
+            self.connected.set()
+            for callback in self.on_connected:
+                callback(client)
+            reconcile: asyncio.Future[list[str]] | None = None
+            async for message in client.messages:
+                topic = message.topic.value
+                if topic == sync_topic:
+                    if message.payload != nonce.encode():
+                        continue
+                    reconcile = self._writer.request_reconcile(self._ingest.end_snapshot())
+                    reconcile.add_done_callback(self._reconciled)
+                    if group:
+                        await client.unsubscribe(presence_filter)
+                    continue
+                payload = message.payload
+                if not isinstance(payload, bytes | bytearray):
+                    payload = str(payload).encode()
+                self._ingest.handle(topic, bytes(payload), now_ms())
+                if self._ingest.overflowed:
+                    self._ingest.overflowed = False
+                    # Re-read the retained truth to recover what the full buffer dropped.
+                    self._ingest.start_snapshot()
+                    await client.unsubscribe(presence_filter)
+                    await client.subscribe(presence_filter, qos=1)
+                    await client.publish(sync_topic, nonce.encode(), qos=1)
+
+    def _reconciled(self, future: asyncio.Future[list[str]]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.synced.set()
+
+    async def announce_offline(self) -> None:
+        """Clean shutdown: retained ``offline`` so nobody waits for the Will."""
+        client = self._client
+        if client is None:
+            return
+        try:
+            await asyncio.wait_for(
+                client.publish(
+                    bridge_presence_topic(self._settings.prefix),
+                    self._presence_payload(PresenceState.OFFLINE),
+                    qos=1,
+                    retain=True,
+                ),
+                timeout=2,
+            )
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            log.warning("could not announce the bridge offline: %s", exc)
+
+
+__all__ = ["MqttLink"]

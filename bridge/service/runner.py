@@ -1,0 +1,58 @@
+"""``kiosk-bridge run``: the bridge, with the embedded broker when none is given."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+from bridge.embedded_broker import EmbeddedBroker
+from bridge.service.app import Bridge
+from bridge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def maybe_embedded_broker(settings: Settings) -> AsyncIterator[EmbeddedBroker | None]:
+    if settings.broker is not None:
+        yield None
+        return
+    host, port = settings.listen_address
+    async with EmbeddedBroker(host=host, port=port) as broker:
+        yield broker
+
+
+async def run_bridge(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop``), then shut down cleanly."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        async with maybe_embedded_broker(settings) as broker:
+            protocol = "3.1.1" if broker is not None else None
+            async with Bridge(settings, protocol=protocol) as bridge:
+                log.info(
+                    "bridge %s running: db=%s prefix=%s",
+                    settings.instance,
+                    bridge.engine.url.render_as_string(hide_password=True),
+                    settings.prefix,
+                )
+                serve = asyncio.create_task(bridge.serve_forever(), name="kb-serve")
+                stopper = asyncio.create_task(stop.wait(), name="kb-stop")
+                done, _ = await asyncio.wait({serve, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                for task in (serve, stopper):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                if serve in done and not serve.cancelled():
+                    serve.result()
+                log.info("shutting down")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)

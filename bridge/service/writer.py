@@ -1,0 +1,235 @@
+"""The database writer: one task, one database thread, presence first.
+
+Blocking SQL runs on a dedicated single thread, so the event loop (and the MQTT receive
+loop on it) never waits for the database and writes stay in arrival order. Presence
+batches always go before telemetry; telemetry is flushed in bounded batches so that a
+presence event never waits behind more than one of them. A failed batch is put back and
+retried with capped backoff: while the database is down the bridge keeps consuming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from bridge.backoff import Backoff
+from bridge.clock import now_ms
+from bridge.db.presence_store import PresenceResult, PresenceStore
+from bridge.db.status_store import StatusStore
+from bridge.service.ingest import Ingest
+from bridge.service.metrics import BridgeMetrics
+from bridge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+PresenceListener = Callable[[Sequence[PresenceResult]], None]
+
+
+class DbWriter:
+    def __init__(
+        self,
+        settings: Settings,
+        ingest: Ingest,
+        presence_store: PresenceStore,
+        status_store: StatusStore,
+        metrics: BridgeMetrics,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self._settings = settings
+        self._ingest = ingest
+        self._presence = presence_store
+        self._status = status_store
+        self._metrics = metrics
+        self._executor = executor
+        self._rechecks: list[tuple[int, str]] = []
+        self._reconcile: asyncio.Future[list[str]] | None = None
+        self._reconcile_seen: set[str] = set()
+        self._last_status_flush = 0.0
+        self._backoff = Backoff(base=0.2, cap=settings.db_retry_cap_s)
+        self._db_healthy = True
+        self.listeners: list[PresenceListener] = []
+        #: Set each time the writer has nothing left to write (tests, shutdown).
+        self.idle = asyncio.Event()
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def start(self) -> None:
+        """Load the devices whose legacy status may still change with time."""
+        ids = await self._db(self._presence.devices_needing_recheck)
+        for device_id in ids:
+            heapq.heappush(self._rechecks, (0, device_id))
+
+    def request_reconcile(self, seen: set[str]) -> asyncio.Future[list[str]]:
+        """After every queued presence event is written, set devices not in ``seen`` to
+        ``unknown``. Resolves to the devices changed."""
+        if self._reconcile is not None and not self._reconcile.done():
+            self._reconcile.cancel()
+        self._reconcile = asyncio.get_running_loop().create_future()
+        self._reconcile_seen = set(seen)
+        self._ingest.wake.set()
+        return self._reconcile
+
+    async def run(self) -> None:
+        ingest = self._ingest
+        while True:
+            timeout = self._next_timeout()
+            if timeout is None or timeout > 0:
+                if self._nothing_due():
+                    self.idle.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ingest.wake.wait(), timeout)
+            ingest.wake.clear()
+            self.idle.clear()
+            try:
+                await self._step()
+                if not self._db_healthy:
+                    log.warning("database is back; writes resumed")
+                    self._db_healthy = True
+                self._backoff.reset()
+            except SQLAlchemyError as exc:
+                delay = self._backoff.next_delay()
+                self._db_healthy = False
+                log.error(
+                    "database write failed (%s); %d presence events and %d devices' telemetry "
+                    "held, retry in %.2fs",
+                    _short(exc),
+                    len(ingest.presence),
+                    len(ingest.status),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                ingest.wake.set()
+
+    def _nothing_due(self) -> bool:
+        return (
+            not self._ingest.presence
+            and not self._ingest.status
+            and (self._reconcile is None or self._reconcile.done())
+        )
+
+    def _next_timeout(self) -> float | None:
+        if self._ingest.presence:
+            return 0
+        deadlines: list[float] = []
+        if self._ingest.status:
+            due = self._last_status_flush + self._settings.status_flush_s - time.monotonic()
+            deadlines.append(max(0.0, due))
+        if self._reconcile is not None and not self._reconcile.done():
+            deadlines.append(0)
+        if self._rechecks:
+            deadlines.append(max(0.0, (self._rechecks[0][0] - now_ms()) / 1000))
+        return min(deadlines) if deadlines else None
+
+    async def _step(self) -> None:
+        ingest = self._ingest
+        if ingest.presence:
+            await self._write_presence()
+            return
+        if self._reconcile is not None and not self._reconcile.done():
+            await self._do_reconcile()
+            return
+        if self._rechecks and self._rechecks[0][0] <= now_ms():
+            await self._do_rechecks()
+        if ingest.status and (
+            time.monotonic() - self._last_status_flush >= self._settings.status_flush_s
+            or len(ingest.status) >= self._settings.status_batch_max
+        ):
+            await self._write_status()
+
+    async def _write_presence(self) -> None:
+        batch = self._ingest.take_presence(self._settings.presence_batch_max)
+        started = time.perf_counter()
+        try:
+            results = await self._db(self._presence.apply_presence, batch)
+        except BaseException:
+            self._ingest.requeue_presence(batch)
+            self._metrics.db_errors.labels("presence").inc()
+            raise
+        self._metrics.batch_seconds.labels("presence").observe(time.perf_counter() - started)
+        self._metrics.batch_size.labels("presence").observe(len(batch))
+        for result in results:
+            self._metrics.presence.labels(result.verdict).inc()
+            if result.verdict in ("applied", "reset"):
+                self._metrics.detection_lag.observe(
+                    max(0, result.committed_ms - result.received_ms) / 1000
+                )
+                log.info(
+                    "presence device=%s %s->%s session=%d legacy=%s verdict=%s",
+                    result.device_id,
+                    result.before.state.value,
+                    result.after.state.value,
+                    result.after.session,
+                    result.legacy,
+                    result.verdict,
+                )
+            elif result.verdict in ("stale", "deleted"):
+                log.info("presence ignored device=%s verdict=%s", result.device_id, result.verdict)
+            if result.recheck_at_ms is not None:
+                heapq.heappush(self._rechecks, (result.recheck_at_ms, result.device_id))
+        for listener in self.listeners:
+            listener(results)
+
+    async def _write_status(self) -> None:
+        batch = self._ingest.take_status(self._settings.status_batch_max)
+        started = time.perf_counter()
+        try:
+            result = await self._db(self._status.apply_status, batch)
+        except BaseException:
+            self._ingest.requeue_status(batch)
+            self._metrics.db_errors.labels("status").inc()
+            raise
+        self._last_status_flush = time.monotonic()
+        self._metrics.batch_seconds.labels("status").observe(time.perf_counter() - started)
+        self._metrics.batch_size.labels("status").observe(len(batch))
+        self._metrics.status_written.inc(result.written)
+        for reason, count in result.skipped.items():
+            self._metrics.status_skipped.labels(reason).inc(count)
+            log.debug("status skipped reason=%s count=%d", reason, count)
+
+    async def _do_rechecks(self) -> None:
+        now = now_ms()
+        due: set[str] = set()
+        while self._rechecks and self._rechecks[0][0] <= now:
+            due.add(heapq.heappop(self._rechecks)[1])
+        for device_id, status, recheck in await self._db(self._presence.settle_legacy, list(due)):
+            if recheck is not None:
+                heapq.heappush(self._rechecks, (recheck, device_id))
+            log.debug("legacy status settled device=%s status=%s", device_id, status)
+
+    async def _do_reconcile(self) -> None:
+        future = self._reconcile
+        assert future is not None
+        sessions = await self._db(self._presence.snapshot_sessions)
+        expected = {d: s for d, s in sessions.items() if d not in self._reconcile_seen}
+        changed = await self._db(self._presence.mark_unknown, expected)
+        self._metrics.reconciled_unknown.inc(len(changed))
+        if changed:
+            log.warning(
+                "reconciled: %d devices have no retained presence and are now unknown: %s",
+                len(changed),
+                ", ".join(sorted(changed)[:20]) + (" ..." if len(changed) > 20 else ""),
+            )
+        if not future.done():
+            future.set_result(changed)
+
+    async def drain(self) -> None:
+        """Wait until everything queued is written; callers bound it with a timeout."""
+        while not self._nothing_due():
+            self.idle.clear()
+            self._ingest.wake.set()
+            await self.idle.wait()
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]

@@ -1,0 +1,119 @@
+"""The one typed settings object, built once at the edge (CLI) and passed down.
+
+Values come from, in rising priority: defaults, ``KB_*`` environment variables, CLI
+flags. Nothing else in the package reads the environment.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bridge.broker_url import BrokerAddress, parse_broker_url
+from bridge.presence import FlapPolicy, PresenceRules
+from schemas import DEFAULT_PREFIX
+from schemas.topics import shared as _check_group
+
+MqttProtocol = Literal["auto", "5", "3.1.1"]
+
+
+def _default_instance() -> str:
+    return f"kb-{socket.gethostname()}"[:64]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KB_", frozen=True, extra="ignore")
+
+    broker: str | None = Field(
+        default=None,
+        description="mqtt[s]://[user:pass@]host:port; unset = start the embedded broker",
+    )
+    listen: str = Field(default="127.0.0.1:1883", description="Embedded broker HOST:PORT")
+    db: str = "sqlite:///kiosk-bridge.db"
+    prefix: str = DEFAULT_PREFIX
+    shared_group: str | None = None
+    instance: str = Field(default_factory=_default_instance)
+    mqtt_protocol: MqttProtocol = "auto"
+    keepalive_s: int = Field(default=10, ge=5, le=3600)
+    #: The bridge's own persistent session survives this long without it.
+    session_expiry_s: int = Field(default=3600, ge=0)
+    reconnect_base_s: float = Field(default=0.5, gt=0)
+    reconnect_cap_s: float = Field(default=30.0, gt=0)
+
+    offline_grace_s: float = Field(default=0.0, ge=0)
+    flap_half_life_s: float = Field(default=60.0, gt=0)
+    flap_suppress_at: float = Field(default=5.0, gt=0)
+    flap_reuse_below: float = Field(default=1.0, gt=0)
+    reset_after_s: float = Field(default=10.0, ge=0)
+
+    status_flush_s: float = Field(default=0.05, gt=0, le=10)
+    status_batch_max: int = Field(default=2000, ge=1)
+    presence_batch_max: int = Field(default=1000, ge=1)
+    presence_buffer_max: int = Field(default=100_000, ge=100)
+    db_retry_cap_s: float = Field(default=5.0, gt=0)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+
+    @field_validator("instance")
+    @classmethod
+    def _instance_ok(cls, value: str) -> str:
+        if not value or len(value) > 64 or any(ch in value for ch in "/+#\x00 "):
+            raise ValueError("instance must be 1-64 characters without '/', '+', '#' or spaces")
+        return value
+
+    @field_validator("shared_group")
+    @classmethod
+    def _group_ok(cls, value: str | None) -> str | None:
+        if value:
+            _check_group("x", value)
+        return value or None
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_ok(cls, value: str | None) -> str | None:
+        if value:
+            parse_broker_url(value)
+        return value or None
+
+    @property
+    def broker_address(self) -> BrokerAddress | None:
+        return parse_broker_url(self.broker) if self.broker else None
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"--listen {self.listen!r} must be HOST:PORT, e.g. 127.0.0.1:1883")
+        return host, int(port)
+
+    @property
+    def client_id(self) -> str:
+        return f"kiosk-bridge-{self.instance}"
+
+    @property
+    def rules(self) -> PresenceRules:
+        return PresenceRules(
+            flap=FlapPolicy(
+                half_life_ms=int(self.flap_half_life_s * 1000),
+                suppress_at=self.flap_suppress_at,
+                reuse_below=self.flap_reuse_below,
+            ),
+            reset_after_ms=int(self.reset_after_s * 1000),
+        )
+
+    @property
+    def grace_ms(self) -> int:
+        return int(self.offline_grace_s * 1000)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Environment plus explicit overrides (``None`` overrides are ignored)."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return Settings(**given)  # type: ignore[arg-type]
+
+
+__all__ = ["MqttProtocol", "Settings", "load_settings"]
