@@ -11,10 +11,13 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import BigInteger, Boolean, Column, DateTime, Float, Index, Integer, String, Text
+from sqlalchemy.dialects import mysql
 from sqlmodel import Field, SQLModel
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY (the rowid alias), not a BIGINT one.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+# MySQL's DATETIME keeps whole seconds unless told otherwise; command timings need ms.
+PreciseTime = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 
 class Remote(SQLModel, table=True):
@@ -103,4 +106,42 @@ class PresenceHistory(SQLModel, table=True):
     writer: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
 
 
-BRIDGE_TABLES = (Connectivity, PresenceHistory)
+class CommandRecord(SQLModel, table=True):
+    """A command's whole life; also the outbox: the CMS inserts ``queued`` rows here.
+
+    Times are naive UTC datetimes so that Laravel can insert and read rows natively.
+    """
+
+    __tablename__ = "kb_commands"
+    __table_args__ = (
+        Index("ix_kb_commands_state", "state"),
+        Index("ix_kb_commands_device_created", "device_id", "created_at"),
+    )
+
+    #: UUID, the idempotency key; also the id on the wire.
+    id: str = Field(sa_column=Column(String(36), primary_key=True))
+    device_id: str = Field(sa_column=Column(String(64), nullable=False))
+    type: str = Field(sa_column=Column(String(32), nullable=False))
+    #: JSON object.
+    args: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))
+    #: queued, sent, delivered, received, succeeded, failed, rejected, expired,
+    #: cancelled, superseded
+    state: str = Field(default="queued", sa_column=Column(String(16), nullable=False))
+    created_at: datetime = Field(sa_column=Column(PreciseTime, nullable=False))
+    sent_at: datetime | None = Field(default=None, sa_column=Column(PreciseTime, nullable=True))
+    delivered_at: datetime | None = Field(
+        default=None, sa_column=Column(PreciseTime, nullable=True)
+    )
+    acked_at: datetime | None = Field(default=None, sa_column=Column(PreciseTime, nullable=True))
+    finished_at: datetime | None = Field(default=None, sa_column=Column(PreciseTime, nullable=True))
+    expires_at: datetime = Field(sa_column=Column(PreciseTime, nullable=False))
+    attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False, default=0))
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    requested_by: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
+    #: Free text from the requester (required for wipe: the audit trail).
+    reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    #: Device's ack detail (error message on failure).
+    detail: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+BRIDGE_TABLES = (Connectivity, PresenceHistory, CommandRecord)
