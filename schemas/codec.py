@@ -48,6 +48,10 @@ def _as_error(exc: ValidationError, *, tagged: bool = False) -> InvalidPayload:
     if tagged and len(loc) > 1:
         loc = loc[1:]
     field = ".".join(str(part) for part in loc)
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        # A missing or unknown tag is reported at the union's own (empty) location; the
+        # bad field is the discriminator, which pydantic names only in the context, quoted.
+        field = str(first.get("ctx", {}).get("discriminator", "")).strip("'")
     if first["type"] in ("json_invalid", "json_type"):
         return InvalidPayload(f"payload is not a JSON object: {first['msg']}", field="")
     where = field or "payload"

@@ -11,10 +11,10 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from schemas.constants import MAX_INT64, SCHEMA_VERSION
-from schemas.device_id import DeviceId
+from schemas.device_id import DEVICE_ID_PATTERN, DeviceId
 
 # Epoch milliseconds; the upper bound (year 2286) catches seconds-vs-ms mix-ups only on
 # the far side, so the bridge checks skew separately instead of rejecting here.
@@ -27,7 +27,10 @@ Session = Annotated[
         description="Connection session: strictly larger at every new connection of the device",
     ),
 ]
-ShortText = Annotated[str, Field(max_length=128)]
+# Free text must not carry NUL: PostgreSQL text columns refuse it, so one such string
+# from a kiosk would make every database write of its row fail.
+_NO_NUL = r"^[^\x00]*$"
+ShortText = Annotated[str, Field(max_length=128, pattern=_NO_NUL)]
 
 
 class _Wire(BaseModel):
@@ -60,17 +63,48 @@ class OfflineReason(StrEnum):
 class PresenceOnline(_Wire):
     """Birth: retained on ``presence`` right after CONNACK."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "schema_version": 1,
+                    "state": "online",
+                    "session": 1764331200000,
+                    "ts": 1764331200412,
+                    "app_version": "3.4.1",
+                    "android_version": "13",
+                    "ip_address": "192.0.2.17",
+                    "mac_address": "02:00:00:3a:4b:5c",
+                }
+            ]
+        }
+    )
+
     state: Literal[PresenceState.ONLINE] = PresenceState.ONLINE
     session: Session
     ts: EpochMs
     app_version: ShortText | None = None
     android_version: ShortText | None = None
-    ip_address: Annotated[str, Field(max_length=45)] | None = None
-    mac_address: Annotated[str, Field(max_length=17)] | None = None
+    ip_address: Annotated[str, Field(max_length=45, pattern=_NO_NUL)] | None = None
+    mac_address: Annotated[str, Field(max_length=17, pattern=_NO_NUL)] | None = None
 
 
 class PresenceOffline(_Wire):
     """Announced offline: retained on ``presence`` just before a clean DISCONNECT."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "schema_version": 1,
+                    "state": "offline",
+                    "session": 1764331200000,
+                    "ts": 1764334800250,
+                    "reason": "app_update",
+                }
+            ]
+        }
+    )
 
     state: Literal[PresenceState.OFFLINE] = PresenceState.OFFLINE
     session: Session
@@ -80,6 +114,12 @@ class PresenceOffline(_Wire):
 
 class PresenceLost(_Wire):
     """Last Will, set at CONNECT; published by the broker when the connection dies."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"schema_version": 1, "state": "lost", "session": 1764331200000}]
+        }
+    )
 
     state: Literal[PresenceState.LOST] = PresenceState.LOST
     session: Session
@@ -97,8 +137,35 @@ Presence = Annotated[PresenceOnline | PresenceOffline | PresenceLost, Field(disc
 class Status(_Wire):
     """Telemetry, retained on ``status``; ``seq`` increases within a session."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "schema_version": 1,
+                    "session": 1764331200000,
+                    "seq": 42,
+                    "ts": 1764332460118,
+                    "battery_level": 85,
+                    "wifi_strength": -45,
+                    "screen_on": True,
+                    "storage_available_mb": 15360,
+                    "storage_total_mb": 32768,
+                    "ram_usage_mb": 2048,
+                    "ram_total_mb": 4096,
+                    "cpu_temp": 42.5,
+                    "network_type": "wifi",
+                    "current_url": "https://cms.example.com/display/abc123",
+                    "config_version": 7,
+                }
+            ]
+        }
+    )
+
     session: Session
-    seq: Annotated[int, Field(ge=0, le=MAX_INT64)]
+    seq: Annotated[
+        int,
+        Field(ge=0, le=MAX_INT64, description="Increases with every status within a session"),
+    ]
     ts: EpochMs
     battery_level: Annotated[int, Field(ge=0, le=100)] | None = None
     wifi_strength: Annotated[int, Field(ge=-127, le=0, description="dBm")] | None = None
@@ -108,8 +175,8 @@ class Status(_Wire):
     ram_usage_mb: Annotated[int, Field(ge=0, le=MAX_INT64)] | None = None
     ram_total_mb: Annotated[int, Field(ge=0, le=MAX_INT64)] | None = None
     cpu_temp: Annotated[float, Field(ge=-60, le=200, description="degrees Celsius")] | None = None
-    network_type: Annotated[str, Field(max_length=32)] | None = None
-    current_url: Annotated[str, Field(max_length=2048)] | None = None
+    network_type: Annotated[str, Field(max_length=32, pattern=_NO_NUL)] | None = None
+    current_url: Annotated[str, Field(max_length=2048, pattern=_NO_NUL)] | None = None
     config_version: Annotated[int, Field(ge=0, le=MAX_INT64)] | None = None
 
 
@@ -124,25 +191,56 @@ class CommandType(StrEnum):
 
 
 class RefreshArgs(_Wire):
-    url: Annotated[str, Field(max_length=2048)] | None = None
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"url": "https://cms.example.com/display/abc123"}]}
+    )
+
+    url: Annotated[str, Field(max_length=2048, pattern=_NO_NUL)] | None = None
 
 
 class ReconnectArgs(_Wire):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"delay_s": 5, "reason": "broker maintenance"}]}
+    )
+
     delay_s: Annotated[int, Field(ge=0, le=3600)] = 0
-    reason: Annotated[str, Field(max_length=256)] | None = None
+    reason: Annotated[str, Field(max_length=256, pattern=_NO_NUL)] | None = None
 
 
 class WipeArgs(_Wire):
-    reason: Annotated[str, Field(max_length=256)] | None = None
+    model_config = ConfigDict(json_schema_extra={"examples": [{"reason": "returned to vendor"}]})
+
+    reason: Annotated[str, Field(max_length=256, pattern=_NO_NUL)] | None = None
 
 
 class DeviceConfig(_Wire):
     """Desired configuration, retained on ``config``; also the args of ``set_config``."""
 
-    version: Annotated[int, Field(ge=0, le=MAX_INT64)]
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "schema_version": 1,
+                    "version": 7,
+                    "remote_control_enabled": False,
+                    "status_interval_s": 30,
+                    "display_url": "https://cms.example.com/display/abc123",
+                }
+            ]
+        }
+    )
+
+    version: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=MAX_INT64,
+            description="Bumped at every change; the kiosk echoes it as config_version",
+        ),
+    ]
     remote_control_enabled: bool = False
     status_interval_s: Annotated[int, Field(ge=5, le=3600)] = 30
-    display_url: Annotated[str, Field(max_length=2048)] | None = None
+    display_url: Annotated[str, Field(max_length=2048, pattern=_NO_NUL)] | None = None
 
 
 COMMAND_ARGS: dict[CommandType, type[_Wire]] = {
@@ -157,25 +255,74 @@ class Command(_Wire):
     """A command on ``cmd``. ``type`` is free text on the wire so that a kiosk can answer
     an unknown type with a ``rejected`` ack; args of known types are validated."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "schema_version": 1,
+                    "id": "6f1c2b9e-3d4a-4e5b-8c7d-0a1b2c3d4e5f",
+                    "type": "refresh",
+                    "issued_at": 1764332500000,
+                    "expires_at": 1764336100000,
+                    "args": {"url": "https://cms.example.com/display/abc123"},
+                },
+                {
+                    "schema_version": 1,
+                    "id": "0d9e8f7a-6b5c-4d3e-a2f1-0e9d8c7b6a59",
+                    "type": "wipe",
+                    "issued_at": 1764332500000,
+                    "expires_at": 1764332800000,
+                    "device_id": "kiosk-0042",
+                    "args": {"reason": "returned to vendor"},
+                },
+            ]
+        }
+    )
+
     id: UUID
     type: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z][a-z0-9_]*$")]
     issued_at: EpochMs
-    expires_at: EpochMs
+    expires_at: EpochMs = Field(
+        description="Unix time in ms, not before issued_at; once it has passed the kiosk "
+        "drops the command unexecuted"
+    )
     device_id: DeviceId | None = Field(
-        default=None, description="Target device; required for wipe, checked by the kiosk"
+        default=None,
+        # validate_default: the wipe rule below must also run when device_id is absent.
+        validate_default=True,
+        description="Target device; required for wipe, checked by the kiosk",
+        # The id grammar is checked by an AfterValidator, which the JSON Schema cannot see.
+        json_schema_extra={"pattern": DEVICE_ID_PATTERN},
     )
     args: dict[str, Any] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _check(self) -> Command:
-        if self.expires_at < self.issued_at:
+    # Field validators rather than one model validator so that an error carries the
+    # field's location ("expires_at", "args.url"): the bridge logs and counts by it.
+    # They read earlier fields from info.data, which holds only fields that validated.
+
+    @field_validator("expires_at")
+    @classmethod
+    def _not_before_issued(cls, value: int, info: ValidationInfo) -> int:
+        issued_at = info.data.get("issued_at")
+        if issued_at is not None and value < issued_at:
             raise ValueError("expires_at must not be before issued_at")
-        known = self.known_type
-        if known is not None:
-            COMMAND_ARGS[known].model_validate(self.args, strict=True)
-            if known is CommandType.WIPE and self.device_id is None:
-                raise ValueError("wipe requires device_id")
-        return self
+        return value
+
+    @field_validator("device_id")
+    @classmethod
+    def _wipe_names_device(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("type") == CommandType.WIPE.value:
+            raise ValueError("wipe requires device_id")
+        return value
+
+    @field_validator("args")
+    @classmethod
+    def _known_args(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        command_type = info.data.get("type")
+        if command_type in COMMAND_ARGS:
+            # A ValidationError raised here keeps its own locations, prefixed with "args".
+            COMMAND_ARGS[CommandType(command_type)].model_validate(value, strict=True)
+        return value
 
     @property
     def known_type(self) -> CommandType | None:
@@ -202,10 +349,36 @@ class AckState(StrEnum):
 class Ack(_Wire):
     """The kiosk's answer to a command, on its own ``ack`` topic."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "schema_version": 1,
+                    "id": "6f1c2b9e-3d4a-4e5b-8c7d-0a1b2c3d4e5f",
+                    "state": "received",
+                    "ts": 1764332500031,
+                },
+                {
+                    "schema_version": 1,
+                    "id": "6f1c2b9e-3d4a-4e5b-8c7d-0a1b2c3d4e5f",
+                    "state": "succeeded",
+                    "ts": 1764332501870,
+                },
+                {
+                    "schema_version": 1,
+                    "id": "6f1c2b9e-3d4a-4e5b-8c7d-0a1b2c3d4e5f",
+                    "state": "rejected",
+                    "ts": 1764332500032,
+                    "detail": "unknown command type 'dance'",
+                },
+            ]
+        }
+    )
+
     id: UUID
     state: AckState
     ts: EpochMs
-    detail: Annotated[str, Field(max_length=1024)] | None = None
+    detail: Annotated[str, Field(max_length=1024, pattern=_NO_NUL)] | None = None
 
 
 # --- the bridge itself -----------------------------------------------------------------------
@@ -214,7 +387,30 @@ class Ack(_Wire):
 class BridgePresence(_Wire):
     """The bridge's retained birth and Last Will on ``{prefix}/_bridge/presence``."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "schema_version": 1,
+                    "state": "online",
+                    "instance": "bridge-a",
+                    "ts": 1764331000000,
+                    "version": "0.1.0",
+                },
+                {"schema_version": 1, "state": "lost", "instance": "bridge-a"},
+            ]
+        }
+    )
+
     state: PresenceState
-    instance: Annotated[str, Field(min_length=1, max_length=128)]
+    instance: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=128,
+            pattern=_NO_NUL,
+            description="Which bridge process; several may run with a shared subscription",
+        ),
+    ]
     ts: EpochMs | None = None
     version: ShortText | None = None

@@ -68,6 +68,13 @@ def bridge_presence_topic(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{_check_prefix(prefix)}/{BRIDGE_SEGMENT}/presence"
 
 
+def bridge_sync_topic(nonce: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """A private topic on which a bridge publishes a marker to itself after subscribing:
+    when the marker comes back, the broker has sent every retained message before it."""
+    validate_device_id(nonce)
+    return f"{_check_prefix(prefix)}/{BRIDGE_SEGMENT}/sync/{nonce}"
+
+
 def provision_topic(client_id: str, leaf: str, prefix: str = DEFAULT_PREFIX) -> str:
     """``{prefix}/provision/{client_id}/{request|response}``."""
     if leaf not in ("request", "response"):
@@ -110,6 +117,7 @@ __all__ = [
     "TopicKind",
     "all_filter",
     "bridge_presence_topic",
+    "bridge_sync_topic",
     "device_filter",
     "device_topic",
     "is_bridge_topic",
