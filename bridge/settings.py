@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     presence_buffer_max: int = Field(default=100_000, ge=100)
     db_retry_cap_s: float = Field(default=5.0, gt=0)
 
+    command_poll_s: float = Field(default=0.5, gt=0, le=10)
+    command_ack_timeout_s: float = Field(default=15.0, gt=0)
+    command_retry_cap_s: float = Field(default=120.0, gt=0)
+    command_max_attempts: int = Field(default=5, ge=1, le=100)
+    #: Publishes awaiting PUBACK at once: paces a fan-out.
+    command_inflight: int = Field(default=200, ge=1, le=10_000)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
 

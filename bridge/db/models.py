@@ -76,6 +76,12 @@ class Connectivity(SQLModel, table=True):
     transitions: int = Field(default=0, sa_column=Column(Integer, nullable=False, default=0))
     #: What the bridge last wrote into ``remotes.status``.
     legacy_status: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
+    #: ``config_version`` the device reported in its last status.
+    config_version: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    #: Set after a successful wipe: the device must be provisioned again.
+    needs_provisioning: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, default=False)
+    )
     #: Instance that wrote the row last.
     writer: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
     updated_ms: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
@@ -136,6 +142,8 @@ class CommandRecord(SQLModel, table=True):
     finished_at: datetime | None = Field(default=None, sa_column=Column(PreciseTime, nullable=True))
     expires_at: datetime = Field(sa_column=Column(PreciseTime, nullable=False))
     attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False, default=0))
+    #: When to send again if the device has not acknowledged by then.
+    retry_at: datetime | None = Field(default=None, sa_column=Column(PreciseTime, nullable=True))
     last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     requested_by: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
     #: Free text from the requester (required for wipe: the audit trail).
@@ -144,4 +152,21 @@ class CommandRecord(SQLModel, table=True):
     detail: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
-BRIDGE_TABLES = (Connectivity, PresenceHistory, CommandRecord)
+class DeviceConfigRecord(SQLModel, table=True):
+    """The desired configuration the bridge publishes retained on ``config``."""
+
+    __tablename__ = "kb_device_config"
+
+    device_id: str = Field(sa_column=Column(String(64), primary_key=True))
+    version: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    remote_control_enabled: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, default=False)
+    )
+    status_interval_s: int = Field(default=30, sa_column=Column(Integer, nullable=False))
+    display_url: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    updated_at: datetime | None = Field(default=None, sa_column=Column(PreciseTime, nullable=True))
+    #: When the bridge last published this version retained (NULL: not yet).
+    published_version: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+
+
+BRIDGE_TABLES = (Connectivity, PresenceHistory, CommandRecord, DeviceConfigRecord)

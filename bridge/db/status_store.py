@@ -86,6 +86,10 @@ class StatusStore:
                 last_seq=bindparam("p_seq"),
                 last_status_ms=bindparam("p_received_ms"),
                 last_device_ts_ms=bindparam("p_ts"),
+                config_version=func.coalesce(
+                    bindparam("p_config_version", type_=CONN.c.config_version.type),
+                    CONN.c.config_version,
+                ),
             )
         )
 
@@ -142,6 +146,7 @@ class StatusStore:
                     "p_seq": status.seq,
                     "p_received_ms": item.received_ms,
                     "p_ts": status.ts,
+                    "p_config_version": status.config_version,
                 }
             )
             result.written_received_ms.append(item.received_ms)

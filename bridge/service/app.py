@@ -17,9 +17,11 @@ from types import TracebackType
 from typing import Self
 
 from bridge.clock import now_ms
+from bridge.db.command_store import CommandStore
 from bridge.db.engine import create_schema, make_engine
 from bridge.db.presence_store import PresenceStore
 from bridge.db.status_store import StatusStore
+from bridge.service.commands import CommandDispatcher
 from bridge.service.ingest import Ingest
 from bridge.service.metrics import BridgeMetrics
 from bridge.service.mqtt_link import MqttLink
@@ -66,6 +68,26 @@ class Bridge:
         self.link = MqttLink(
             settings, self.ingest, self.writer, self.metrics, package_version(), protocol=protocol
         )
+        self.command_store = CommandStore(
+            self.engine,
+            clock=now_ms,
+            ack_timeout_s=settings.command_ack_timeout_s,
+            retry_cap_s=settings.command_retry_cap_s,
+            max_attempts=settings.command_max_attempts,
+        )
+        self.commands = CommandDispatcher(
+            self.command_store,
+            self.metrics,
+            self._executor,
+            prefix=settings.prefix,
+            client=lambda: self.link.client,
+            is_v5=lambda: self.link.v5,
+            poll_s=settings.command_poll_s,
+            inflight=settings.command_inflight,
+        )
+        self.ingest.on_ack = self.commands.on_ack
+        self.ingest.on_command = self.commands.on_command_seen
+        self.writer.listeners.append(self.commands.on_presence)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Self:
@@ -75,6 +97,7 @@ class Bridge:
         self._tasks = [
             asyncio.create_task(self.writer.run(), name="kb-db-writer"),
             asyncio.create_task(self.link.run(), name="kb-mqtt-link"),
+            asyncio.create_task(self.commands.run(), name="kb-commands"),
         ]
         return self
 
@@ -84,11 +107,13 @@ class Bridge:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        writer_task, link_task = self._tasks
-        await self.link.announce_offline()
-        link_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await link_task
+        writer_task, link_task, commands_task = self._tasks
+        for task in (commands_task, link_task):
+            if task is link_task:
+                await self.link.announce_offline()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         try:
             async with asyncio.timeout(_DRAIN_S):
                 await self.writer.drain()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bridge.db.presence_store import BirthInfo, PresenceItem
@@ -18,7 +19,10 @@ from bridge.db.status_store import StatusItem
 from bridge.presence import ConnState, PresenceEvent
 from bridge.service.metrics import BridgeMetrics
 from schemas import (
+    Ack,
+    Command,
     ContractError,
+    InvalidPayload,
     PresenceMessage,
     PresenceOffline,
     PresenceOnline,
@@ -47,6 +51,9 @@ class Ingest:
     seen: set[str] | None = None
     #: Set when an event had to be dropped: the retained state must be re-read.
     overflowed: bool = False
+    #: Receivers for command traffic: ``(device, ack, received_ms)``.
+    on_ack: Callable[[str, Ack, int], None] | None = None
+    on_command: Callable[[str, Command, int], None] | None = None
 
     def handle(self, topic: str, payload: bytes, received_ms: int) -> None:
         """Validate one message and queue its effect; never raises."""
@@ -63,6 +70,17 @@ class Ingest:
                 self._presence(parsed.device_id, decode_presence(payload), received_ms)
             elif parsed.kind is TopicKind.STATUS:
                 self._status(parsed.device_id, decode(Status, payload), received_ms)
+            elif parsed.kind is TopicKind.ACK and self.on_ack is not None:
+                self.on_ack(parsed.device_id, decode(Ack, payload), received_ms)
+            elif parsed.kind is TopicKind.CMD and self.on_command is not None:
+                command = decode(Command, payload)
+                if command.device_id not in (None, parsed.device_id):
+                    raise InvalidPayload(
+                        f"device_id {command.device_id!r} does not match the topic's "
+                        f"{parsed.device_id!r}",
+                        field="device_id",
+                    )
+                self.on_command(parsed.device_id, command, received_ms)
         except ContractError as exc:
             self._reject(exc.reason, topic, payload, str(exc))
 

@@ -63,6 +63,12 @@ class BridgeMetrics:
         )
         self.connects = Counter("kb_broker_connects", "Successful broker connections", registry=r)
         self.connected = Gauge("kb_broker_connected", "1 while connected to the broker", registry=r)
+        self.commands = Counter(
+            "kb_command_transitions",
+            "Command state changes seen by the bridge",
+            ["state"],
+            registry=r,
+        )
         self.reconciled_unknown = Counter(
             "kb_reconciled_unknown", "Devices set unknown by reconciliation", registry=r
         )

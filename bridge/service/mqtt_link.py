@@ -18,6 +18,7 @@ import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bridge.backoff import Backoff
 from bridge.clock import now_ms
@@ -57,6 +58,8 @@ class MqttLink:
         self.synced = asyncio.Event()
         self.connected = asyncio.Event()
         self.on_connected: list[Callable[[aiomqtt.Client], None]] = []
+        #: Whether the current connection speaks MQTT 5.
+        self.v5 = False
 
     @property
     def client(self) -> aiomqtt.Client | None:
@@ -153,6 +156,7 @@ class MqttLink:
         presence_filter = device_filter(TopicKind.PRESENCE, prefix)
         async with self._make_client(v5) as client:
             self._client = client
+            self.v5 = v5
             self._backoff.reset()
             self._metrics.connects.inc()
             self._metrics.connected.set(1)
@@ -169,6 +173,13 @@ class MqttLink:
             group = settings.shared_group
             await client.subscribe(shared(presence_filter, group), qos=1)
             await client.subscribe(shared(device_filter(TopicKind.STATUS, prefix), group), qos=1)
+            await client.subscribe(shared(device_filter(TopicKind.ACK, prefix), group), qos=1)
+            cmd_filter = shared(device_filter(TopicKind.CMD, prefix), group)
+            if v5 and not group:
+                # No Local: the bridge need not hear its own commands echoed back.
+                await client.subscribe(cmd_filter, options=SubscribeOptions(qos=1, noLocal=True))
+            else:
+                await client.subscribe(cmd_filter, qos=1)
             if group:
                 # Shared subscriptions get no retained messages [MQTT-4.8.2-?]: read the
                 # snapshot through a plain subscription, dropped once reconciled.

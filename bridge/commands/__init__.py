@@ -1,0 +1,1 @@
+"""Commands to devices: lifecycle rules, the enqueue API and delivery."""

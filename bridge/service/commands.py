@@ -1,0 +1,205 @@
+"""Delivering commands: outbox -> ``cmd`` topic (QoS 1) -> PUBACK -> device acks.
+
+One task polls the outbox (and is poked when a device comes online or a command is
+entered in-process), claims due commands in the database, and publishes them with
+bounded concurrency so a fan-out to thousands never starves presence processing. Acks
+are queued by the receive path and applied in batches on the database thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from sqlalchemy.exc import SQLAlchemyError
+
+from bridge.clock import now_ms
+from bridge.db.command_store import CommandStore, Outgoing
+from bridge.db.presence_store import PresenceResult
+from bridge.presence import ConnState
+from bridge.service.metrics import BridgeMetrics
+from schemas import Ack, Command, DeviceConfig, TopicKind, device_topic, encode
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _epoch_ms(value: datetime) -> int:
+    # Stored times are naive UTC.
+    return int(value.replace(tzinfo=UTC).timestamp() * 1000)
+
+
+class CommandDispatcher:
+    def __init__(
+        self,
+        store: CommandStore,
+        metrics: BridgeMetrics,
+        executor: ThreadPoolExecutor,
+        *,
+        prefix: str,
+        client: Callable[[], aiomqtt.Client | None],
+        is_v5: Callable[[], bool],
+        poll_s: float = 0.5,
+        inflight: int = 200,
+        batch: int = 1000,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._executor = executor
+        self._prefix = prefix
+        self._client = client
+        self._is_v5 = is_v5
+        self._poll_s = poll_s
+        self._batch = batch
+        self._slots = asyncio.Semaphore(inflight)
+        self._wake = asyncio.Event()
+        self._acks: list[tuple[str, Ack, int]] = []
+        self._observed: list[tuple[str, Command, int]] = []
+        self._publishes: set[asyncio.Task[None]] = set()
+        self._delivered: list[str] = []
+        self._last_sweep = 0.0
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- inputs from the receive path (no I/O) -----------------------------------------
+
+    def on_ack(self, device_id: str, ack: Ack, received_ms: int) -> None:
+        self._acks.append((device_id, ack, received_ms))
+        self._wake.set()
+
+    def on_command_seen(self, device_id: str, command: Command, received_ms: int) -> None:
+        self._observed.append((device_id, command, received_ms))
+        self._wake.set()
+
+    def on_presence(self, results: Sequence[PresenceResult]) -> None:
+        """A device came online: its queued commands are due now."""
+        if any(r.after.state is ConnState.ONLINE and r.verdict == "applied" for r in results):
+            self._wake.set()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._poll_s)
+                self._wake.clear()
+                try:
+                    await self._step()
+                except SQLAlchemyError as exc:
+                    self._metrics.db_errors.labels("commands").inc()
+                    log.error("command database work failed: %s", str(exc).splitlines()[0][:200])
+                    await asyncio.sleep(1)
+        finally:
+            for task in self._publishes:
+                task.cancel()
+            for task in list(self._publishes):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _step(self) -> None:
+        if self._acks:
+            acks, self._acks = self._acks, []
+            await self._apply_acks(acks)
+        if self._observed:
+            seen, self._observed = self._observed, []
+            for device_id, command, received_ms in seen:
+                if await self._db(self._store.observe, device_id, command, received_ms):
+                    self._metrics.commands.labels("observed").inc()
+                    log.info("tracking command %s seen on %s's cmd topic", command.id, device_id)
+        if self._delivered:
+            delivered, self._delivered = self._delivered, []
+            await self._db(self._store.mark_delivered, delivered)
+            self._metrics.commands.labels("delivered").inc(len(delivered))
+        if time.monotonic() - self._last_sweep >= 1.0:
+            self._last_sweep = time.monotonic()
+            swept = await self._db(self._store.sweep)
+            for state, count in swept.items():
+                if count:
+                    self._metrics.commands.labels(state).inc(count)
+                    log.info("commands %s: %d", state, count)
+        if self._client() is not None:
+            await self._send_due()
+
+    async def _apply_acks(self, acks: list[tuple[str, Ack, int]]) -> None:
+        for outcome in await self._db(self._store.apply_acks, acks):
+            if outcome.verdict in ("unknown_command", "wrong_device"):
+                self._metrics.rejected.labels(outcome.verdict).inc()
+                log.warning(
+                    "rejected ack reason=%s command=%s from device=%s",
+                    outcome.verdict,
+                    outcome.command_id,
+                    outcome.device_id,
+                )
+            elif outcome.verdict == "applied" and outcome.state:
+                self._metrics.commands.labels(outcome.state).inc()
+
+    async def _send_due(self) -> None:
+        claimed = await self._db(self._store.claim_due, self._batch)
+        for outgoing in claimed:
+            await self._slots.acquire()
+            task = asyncio.create_task(self._publish(outgoing), name=f"kb-cmd-{outgoing.id}")
+            self._publishes.add(task)
+            task.add_done_callback(self._publishes.discard)
+        if len(claimed) == self._batch:
+            self._wake.set()
+
+    async def _publish(self, outgoing: Outgoing) -> None:
+        try:
+            client = self._client()
+            if client is None:
+                raise aiomqtt.MqttError("not connected")
+            expires_ms = _epoch_ms(outgoing.expires_at)
+            command = Command(
+                id=uuid.UUID(outgoing.id),
+                type=outgoing.type,
+                issued_at=_epoch_ms(outgoing.created_at),
+                expires_at=expires_ms,
+                device_id=outgoing.device_id,
+                args=outgoing.args,
+            )
+            if outgoing.type == "set_config":
+                await client.publish(
+                    device_topic(outgoing.device_id, TopicKind.CONFIG, self._prefix),
+                    encode(DeviceConfig.model_validate(outgoing.args)),
+                    qos=1,
+                    retain=True,
+                )
+            properties = None
+            if self._is_v5():
+                properties = Properties(PacketTypes.PUBLISH)
+                properties.MessageExpiryInterval = max(1, (expires_ms - now_ms()) // 1000)
+                properties.ResponseTopic = device_topic(
+                    outgoing.device_id, TopicKind.ACK, self._prefix
+                )
+                properties.CorrelationData = outgoing.id.encode()
+            # aiomqtt returns once the broker's PUBACK is in: the command is delivered.
+            await client.publish(
+                device_topic(outgoing.device_id, TopicKind.CMD, self._prefix),
+                encode(command),
+                qos=1,
+                properties=properties,
+            )
+            self._delivered.append(outgoing.id)
+            self._metrics.commands.labels("sent").inc()
+            self._wake.set()
+        except aiomqtt.MqttError as exc:
+            log.warning("publishing command %s failed: %s; will retry", outgoing.id, exc)
+            with contextlib.suppress(SQLAlchemyError):
+                await self._db(self._store.mark_send_failed, [outgoing.id], str(exc))
+        finally:
+            self._slots.release()
