@@ -64,6 +64,10 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    #: History rows and finished commands older than this are pruned (0 keeps them).
+    retention_days: float = Field(default=90.0, ge=0)
+    retention_every_s: float = Field(default=3600.0, gt=0)
 
     @field_validator("instance")
     @classmethod

@@ -108,6 +108,9 @@ async def test_client_id_takeover_and_late_will_leave_device_online(
         # publishes its Will, racing the new birth.
         await _kiosk(kiosks, mosquitto.url, "tko-1", 11).come_online()
         assert first.client.wait_disconnected(10)
+        # paho would reconnect the old client and take the id back: a real kiosk's old
+        # connection is dead, so stop it.
+        first.close()
         # And a Will of session 10 delivered late, after the new birth.
         await publish_raw(
             mosquitto.url,

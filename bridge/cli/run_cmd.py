@@ -47,6 +47,10 @@ def run(
         float | None, typer.Option(help="Seconds before offline/lost shows Disconnected")
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this port")
+    ] = None,
+    metrics_host: Annotated[str | None, typer.Option(help="Address for metrics")] = None,
 ) -> None:
     """Run the bridge: MQTT presence and status into the remotes table.
 
@@ -62,6 +66,8 @@ def run(
         instance=instance,
         offline_grace_s=offline_grace,
         log_level=log_level.upper() if log_level else None,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
     configure_logging(settings.log_level)
     try:

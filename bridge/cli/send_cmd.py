@@ -25,7 +25,7 @@ from bridge.commands.api import (
 from bridge.commands.lifecycle import CommandState
 from bridge.commands.waiting import wait_for_commands
 from bridge.db.engine import create_schema, make_engine
-from bridge.ops_durations import parse_duration
+from bridge.ops.durations import parse_duration
 
 
 class Kind(StrEnum):
@@ -80,9 +80,11 @@ def send(
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default sqlite)")] = None,
     requested_by: Annotated[str | None, typer.Option(help="Who asks (default: $USER)")] = None,
 ) -> None:
-    """Queue a command per device; the running bridge delivers it (QoS 1) and tracks
-    its acknowledgements. Exit 0 when queued (or, with --wait, all succeeded), 1 when any
-    failed or timed out, 2 for a bad request."""
+    """Queue a tracked command per device; the running bridge delivers it.
+
+    Exit 0 when queued (with --wait: when all succeeded), 1 when any failed or timed out,
+    2 for a bad request, 3 when the database is unreachable.
+    """
     console = Console(stderr=as_json)
     settings = settings_or_exit(db=db)
     args: dict[str, Any] = {}
@@ -107,8 +109,8 @@ def send(
             if value is not None:
                 args[key] = value
     try:
-        ttl_s = parse_duration(ttl)
-        timeout_s = parse_duration(timeout)
+        ttl_s = parse_duration(ttl) / 1000
+        timeout_s = parse_duration(timeout) / 1000
         targets = Targets(
             devices=tuple(devices or ()),
             all_devices=all_devices,

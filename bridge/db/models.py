@@ -104,7 +104,8 @@ class PresenceHistory(SQLModel, table=True):
     prev_state: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
     session: int = Field(sa_column=Column(BigInteger, nullable=False))
     reason: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
-    #: applied | reset | stale | duplicate | deleted (soft-deleted device, ignored)
+    #: applied | reset | stale | duplicate | deleted (soft-deleted device, ignored) |
+    #: reconciled (set unknown: no retained presence at start-up)
     verdict: str = Field(sa_column=Column(String(16), nullable=False))
     device_ts_ms: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     received_ms: int = Field(sa_column=Column(BigInteger, nullable=False))

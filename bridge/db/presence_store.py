@@ -374,6 +374,19 @@ class PresenceStore:
                         )
                     else:
                         continue
+                    conn.execute(
+                        insert(HIST).values(
+                            device_id=device_id,
+                            state=ConnState.UNKNOWN.value,
+                            prev_state=before.state.value if before.session else None,
+                            session=before.session,
+                            reason=after.reason,
+                            verdict="reconciled",
+                            received_ms=now,
+                            committed_ms=now,
+                            writer=self._writer,
+                        )
+                    )
                     if remote is not None and remote.status != "Disconnected":
                         conn.execute(
                             update(REMOTES)

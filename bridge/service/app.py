@@ -22,6 +22,7 @@ from bridge.db.engine import create_schema, make_engine
 from bridge.db.presence_store import PresenceStore
 from bridge.db.status_store import StatusStore
 from bridge.service.commands import CommandDispatcher
+from bridge.service.housekeeping import retention_loop
 from bridge.service.ingest import Ingest
 from bridge.service.metrics import BridgeMetrics
 from bridge.service.mqtt_link import MqttLink
@@ -98,6 +99,15 @@ class Bridge:
             asyncio.create_task(self.writer.run(), name="kb-db-writer"),
             asyncio.create_task(self.link.run(), name="kb-mqtt-link"),
             asyncio.create_task(self.commands.run(), name="kb-commands"),
+            asyncio.create_task(
+                retention_loop(
+                    self.engine,
+                    self._executor,
+                    keep_days=self.settings.retention_days,
+                    every_s=self.settings.retention_every_s,
+                ),
+                name="kb-retention",
+            ),
         ]
         return self
 
@@ -107,8 +117,8 @@ class Bridge:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        writer_task, link_task, commands_task = self._tasks
-        for task in (commands_task, link_task):
+        writer_task, link_task, commands_task, retention_task = self._tasks
+        for task in (retention_task, commands_task, link_task):
             if task is link_task:
                 await self.link.announce_offline()
             task.cancel()
@@ -143,4 +153,5 @@ class Bridge:
         """Run until cancelled; a task that dies takes the bridge down with it."""
         done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
-            task.result()
+            if not task.cancelled():
+                task.result()

@@ -127,7 +127,10 @@ class MqttLink:
             try:
                 await self._session(v5)
             except MqttConnectError as exc:
-                if self._protocol == "auto" and exc.rc in _UNSUPPORTED_PROTOCOL:
+                if (
+                    self._protocol == "auto"
+                    and getattr(exc.rc, "value", exc.rc) in _UNSUPPORTED_PROTOCOL
+                ):
                     log.info("broker %s refused MQTT 5; using MQTT 3.1.1", shown)
                     self._protocol = "3.1.1"
                     continue

@@ -9,6 +9,7 @@ import signal
 from collections.abc import AsyncIterator
 
 from bridge.embedded_broker import EmbeddedBroker
+from bridge.ops.metrics_server import serve_metrics
 from bridge.service.app import Bridge
 from bridge.settings import Settings
 
@@ -25,6 +26,18 @@ async def maybe_embedded_broker(settings: Settings) -> AsyncIterator[EmbeddedBro
         yield broker
 
 
+@contextlib.asynccontextmanager
+async def maybe_metrics(bridge: Bridge, settings: Settings) -> AsyncIterator[None]:
+    if settings.metrics_port is None:
+        yield
+        return
+    async with serve_metrics(
+        bridge.metrics.registry, settings.metrics_host, settings.metrics_port
+    ) as server:
+        log.info("metrics on %s", server.url)
+        yield
+
+
 async def run_bridge(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop``), then shut down cleanly."""
     stop = stop or asyncio.Event()
@@ -35,7 +48,10 @@ async def run_bridge(settings: Settings, stop: asyncio.Event | None = None) -> N
     try:
         async with maybe_embedded_broker(settings) as broker:
             protocol = "3.1.1" if broker is not None else None
-            async with Bridge(settings, protocol=protocol) as bridge:
+            async with (
+                Bridge(settings, protocol=protocol) as bridge,
+                maybe_metrics(bridge, settings),
+            ):
                 log.info(
                     "bridge %s running: db=%s prefix=%s",
                     settings.instance,

@@ -1,0 +1,550 @@
+"""Ops commands: ``watch``, ``devices``, ``device show``, ``top``, ``uptime``, ``doctor``.
+
+Human output by default, ``--json`` for scripts. Exit codes: 0 ok, 1 the thing asked about
+is in a bad state or not found, 2 usage or configuration error, 3 the broker or the
+database cannot be reached. The logic lives in :mod:`bridge.ops`; this module parses
+options, maps failures to exit codes and prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, Final
+
+import aiomqtt
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.live import Live
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from bridge.broker_url import BrokerAddress
+from bridge.clock import now_ms
+from bridge.ops import fleet, render, timeline, top, uptime, watch
+from bridge.ops.db import first_line, open_ready_engine
+from bridge.ops.doctor import DEFAULT_SKEW_THRESHOLD_MS, run_doctor
+from bridge.ops.durations import parse_duration
+from bridge.ops.errors import BrokerUnreachable, DatabaseUnreachable, OpsError, UsageError
+from bridge.ops.mqtt import connect, read_retained
+from bridge.settings import Settings, load_settings
+from schemas import (
+    ContractError,
+    DeviceConfig,
+    Status,
+    TopicKind,
+    all_filter,
+    decode,
+    device_topic,
+    is_valid_device_id,
+)
+
+log = logging.getLogger(__name__)
+
+#: Width for output that is not a terminal (pipes, files, tests): wide enough that the
+#: tables do not wrap, as a pager or grep would want them.
+PIPE_WIDTH: Final = 200
+
+# --- shared options -------------------------------------------------------------------
+
+DbOpt = Annotated[
+    str | None, typer.Option("--db", help="SQLAlchemy URL of the bridge's database (env KB_DB)")
+]
+BrokerOpt = Annotated[
+    str | None,
+    typer.Option("--broker", help="mqtt(s)://user:pass@host:port (env KB_BROKER)"),
+]
+PrefixOpt = Annotated[
+    str | None, typer.Option("--prefix", help="Topic prefix, default kiosk/v1 (env KB_PREFIX)")
+]
+ProtocolOpt = Annotated[
+    str | None,
+    typer.Option("--protocol", help="MQTT version: auto, 5 or 3.1.1 (env KB_MQTT_PROTOCOL)"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output")]
+
+
+def _duration(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _percent(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return uptime.parse_percent(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except ValidationError as exc:
+        lines = [
+            f"  --{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}"
+            for err in exc.errors(include_url=False)
+        ]
+        typer.echo("error: invalid settings:\n" + "\n".join(lines), err=True)
+        raise typer.Exit(2) from None
+
+
+def _broker_address(settings: Settings) -> BrokerAddress:
+    """The configured broker, else the embedded broker a local ``run`` listens on."""
+    if settings.broker_address is not None:
+        return settings.broker_address
+    try:
+        host, port = settings.listen_address
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return BrokerAddress(host, port)
+
+
+def _console() -> Console:
+    probe = Console()
+    if probe.is_terminal or os.environ.get("COLUMNS"):
+        # A terminal, or an explicit width (rich reads COLUMNS itself).
+        return Console(highlight=False)
+    return Console(highlight=False, width=PIPE_WIDTH)
+
+
+def _echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, default=_json_default, separators=(",", ":")))
+
+
+def _json_default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+@contextlib.contextmanager
+def _reporting() -> Iterator[None]:
+    """Turn failures into one human message on stderr and the documented exit code."""
+    try:
+        yield
+    except OpsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        if exc.hint:
+            typer.echo(f"hint: {exc.hint}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except SQLAlchemyError as exc:
+        typer.echo(f"error: database: {first_line(exc)}", err=True)
+        raise typer.Exit(DatabaseUnreachable.exit_code) from None
+    except aiomqtt.MqttError as exc:
+        typer.echo(f"error: broker connection lost: {exc}", err=True)
+        raise typer.Exit(BrokerUnreachable.exit_code) from None
+
+
+def _engine(settings: Settings) -> Engine:
+    return open_ready_engine(settings.db)
+
+
+# --- watch -------------------------------------------------------------------------------
+
+
+def watch_cmd(
+    filter_: Annotated[
+        str | None, typer.Argument(metavar="FILTER", help="Topic filter (default PREFIX/#)")
+    ] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Show payloads as received")] = False,
+    as_json: JsonOpt = False,
+    retained_only: Annotated[
+        bool, typer.Option("--retained-only", help="Print the retained snapshot and exit")
+    ] = False,
+    count: Annotated[
+        int | None, typer.Option("--count", "-C", min=1, help="Exit after N messages")
+    ] = None,
+    protocol: ProtocolOpt = None,
+    broker: BrokerOpt = None,
+    prefix: PrefixOpt = None,
+) -> None:
+    """Live tail of the contract's topics, each message decoded and validated.
+
+    Invalid messages are highlighted with the validation error. R marks retained ones.
+    """
+    settings = _settings(broker=broker, prefix=prefix, mqtt_protocol=protocol)
+    console = _console()
+    with _reporting():
+        address = _broker_address(settings)
+        topic_filter = filter_ or all_filter(settings.prefix)
+
+        def show(event: watch.WatchEvent) -> None:
+            if as_json:
+                _echo_json(watch.to_json(event, raw=raw))
+            else:
+                console.print(watch.render_line(event, raw=raw), soft_wrap=True)
+
+        async def main() -> None:
+            async with connect(address, protocol=settings.mqtt_protocol, name="watch") as client:
+                if retained_only:
+                    events, complete = await watch.retained_snapshot(
+                        client, topic_filter, prefix=settings.prefix, clock=now_ms
+                    )
+                    for event in events:
+                        show(event)
+                    if not complete:
+                        typer.echo(
+                            "warning: the broker did not confirm the end of the retained "
+                            "snapshot; it may be incomplete",
+                            err=True,
+                        )
+                    return
+                await watch.tail(
+                    client, topic_filter, show, prefix=settings.prefix, count=count, clock=now_ms
+                )
+
+        try:
+            asyncio.run(main())
+        except KeyboardInterrupt:
+            return
+
+
+# --- devices ------------------------------------------------------------------------------
+
+
+def devices_cmd(
+    state: Annotated[
+        str | None,
+        typer.Option("--state", help="Only devices in this state: online, offline, lost, unknown"),
+    ] = None,
+    flapping: Annotated[bool, typer.Option("--flapping", help="Only flapping devices")] = False,
+    stale: Annotated[
+        str | None,
+        typer.Option("--stale", help="Only devices not seen for this long (e.g. 5m, 1h30m, 7d)"),
+    ] = None,
+    search: Annotated[
+        str | None, typer.Option("--search", help="Substring of id, name or app version")
+    ] = None,
+    sort: Annotated[
+        str,
+        typer.Option("--sort", help=f"Sort column: {', '.join(fleet.SORT_KEYS)}"),
+    ] = "device",
+    desc: Annotated[bool, typer.Option("--desc", help="Sort descending")] = False,
+    deleted: Annotated[
+        bool, typer.Option("--deleted", help="Include devices soft-deleted in the CMS")
+    ] = False,
+    as_json: JsonOpt = False,
+    db: DbOpt = None,
+) -> None:
+    """The fleet: state, CMS status, flapping, battery, wifi, last seen, app version."""
+    if state is not None and state not in fleet.STATES:
+        raise typer.BadParameter(
+            f"{state!r} is not one of {', '.join(fleet.STATES)}", param_hint="--state"
+        )
+    if sort not in fleet.SORT_KEYS:
+        raise typer.BadParameter(
+            f"{sort!r} is not one of {', '.join(fleet.SORT_KEYS)}", param_hint="--sort"
+        )
+    stale_ms = _duration(stale)
+    settings = _settings(db=db)
+    with _reporting():
+        engine = _engine(settings)
+        try:
+            rows = fleet.load_fleet(engine, include_deleted=deleted)
+        finally:
+            engine.dispose()
+        now = now_ms()
+        chosen = fleet.apply_filter(
+            rows,
+            fleet.FleetFilter(
+                state=state, flapping=flapping, stale_ms=stale_ms, search=search, deleted=deleted
+            ),
+            now,
+        )
+        chosen = fleet.sort_rows(chosen, sort, descending=desc)
+        summary = fleet.summarize(chosen)
+        if as_json:
+            _echo_json(
+                {
+                    "devices": [row.to_json() for row in chosen],
+                    "summary": summary.to_json(),
+                    "fleet_total": len(rows),
+                }
+            )
+            return
+        console = _console()
+        if chosen:
+            console.print(render.fleet_table(chosen, now))
+        else:
+            console.print("no devices match", style="dim")
+        console.print(render.fleet_summary_line(summary, len(rows)))
+
+
+# --- device show -----------------------------------------------------------------------------
+
+
+async def _retained_config(
+    address: BrokerAddress, device_id: str, prefix: str, protocol: Any
+) -> tuple[DeviceConfig | None, Status | None]:
+    config_topic = device_topic(device_id, TopicKind.CONFIG, prefix)
+    status_topic = device_topic(device_id, TopicKind.STATUS, prefix)
+    async with connect(address, protocol=protocol, name="show", connect_timeout_s=5) as client:
+        snapshot = await read_retained(
+            client, [config_topic, status_topic], prefix=prefix, marker_wait_s=5
+        )
+    found = {m.topic: m.payload for m in snapshot.messages}
+    desired = reported = None
+    with contextlib.suppress(ContractError):
+        if config_topic in found:
+            desired = decode(DeviceConfig, found[config_topic])
+    with contextlib.suppress(ContractError):
+        if status_topic in found:
+            reported = decode(Status, found[status_topic])
+    return desired, reported
+
+
+def _config_view(settings: Settings, device_id: str) -> timeline.ConfigView:
+    address = settings.broker_address
+    if address is None:
+        return timeline.config_view(None, None, source=None)
+    if not is_valid_device_id(device_id):
+        return timeline.ConfigView(None, None, "unknown: the id is not valid on MQTT topics")
+    try:
+        desired, reported = asyncio.run(
+            _retained_config(address, device_id, settings.prefix, settings.mqtt_protocol)
+        )
+    except (OpsError, aiomqtt.MqttError) as exc:
+        return timeline.ConfigView(None, None, f"unknown: {exc}")
+    return timeline.config_view(desired, reported, source=f"retained topics on {address.url}")
+
+
+def device_show_cmd(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="Device identifier")],
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, help="Presence events in the timeline")
+    ] = 50,
+    as_json: JsonOpt = False,
+    db: DbOpt = None,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            "--broker",
+            help="Also read the retained config and status to compare config versions "
+            "(env KB_BROKER)",
+        ),
+    ] = None,
+    prefix: PrefixOpt = None,
+    protocol: ProtocolOpt = None,
+) -> None:
+    """Timeline (births, wills, announced offlines, commands), why it is down, uptime."""
+    settings = _settings(db=db, broker=broker, prefix=prefix, mqtt_protocol=protocol)
+    with _reporting():
+        engine = _engine(settings)
+        try:
+            report = timeline.load_device(engine, device_id, now_ms(), history_limit=limit)
+        finally:
+            engine.dispose()
+        report = dataclasses.replace(report, config=_config_view(settings, device_id))
+        if as_json:
+            _echo_json(_device_json(report))
+            return
+        _console().print(render.device_report(report))
+
+
+def _device_json(report: timeline.DeviceReport) -> dict[str, Any]:
+    return {
+        "device": report.device_id,
+        "state": report.state,
+        "remote": dataclasses.asdict(report.remote) if report.remote else None,
+        "connectivity": dataclasses.asdict(report.connectivity) if report.connectivity else None,
+        "why": report.why,
+        "uptime": {name: a.to_json() for name, a in report.uptime.items()},
+        "timeline": [entry.to_json() for entry in report.timeline],
+        "commands": [cmd.to_json() for cmd in report.commands],
+        "config": report.config.to_json() if report.config else None,
+    }
+
+
+# --- top ---------------------------------------------------------------------------------
+
+
+def top_cmd(
+    once: Annotated[bool, typer.Option("--once", help="Print one frame and exit")] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.2, help="Seconds between refreshes")
+    ] = 1.0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one snapshot as JSON and exit")
+    ] = False,
+    db: DbOpt = None,
+) -> None:
+    """Live fleet view: states, recent transitions, flapping, commands, bridge lag."""
+    settings = _settings(db=db)
+    with _reporting():
+        engine = _engine(settings)
+        try:
+            if as_json:
+                _echo_json(top.collect(engine, now_ms()).to_json())
+                return
+            console = _console()
+            if once:
+                console.print(top.render_frame(top.collect(engine, now_ms())))
+                return
+            _live(console, lambda: top.render_frame(top.collect(engine, now_ms())), interval)
+        finally:
+            engine.dispose()
+
+
+def _live(console: Console, frame: Callable[[], Any], interval: float) -> None:
+    try:
+        with Live(frame(), console=console, screen=True, auto_refresh=False) as live:
+            while True:
+                # Sleeping is the refresh rate here, not synchronisation.
+                time.sleep(interval)
+                live.update(frame(), refresh=True)
+    except KeyboardInterrupt:
+        return
+
+
+# --- uptime ---------------------------------------------------------------------------------
+
+
+def uptime_cmd(
+    since: Annotated[
+        str, typer.Option("--since", help="Window length back from now (e.g. 24h, 7d)")
+    ] = "7d",
+    below: Annotated[
+        str | None,
+        typer.Option(
+            "--below", help="Only devices below this availability (e.g. 99%); exit 1 if any"
+        ),
+    ] = None,
+    device: Annotated[
+        list[str] | None, typer.Option("--device", help="Only this device (repeatable)")
+    ] = None,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV output")] = False,
+    as_json: JsonOpt = False,
+    db: DbOpt = None,
+) -> None:
+    """Availability per device from the presence history.
+
+    Announced downtime (reboot, app update, ...) is counted apart from lost time (the
+    connection died); unknown time (before the first event, or with no retained
+    presence) is left out of the availability ratio.
+    """
+    window_ms = _duration(since)
+    assert window_ms is not None
+    threshold = _percent(below)
+    if as_csv and as_json:
+        raise typer.BadParameter("choose one of --csv and --json")
+    settings = _settings(db=db)
+    with _reporting():
+        engine = _engine(settings)
+        now = now_ms()
+        try:
+            rows = uptime.uptime_report(engine, now - window_ms, now, device)
+        finally:
+            engine.dispose()
+        if threshold is not None:
+            rows = [
+                r
+                for r in rows
+                if r.availability.percent is not None and r.availability.percent < threshold
+            ]
+        rows.sort(
+            key=lambda r: (
+                r.availability.percent is None,
+                r.availability.percent or 0.0,
+                r.device_id,
+            )
+        )
+        if as_csv:
+            sys.stdout.write(render.uptime_csv(rows))
+            sys.stdout.flush()
+        elif as_json:
+            _echo_json(
+                {
+                    "since_ms": now - window_ms,
+                    "until_ms": now,
+                    "below_percent": threshold,
+                    "devices": [r.to_json() for r in rows],
+                }
+            )
+        else:
+            console = _console()
+            if rows:
+                console.print(render.uptime_table(rows))
+            label = f" below {threshold:g}%" if threshold is not None else ""
+            console.print(f"{len(rows)} devices{label} over the last {since}", style="bold")
+        if threshold is not None and rows:
+            raise typer.Exit(1)
+
+
+# --- doctor -------------------------------------------------------------------------------------
+
+
+def doctor_cmd(
+    broker: BrokerOpt = None,
+    db: DbOpt = None,
+    prefix: PrefixOpt = None,
+    protocol: ProtocolOpt = None,
+    skew_threshold: Annotated[
+        str, typer.Option("--skew-threshold", help="Clock skew worth a warning (e.g. 30s)")
+    ] = f"{DEFAULT_SKEW_THRESHOLD_MS // 1000}s",
+    as_json: JsonOpt = False,
+) -> None:
+    """Diagnose broker, database, bridge presence, clock skew and table consistency.
+
+    Checks the broker connection, the database and its schema, the bridge's own retained
+    presence, clock skew between kiosks and the bridge, and retained presence that the
+    table disagrees with; prints OK/WARN/FAIL with a fix for each. Exit 1 if a check
+    fails, 3 if the broker or the database cannot be reached.
+    """
+    threshold_ms = _duration(skew_threshold)
+    assert threshold_ms is not None
+    settings = _settings(db=db, broker=broker, prefix=prefix, mqtt_protocol=protocol)
+    with _reporting():
+        report = asyncio.run(
+            run_doctor(
+                _broker_address(settings),
+                settings.db,
+                now_ms(),
+                prefix=settings.prefix,
+                protocol=settings.mqtt_protocol,
+                skew_threshold_ms=threshold_ms,
+            )
+        )
+    if as_json:
+        _echo_json(report.to_json())
+    else:
+        _console().print(render.doctor_report(report))
+    raise typer.Exit(report.exit_code)
+
+
+def _help(command: Callable[..., Any]) -> str:
+    """The docstring with each paragraph on one line: typer keeps single line breaks of
+    every paragraph after the first, which breaks its own wrapping."""
+    paragraphs = inspect.cleandoc(command.__doc__ or "").split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ops commands to ``app``."""
+    for name, command in (
+        ("watch", watch_cmd),
+        ("devices", devices_cmd),
+        ("top", top_cmd),
+        ("uptime", uptime_cmd),
+        ("doctor", doctor_cmd),
+    ):
+        app.command(name, help=_help(command))(command)
+    # Built here, not at import: a module-level group would collect a second "show" each
+    # time register() runs (tests build many apps).
+    device_app = typer.Typer(help="One device in detail.", no_args_is_help=True)
+    device_app.command("show", help=_help(device_show_cmd))(device_show_cmd)
+    app.add_typer(device_app, name="device")
