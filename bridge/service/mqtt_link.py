@@ -13,6 +13,7 @@ import logging
 import ssl
 import uuid
 from collections.abc import Callable
+from typing import Protocol
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -33,6 +34,23 @@ log = logging.getLogger(__name__)
 
 # CONNACK codes meaning "I do not speak that protocol version" (3.1.1 and v5 spellings).
 _UNSUPPORTED_PROTOCOL = {1, 132}
+
+
+class Route(Protocol):
+    """Extra traffic the link carries for another component (e.g. provisioning).
+
+    ``filters`` are subscribed on every connect; a received topic that ``matches`` is
+    handed to ``handle`` instead of the presence/status ingest. ``handle`` runs on the
+    receive path: it must only queue work, never wait on I/O.
+    """
+
+    def filters(self) -> list[str]: ...
+
+    def matches(self, topic: str) -> bool: ...
+
+    def handle(
+        self, client: aiomqtt.Client, topic: str, payload: bytes, received_ms: int
+    ) -> None: ...
 
 
 class MqttLink:
@@ -60,6 +78,7 @@ class MqttLink:
         self.on_connected: list[Callable[[aiomqtt.Client], None]] = []
         #: Whether the current connection speaks MQTT 5.
         self.v5 = False
+        self.routes: list[Route] = []
 
     @property
     def client(self) -> aiomqtt.Client | None:
@@ -187,6 +206,9 @@ class MqttLink:
                 # Shared subscriptions get no retained messages [MQTT-4.8.2-?]: read the
                 # snapshot through a plain subscription, dropped once reconciled.
                 await client.subscribe(presence_filter, qos=1)
+            for route in self.routes:
+                for topic_filter in route.filters():
+                    await client.subscribe(topic_filter, qos=1)
             await client.subscribe(sync_topic, qos=1)
             await client.publish(sync_topic, nonce.encode(), qos=1)
             self.connected.set()
@@ -206,6 +228,10 @@ class MqttLink:
                 payload = message.payload
                 if not isinstance(payload, bytes | bytearray):
                     payload = str(payload).encode()
+                route = next((r for r in self.routes if r.matches(topic)), None)
+                if route is not None:
+                    route.handle(client, topic, bytes(payload), now_ms())
+                    continue
                 self._ingest.handle(topic, bytes(payload), now_ms())
                 if self._ingest.overflowed:
                     self._ingest.overflowed = False
