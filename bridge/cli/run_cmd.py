@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from bridge.db.engine import create_schema, make_engine
 from bridge.embedded_broker import PortInUseError
+from bridge.http.settings import HttpSettings, parse_listen
 from bridge.logs import configure_logging
 from bridge.service.runner import run_bridge
 from bridge.settings import Settings, load_settings
@@ -51,6 +52,10 @@ def run(
         int | None, typer.Option(help="Serve Prometheus metrics on this port")
     ] = None,
     metrics_host: Annotated[str | None, typer.Option(help="Address for metrics")] = None,
+    http: Annotated[
+        str | None,
+        typer.Option(help="Serve the HTTP API (kiosk endpoints, CMS API) on HOST:PORT"),
+    ] = None,
 ) -> None:
     """Run the bridge: MQTT presence and status into the remotes table.
 
@@ -73,8 +78,9 @@ def run(
     try:
         settings.listen_address  # noqa: B018 - validates --listen before anything starts
         make_engine(settings.db)
-        asyncio.run(run_bridge(settings))
-    except PortInUseError as exc:
+        http_address = parse_listen(http) if http else HttpSettings().listen_address
+        asyncio.run(run_bridge(settings, http=http_address))
+    except (PortInUseError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     except ValueError as exc:

@@ -170,4 +170,30 @@ class DeviceConfigRecord(SQLModel, table=True):
     published_version: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
 
 
-BRIDGE_TABLES = (Connectivity, PresenceHistory, CommandRecord, DeviceConfigRecord)
+class HttpDevice(SQLModel, table=True):
+    """What the HTTP face knows about a device that the CMS tables lack: a device with
+    a row here registered or heartbeated over HTTP (see bridge/http/README.md)."""
+
+    __tablename__ = "kb_http_devices"
+    # Heartbeats authenticate by the hash: an indexed lookup instead of a scan of
+    # ``remotes.token``, which the CMS's schema does not index.
+    __table_args__ = (
+        Index("ix_kb_http_devices_token", "token_sha256"),
+        Index("ix_kb_http_devices_previous_token", "previous_token_sha256"),
+    )
+
+    device_id: str = Field(sa_column=Column(String(64), primary_key=True))
+    #: SHA-256 (hex) of the last token the bridge issued or accepted for the device; a
+    #: presented token with this hash that ``remotes.token`` no longer holds is revoked.
+    token_sha256: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    #: The token it replaced: presenting that one answers "revoked", not "invalid".
+    previous_token_sha256: str | None = Field(
+        default=None, sa_column=Column(String(64), nullable=True)
+    )
+    #: The last presence session the HTTP face started for the device (0: none yet).
+    session: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    registered_ms: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    updated_ms: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+
+
+BRIDGE_TABLES = (Connectivity, PresenceHistory, CommandRecord, DeviceConfigRecord, HttpDevice)

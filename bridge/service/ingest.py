@@ -112,8 +112,15 @@ class Ingest:
                 ip_address=message.ip_address,
                 mac_address=message.mac_address,
             )
+        self.put_presence(PresenceItem(event, birth))
+
+    def put_presence(self, item: PresenceItem) -> bool:
+        """Queue a presence event from any transport; ``False`` when the buffer is full
+        (dropped, counted, logged, and a re-read of the retained state requested)."""
+        event = item.event
         if self.seen is not None:
-            self.seen.add(device_id)
+            # A reconciliation in progress must not mark this device unknown.
+            self.seen.add(event.device_id)
         if len(self.presence) >= self.buffer_max:
             self.metrics.buffer_dropped.inc()
             self.overflowed = True
@@ -121,14 +128,19 @@ class Ingest:
                 "presence buffer full (%d events): dropped device=%s session=%d state=%s; "
                 "the retained state will be re-read to reconcile",
                 self.buffer_max,
-                device_id,
+                event.device_id,
                 event.session,
-                state.value,
+                event.state.value,
             )
-            return
-        self.presence.append(PresenceItem(event, birth))
+            return False
+        self.presence.append(item)
         self.metrics.buffer_depth.set(len(self.presence))
         self.wake.set()
+        return True
+
+    def put_status(self, device_id: str, status: Status, received_ms: int) -> None:
+        """Queue telemetry from any transport, coalesced per device."""
+        self._status(device_id, status, received_ms)
 
     def _status(self, device_id: str, status: Status, received_ms: int) -> None:
         pending = self.status.get(device_id)

@@ -9,6 +9,7 @@ import signal
 from collections.abc import AsyncIterator
 
 from bridge.embedded_broker import EmbeddedBroker
+from bridge.http import HttpFace
 from bridge.ops.metrics_server import serve_metrics
 from bridge.service.app import Bridge
 from bridge.settings import Settings
@@ -38,7 +39,24 @@ async def maybe_metrics(bridge: Bridge, settings: Settings) -> AsyncIterator[Non
         yield
 
 
-async def run_bridge(settings: Settings, stop: asyncio.Event | None = None) -> None:
+@contextlib.asynccontextmanager
+async def maybe_http(
+    bridge: Bridge, http: tuple[str, int] | None
+) -> AsyncIterator[HttpFace | None]:
+    if http is None:
+        yield None
+        return
+    async with HttpFace(bridge, *http) as face:
+        log.info("HTTP API on %s", face.url)
+        yield face
+
+
+async def run_bridge(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    *,
+    http: tuple[str, int] | None = None,
+) -> None:
     """Run until SIGTERM/SIGINT (or ``stop``), then shut down cleanly."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -51,6 +69,7 @@ async def run_bridge(settings: Settings, stop: asyncio.Event | None = None) -> N
             async with (
                 Bridge(settings, protocol=protocol) as bridge,
                 maybe_metrics(bridge, settings),
+                maybe_http(bridge, http) as face,
             ):
                 log.info(
                     "bridge %s running: db=%s prefix=%s",
@@ -58,15 +77,20 @@ async def run_bridge(settings: Settings, stop: asyncio.Event | None = None) -> N
                     bridge.engine.url.render_as_string(hide_password=True),
                     settings.prefix,
                 )
-                serve = asyncio.create_task(bridge.serve_forever(), name="kb-serve")
+                watched = {asyncio.create_task(bridge.serve_forever(), name="kb-serve")}
+                if face is not None:
+                    watched.add(asyncio.create_task(face.serve_forever(), name="kb-http-serve"))
                 stopper = asyncio.create_task(stop.wait(), name="kb-stop")
-                done, _ = await asyncio.wait({serve, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                for task in (serve, stopper):
+                done, _ = await asyncio.wait(
+                    {*watched, stopper}, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in (*watched, stopper):
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-                if serve in done and not serve.cancelled():
-                    serve.result()
+                for task in watched:
+                    if task in done and not task.cancelled():
+                        task.result()
                 log.info("shutting down")
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -57,6 +57,9 @@ class DbWriter:
         self._backoff = Backoff(base=0.2, cap=settings.db_retry_cap_s)
         self._db_healthy = True
         self.listeners: list[PresenceListener] = []
+        #: Devices that reconciliation must leave alone although the broker holds no
+        #: presence for them (e.g. HTTP-only kiosks); each callable returns a set.
+        self.reconcile_exempt: list[Callable[[], set[str]]] = []
         #: Set each time the writer has nothing left to write (tests, shutdown).
         self.idle = asyncio.Event()
 
@@ -75,7 +78,7 @@ class DbWriter:
         if self._reconcile is not None and not self._reconcile.done():
             self._reconcile.cancel()
         self._reconcile = asyncio.get_running_loop().create_future()
-        self._reconcile_seen = set(seen)
+        self._reconcile_seen = set(seen).union(*(exempt() for exempt in self.reconcile_exempt))
         self._ingest.wake.set()
         return self._reconcile
 

@@ -1,0 +1,69 @@
+"""Request dependencies: the shared context and the two credentials."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from bridge.http.context import HttpContext
+from bridge.http.errors import ApiError
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="DeviceToken",
+    description="The 64-character token from POST /api/devices/register",
+)
+_api_key = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="One of the keys in KB_API_KEYS",
+)
+
+
+def get_ctx(request: Request) -> HttpContext:
+    ctx = getattr(request.app.state, "ctx", None)
+    if ctx is None:
+        # Only an app built for rendering the OpenAPI spec has no bridge behind it.
+        raise ApiError(503, "not_running", "the bridge behind this API is not running")
+    assert isinstance(ctx, HttpContext)
+    return ctx
+
+
+Ctx = Annotated[HttpContext, Depends(get_ctx)]
+
+
+def device_token(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> str:
+    if credentials is None or not credentials.credentials:
+        raise ApiError(
+            401,
+            "missing_token",
+            "send the device token as 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return credentials.credentials
+
+
+DeviceToken = Annotated[str, Depends(device_token)]
+
+
+def api_key(ctx: Ctx, key: Annotated[str | None, Security(_api_key)]) -> str:
+    keys = ctx.settings.api_key_list
+    if not keys:
+        raise ApiError(403, "api_disabled", "the CMS API is disabled: no KB_API_KEYS configured")
+    if not key:
+        raise ApiError(401, "missing_api_key", "send an API key in the X-API-Key header")
+    presented = key.encode("utf-8", "surrogatepass")
+    # Compare against every key, so timing does not tell which one nearly matched.
+    matched = [hmac.compare_digest(presented, k.encode()) for k in keys]
+    if not any(matched):
+        raise ApiError(401, "invalid_api_key", "the API key is not valid")
+    return key
+
+
+ApiKey = Annotated[str, Depends(api_key)]

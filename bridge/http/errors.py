@@ -1,0 +1,149 @@
+"""Structured JSON errors: ``{"success": false, "error": {"code", "message"}}``, always.
+
+Every path out of the app that is not a success goes through here, so a client never
+sees a stack trace or an HTML page, whatever failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    410: "gone",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+#: Shown instead of a pydantic error's free text, which may quote the input at length.
+_MAX_MESSAGE = 300
+
+
+class ApiError(Exception):
+    """An error answer: status, a stable machine ``code`` and words for a person."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        details: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        self.details = details
+
+
+def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict:
+    error: dict[str, Any] = {"code": code, "message": message[:_MAX_MESSAGE]}
+    if details:
+        error["details"] = details
+    return {"success": False, "error": error}
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(
+        error_body(exc.code, exc.message, exc.details), status_code=exc.status, headers=exc.headers
+    )
+
+
+def too_large(limit: int) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The raw 413 the body-size middleware sends before the app runs."""
+    body = json.dumps(
+        error_body("payload_too_large", f"request body is over the {limit}-byte limit")
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    return 413, headers, body
+
+
+def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
+    details = []
+    for err in exc.errors()[:10]:
+        details.append(
+            {
+                "field": ".".join(str(part) for part in err.get("loc", ())),
+                "message": str(err.get("msg", ""))[:_MAX_MESSAGE],
+                "type": str(err.get("type", "")),
+            }
+        )
+    return details
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        return error_response(exc)
+
+    async def on_validation(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        details = _validation_details(exc)
+        first = details[0] if details else {"field": "", "message": "invalid request"}
+        where = first["field"] or "request"
+        return error_response(
+            ApiError(422, "invalid_request", f"{where}: {first['message']}", details=details)
+        )
+
+    async def on_http(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = _STATUS_CODES.get(exc.status_code, "error")
+        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        return error_response(
+            ApiError(exc.status_code, code, message, headers=dict(exc.headers or {}))
+        )
+
+    async def on_database(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, OperationalError):
+            log.error(
+                "database unavailable during %s %s: %s",
+                request.method,
+                request.url.path,
+                str(exc).splitlines()[0][:200],
+            )
+            return error_response(
+                ApiError(
+                    503,
+                    "database_unavailable",
+                    "the database is not answering; try again shortly",
+                    headers={"Retry-After": "5"},
+                )
+            )
+        return await on_unexpected(request, exc)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error(
+            "unhandled error in %s %s: %r", request.method, request.url.path, exc, exc_info=exc
+        )
+        return error_response(ApiError(500, "internal_error", "internal error; see bridge logs"))
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(SQLAlchemyError, on_database)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,224 @@
+"""``HttpFace``: the HTTP API served inside the bridge's event loop.
+
+    async with Bridge(settings) as bridge, HttpFace(bridge, "0.0.0.0", 8080):
+        await bridge.serve_forever()
+
+Entering binds the port (so a port in use fails at once), starts uvicorn's ``serve()``
+as an owned task, the HTTP-only timeout sweeper and the command-event poller, and hooks
+into the bridge: a presence listener on the writer, and an exemption of HTTP-managed
+devices from reconciliation. Leaving ends event streams, stops the server (in-flight
+requests get a few seconds), cancels the tasks and undoes the hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import uvicorn
+
+from bridge.clock import now_ms
+from bridge.http.app import create_app
+from bridge.http.cms_store import CmsStore
+from bridge.http.context import HttpContext
+from bridge.http.device_store import DeviceStore
+from bridge.http.events import CommandPoller, EventHub
+from bridge.http.metrics import HttpMetrics
+from bridge.http.models import create_http_schema
+from bridge.http.settings import HttpSettings
+from bridge.http.sweeper import TimeoutSweeper
+
+if TYPE_CHECKING:
+    from bridge.service.app import Bridge
+
+log = logging.getLogger(__name__)
+
+_START_TIMEOUT_S = 10.0
+_GRACEFUL_S = 3
+_EVENT_POLL_S = 0.5
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside someone else's loop: the runner owns SIGINT/SIGTERM, not us."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket; ``OSError`` naming the address when it cannot be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        why = f"HTTP API cannot listen on {host}:{port}: {exc.strerror}"
+        raise OSError(exc.errno, why) from exc
+    return sock
+
+
+class HttpFace:
+    def __init__(
+        self,
+        bridge: Bridge,
+        host: str,
+        port: int,
+        *,
+        settings: HttpSettings | None = None,
+        api_keys: Iterable[str] | None = None,
+        db_threads: int = 4,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        settings = settings or HttpSettings()
+        if api_keys is not None:
+            settings = settings.model_copy(update={"api_keys": ",".join(api_keys)})
+        self.bridge = bridge
+        self.settings = settings
+        self.host = host
+        self._requested_port = port
+        self.port = port
+        self._db_threads = db_threads
+        self._clock = clock
+        self._executor: ThreadPoolExecutor | None = None
+        self._server: _EmbeddedServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._exempt: Callable[[], set[str]] = set
+        self.ctx: HttpContext | None = None
+        self.sweeper: TimeoutSweeper | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def __aenter__(self) -> Self:
+        bridge = self.bridge
+        self._executor = ThreadPoolExecutor(self._db_threads, thread_name_prefix="kb-http-db")
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, create_http_schema, bridge.engine)
+            devices = DeviceStore(bridge.engine, token_storage=self.settings.http_token_storage)
+            hub = EventHub()
+            ctx = HttpContext(
+                bridge=bridge,
+                settings=self.settings,
+                executor=self._executor,
+                clock=self._clock,
+                devices=devices,
+                cms=CmsStore(bridge.engine),
+                hub=hub,
+                poller=CommandPoller(
+                    bridge.engine,
+                    hub,
+                    self._run_db,
+                    interval_s=_EVENT_POLL_S,
+                    clock_ms=self._clock,
+                ),
+                metrics=HttpMetrics(bridge.metrics.registry),
+            )
+            ctx.managed = await loop.run_in_executor(self._executor, devices.http_managed)
+            self.ctx = ctx
+            await self._start_server(ctx)
+        except BaseException:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            raise
+        self.sweeper = TimeoutSweeper(ctx)
+        self._tasks.append(asyncio.create_task(self.sweeper.run(), name="kb-http-sweeper"))
+        self._tasks.append(asyncio.create_task(ctx.poller.run(), name="kb-http-events"))
+        bridge.writer.listeners.append(ctx.hub.on_presence)
+        self._hook_reconcile(ctx)
+        log.info("HTTP API listening on %s", self.url)
+        return self
+
+    async def _run_db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        assert self._executor is not None
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _start_server(self, ctx: HttpContext) -> None:
+        config = uvicorn.Config(
+            create_app(ctx),
+            host=self.host,
+            port=self._requested_port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            ws="none",
+            http="h11",
+            server_header=False,
+            timeout_graceful_shutdown=_GRACEFUL_S,
+        )
+        # Bound here, not in serve(): a port in use fails this call, not a task later.
+        # (uvicorn's own Config.bind_socket calls sys.exit on failure.)
+        sock = bind_socket(self.host, self._requested_port)
+        self.port = int(sock.getsockname()[1])
+        server = _EmbeddedServer(config)
+        self._server = server
+        task = asyncio.create_task(server.serve(sockets=[sock]), name="kb-http-server")
+        self._tasks.append(task)
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not server.started:
+            if task.done():
+                sock.close()
+                task.result()
+                raise RuntimeError(f"HTTP server on {self.url} stopped while starting")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"HTTP server on {self.url} did not start")
+            await asyncio.sleep(0.01)
+
+    async def serve_forever(self) -> None:
+        """Until cancelled; raises if the server or a background task of the face died
+        (the runner waits on this beside ``Bridge.serve_forever``)."""
+        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+        raise RuntimeError("the HTTP server stopped")
+
+    def _hook_reconcile(self, ctx: HttpContext) -> None:
+        # An HTTP-only device has no retained MQTT presence: reconciliation would set it
+        # unknown at every broker reconnect.
+        self._exempt = lambda: set(ctx.managed)
+        self.bridge.writer.reconcile_exempt.append(self._exempt)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        ctx = self.ctx
+        writer = self.bridge.writer
+        if self._exempt in writer.reconcile_exempt:
+            writer.reconcile_exempt.remove(self._exempt)
+        if ctx is not None:
+            with contextlib.suppress(ValueError):
+                writer.listeners.remove(ctx.hub.on_presence)
+            ctx.hub.close()
+        server_task, *others = self._tasks or [None]
+        if self._server is not None and server_task is not None:
+            self._server.should_exit = True
+            try:
+                async with asyncio.timeout(_GRACEFUL_S + 5):
+                    await server_task
+            except TimeoutError:
+                log.error("HTTP server did not stop in time; cancelling it")
+                server_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await server_task
+        for task in others:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        log.info("HTTP API on %s stopped", self.url)

@@ -1,0 +1,193 @@
+"""The legacy device endpoints, same paths and shapes as the CMS's today."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Path
+
+from bridge.commands.lifecycle import CommandState
+from bridge.db.command_store import AckOutcome
+from bridge.http.bodies import (
+    AckResponse,
+    AckResult,
+    HeartbeatBody,
+    HeartbeatData,
+    HeartbeatResponse,
+    MqttDetails,
+    MqttTopics,
+    PendingCommand,
+    RegisterBody,
+    RegisterResponse,
+)
+from bridge.http.context import HttpContext
+from bridge.http.deps import Ctx, DeviceToken
+from bridge.http.device_store import Registration, Transport
+from bridge.http.errors import ApiError
+from bridge.http.feed import online_event, put_presence, put_status
+from bridge.http.responses import errors
+from bridge.http.telemetry import status_for, telemetry
+from schemas import Ack, AckState, TopicKind, bridge_presence_topic, device_topic
+
+router = APIRouter(tags=["devices"])
+
+#: MQTT settings handed to a kiosk switching over (docs/CONTRACT.md, "Connecting").
+KEEPALIVE_S = 30
+SESSION_EXPIRY_S = 86_400
+
+
+class AckBody(Ack):
+    """The contract's ``Ack``, lax about JSON types like the other legacy bodies."""
+
+    model_config = {"strict": False, "frozen": True, "extra": "ignore"}
+
+
+def epoch_ms(value: datetime) -> int:
+    return int(value.replace(tzinfo=UTC).timestamp() * 1000)
+
+
+def mqtt_details(ctx: HttpContext, device_id: str, token: str) -> MqttDetails:
+    prefix = ctx.bridge.settings.prefix
+    return MqttDetails(
+        url=ctx.settings.http_mqtt_url or _default_mqtt_url(ctx),
+        client_id=device_id,
+        username=device_id,
+        password=token,
+        keepalive_s=KEEPALIVE_S,
+        session_expiry_s=SESSION_EXPIRY_S,
+        prefix=prefix,
+        topics=MqttTopics(
+            presence=device_topic(device_id, TopicKind.PRESENCE, prefix),
+            status=device_topic(device_id, TopicKind.STATUS, prefix),
+            cmd=device_topic(device_id, TopicKind.CMD, prefix),
+            ack=device_topic(device_id, TopicKind.ACK, prefix),
+            config=device_topic(device_id, TopicKind.CONFIG, prefix),
+            bridge_presence=bridge_presence_topic(prefix),
+        ),
+    )
+
+
+def _default_mqtt_url(ctx: HttpContext) -> str | None:
+    address = ctx.bridge.settings.broker_address
+    if address is not None:
+        return address.url  # without the bridge's own credentials
+    host, port = ctx.bridge.settings.listen_address
+    return None if host in ("0.0.0.0", "::", "") else f"mqtt://{host}:{port}"
+
+
+@router.post(
+    "/api/devices/register",
+    summary="Register a kiosk (or re-register it): a new token and the MQTT details",
+    responses=errors(410, 413, 422, 429),
+)
+async def register(ctx: Ctx, body: RegisterBody) -> RegisterResponse:
+    ctx.limit("register", body.device_id)
+    request = Registration(
+        device_id=body.device_id,
+        app_version=body.app_version,
+        android_version=body.android_version,
+        ip_address=body.ip_address,
+        mac_address=body.mac_address,
+    )
+    done = await ctx.db(ctx.devices.register, request, ctx.clock())
+    return RegisterResponse(
+        remote_id=done.remote_id,
+        token=done.token,
+        remote_control_enabled=done.remote_control_enabled,
+        websocket_url=ctx.settings.http_websocket_url,
+        mqtt=mqtt_details(ctx, done.device_id, done.token),
+    )
+
+
+@router.post(
+    "/api/devices/heartbeat",
+    summary="Heartbeat with metrics; answers with pending commands",
+    # Today's shape: the optional reconnect fields appear only when they apply.
+    response_model_exclude_none=True,
+    responses=errors(401, 410, 413, 422, 429),
+)
+async def heartbeat(
+    ctx: Ctx,
+    token: DeviceToken,
+    body: Annotated[HeartbeatBody | None, Body()] = None,
+) -> HeartbeatResponse:
+    ctx.limit("heartbeat", token)
+    now = ctx.clock()
+    plan = await ctx.db(ctx.devices.plan_heartbeat, token, now)
+    device_id = plan.device.device_id
+    values, ignored = telemetry(body)
+    ingest = ctx.bridge.ingest
+    if plan.transport is Transport.HTTP:
+        ctx.managed.add(device_id)
+        if plan.announce:
+            put_presence(ingest, online_event(device_id, plan.session, now))
+        # seq: the receive time, which grows from one heartbeat to the next.
+        put_status(ingest, device_id, status_for(plan.session, now, now, values), now)
+    else:
+        ctx.managed.discard(device_id)
+        if values:
+            await ctx.db(ctx.devices.write_telemetry, plan.device.remote_id, values, now)
+    ctx.metrics.heartbeats.labels(plan.transport.value).inc()
+    pending = await ctx.db(
+        ctx.devices.pending,
+        device_id,
+        hand_out=plan.transport is Transport.HTTP,
+        limit=ctx.settings.http_pending_max,
+        now_ms=now,
+    )
+    data = HeartbeatData(
+        remote_control_enabled=plan.device.remote_control_enabled,
+        should_reconnect=pending.reconnect is not None,
+        pending_commands=[
+            PendingCommand(
+                id=c.id,
+                type=c.type,
+                issued_at=epoch_ms(c.created_at),
+                expires_at=epoch_ms(c.expires_at),
+                device_id=device_id,
+                args=c.args,
+            )
+            for c in pending.commands
+        ],
+        ignored_fields=ignored or None,
+    )
+    if pending.reconnect is not None:
+        data.reconnect_delay_seconds = pending.reconnect.delay_s
+        data.reconnect_reason = pending.reconnect.reason or "reconnect requested"
+    return HeartbeatResponse(data=data)
+
+
+@router.post(
+    "/api/devices/commands/{command_id}/ack",
+    summary="Acknowledge a command received in a heartbeat response",
+    responses=errors(401, 404, 410, 413, 422, 429),
+)
+async def ack_command(
+    ctx: Ctx,
+    token: DeviceToken,
+    command_id: Annotated[uuid.UUID, Path(description="The command's id")],
+    body: AckBody,
+) -> AckResponse:
+    ctx.limit("ack", token)
+    if body.id != command_id:
+        raise ApiError(422, "id_mismatch", "the body's id differs from the command id in the path")
+    device = await ctx.db(ctx.devices.authenticate, token)
+    ack = Ack(id=body.id, state=AckState(body.state), ts=body.ts, detail=body.detail)
+    [outcome] = await ctx.db(
+        ctx.bridge.command_store.apply_acks, [(device.device_id, ack, ctx.clock())]
+    )
+    return AckResponse(data=_ack_result(ctx, outcome))
+
+
+def _ack_result(ctx: HttpContext, outcome: AckOutcome) -> AckResult:
+    if outcome.verdict in ("unknown_command", "wrong_device"):
+        # Another device's command reads as unknown: ids are not for probing.
+        ctx.metrics.refused.labels(outcome.verdict).inc()
+        raise ApiError(404, "unknown_command", f"no command {outcome.command_id} for this device")
+    applied = outcome.verdict == "applied"
+    if applied and outcome.state:
+        ctx.bridge.metrics.commands.labels(outcome.state).inc()
+    state = CommandState(outcome.state).value if outcome.state else None
+    return AckResult(command_id=outcome.command_id, state=state, applied=applied)

@@ -1,0 +1,118 @@
+"""Pure pieces of the HTTP face: rate limiting, uptime, telemetry, idempotent ids."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from bridge.http.bodies import HeartbeatBody
+from bridge.http.limits import RateLimiter, retry_after_header
+from bridge.http.refresh import refresh_id
+from bridge.http.settings import HttpSettings, parse_listen
+from bridge.http.telemetry import telemetry
+from bridge.http.tokens import new_token, token_hash
+from bridge.http.uptime import Change, uptime
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_allows_a_burst_then_the_sustained_rate() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(3, 0.5, clock=clock)
+    assert [limiter.check("a") for _ in range(3)] == [None, None, None]
+    wait = limiter.check("a")
+    assert wait == pytest.approx(2.0)
+    assert retry_after_header(wait) == "2"
+    assert limiter.check("b") is None  # buckets are per key
+    clock.now += 2.0
+    assert limiter.check("a") is None
+    assert limiter.check("a") is not None
+    clock.now += 3600
+    # Refill is capped at the burst.
+    assert [limiter.check("a") is None for _ in range(4)] == [True, True, True, False]
+
+
+def test_token_bucket_map_is_bounded() -> None:
+    limiter = RateLimiter(1, 1.0, clock=FakeClock(), max_keys=3)
+    for key in "abcde":
+        limiter.check(key)
+    assert len(limiter) == 3
+    # "a" was evicted, so it starts with a full bucket again.
+    assert limiter.check("a") is None
+
+
+def test_retry_after_is_whole_seconds_and_at_least_one() -> None:
+    assert retry_after_header(0.01) == "1"
+    assert retry_after_header(2.2) == "3"
+
+
+def test_uptime_counts_only_known_time() -> None:
+    changes = [Change(0, "online"), Change(600, "lost"), Change(900, "online")]
+    result = uptime(changes, 500, 1000)
+    assert (result.window_ms, result.online_ms, result.known_ms) == (500, 200, 500)
+    assert result.percent == 40.0
+    unknown_start = uptime([Change(700, "online")], 500, 1000)
+    assert (unknown_start.online_ms, unknown_start.known_ms, unknown_start.percent) == (
+        300,
+        300,
+        100.0,
+    )
+    assert uptime([], 0, 1000).percent is None
+    assert uptime([Change(0, "online"), Change(200, "unknown")], 0, 1000).percent == 100.0
+
+
+def test_telemetry_drops_values_out_of_range_and_keeps_the_rest() -> None:
+    values, ignored = telemetry(
+        HeartbeatBody(battery_level=101, wifi_strength=-40, cpu_temp=500.0, network_type="wifi")
+    )
+    assert values == {"wifi_strength": -40, "network_type": "wifi"}
+    assert ignored == ["battery_level", "cpu_temp"]
+    assert telemetry(None) == ({}, [])
+    assert telemetry(HeartbeatBody(current_url="a\x00b")) == ({}, ["current_url"])
+
+
+def test_lax_legacy_types_are_accepted() -> None:
+    body = HeartbeatBody.model_validate({"battery_level": "85", "screen_on": "true"})
+    assert telemetry(body) == ({"battery_level": 85, "screen_on": True}, [])
+
+
+def test_refresh_ids_are_stable_per_device_and_key() -> None:
+    first = refresh_id("kiosk-1", "job-7")
+    assert first == refresh_id("kiosk-1", "job-7")
+    assert uuid.UUID(first).version == 5
+    assert first != refresh_id("kiosk-2", "job-7")
+    assert first != refresh_id("kiosk-1", "job-8")
+
+
+def test_tokens_are_64_hex_and_hashed() -> None:
+    token = new_token()
+    assert len(token) == 64 and int(token, 16) >= 0
+    assert new_token() != token
+    assert len(token_hash(token)) == 64 and token_hash(token) != token
+
+
+def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KB_API_KEYS", " one, two ,,")
+    monkeypatch.setenv("KB_HTTP_HEARTBEAT_INTERVAL_S", "10")
+    settings = HttpSettings()
+    assert settings.api_key_list == ("one", "two")
+    assert settings.http_timeout_ms == 25_000
+    assert settings.sweep_interval_s == pytest.approx(2.5)
+
+
+def test_listen_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_listen("0.0.0.0:8080") == ("0.0.0.0", 8080)
+    assert parse_listen("[::1]:9000") == ("::1", 9000)
+    assert HttpSettings(http_listen="127.0.0.1:81").listen_address == ("127.0.0.1", 81)
+    monkeypatch.delenv("KB_HTTP_LISTEN", raising=False)
+    assert HttpSettings().listen_address is None
+    for bad in ("8080", "host:", "host:http", "host:70000"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            parse_listen(bad)
