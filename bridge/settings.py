@@ -51,6 +51,8 @@ class Settings(BaseSettings):
 
     status_flush_s: float = Field(default=0.05, gt=0, le=10)
     status_batch_max: int = Field(default=2000, ge=1)
+    #: At most one telemetry write per device per this many seconds (0: no limit).
+    status_min_interval_s: float = Field(default=5.0, ge=0)
     presence_batch_max: int = Field(default=1000, ge=1)
     presence_buffer_max: int = Field(default=100_000, ge=100)
     db_retry_cap_s: float = Field(default=5.0, gt=0)

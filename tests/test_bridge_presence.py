@@ -349,3 +349,26 @@ async def test_grace_hides_a_quick_reconnect(
             await eventually(lambda: db.status_of("grace-1"), lambda s: s == "Disconnected")
     finally:
         db.close()
+
+
+async def test_noisy_device_is_throttled_not_dropped(
+    mosquitto: MosquittoProcess, sqlite_url: str, kiosks: list[FakeKiosk]
+) -> None:
+    db = Db(sqlite_url)
+    try:
+        async with running_bridge(mosquitto.url, sqlite_url, status_min_interval_s=1.0) as bridge:
+            kiosk = await _kiosk(kiosks, mosquitto.url, "noisy-1", 1).come_online()
+            await eventually(lambda: db.status_of("noisy-1"), lambda s: s == "Connected")
+            for level in range(20, 40):
+                await kiosk.send_status(battery_level=level)
+            # Only the newest value survives, written once the interval has passed.
+            conn = await eventually(
+                lambda: db.connectivity("noisy-1"), lambda c: c.last_seq == 19, what="last seq"
+            )
+            assert conn.noisy
+            assert (await db.remote("noisy-1")).battery_level == 39
+            assert bridge.metrics.status_throttled._value.get() >= 10
+            written = bridge.metrics.status_written._value.get()
+            assert written < 20, "every status was written: nothing was throttled"
+    finally:
+        db.close()

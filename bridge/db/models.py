@@ -78,6 +78,8 @@ class Connectivity(SQLModel, table=True):
     legacy_status: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
     #: ``config_version`` the device reported in its last status.
     config_version: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    #: Telemetry arrives faster than the bridge's per-device rate: throttled.
+    noisy: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, default=False))
     #: Set after a successful wipe: the device must be provisioned again.
     needs_provisioning: bool = Field(
         default=False, sa_column=Column(Boolean, nullable=False, default=False)

@@ -42,6 +42,8 @@ class StatusItem:
     device_id: str
     status: Status
     received_ms: int
+    #: The device sent faster than the bridge's per-device telemetry rate.
+    noisy: bool = False
 
 
 @dataclass(slots=True)
@@ -86,6 +88,7 @@ class StatusStore:
                 last_seq=bindparam("p_seq"),
                 last_status_ms=bindparam("p_received_ms"),
                 last_device_ts_ms=bindparam("p_ts"),
+                noisy=bindparam("p_noisy"),
                 config_version=func.coalesce(
                     bindparam("p_config_version", type_=CONN.c.config_version.type),
                     CONN.c.config_version,
@@ -147,6 +150,7 @@ class StatusStore:
                     "p_received_ms": item.received_ms,
                     "p_ts": status.ts,
                     "p_config_version": status.config_version,
+                    "p_noisy": item.noisy,
                 }
             )
             result.written_received_ms.append(item.received_ms)

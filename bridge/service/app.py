@@ -48,7 +48,10 @@ class Bridge:
         self.engine = make_engine(settings.db)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kb-db")
         self.ingest = Ingest(
-            prefix=settings.prefix, metrics=self.metrics, buffer_max=settings.presence_buffer_max
+            prefix=settings.prefix,
+            metrics=self.metrics,
+            buffer_max=settings.presence_buffer_max,
+            status_min_interval_ms=int(settings.status_min_interval_s * 1000),
         )
         self.presence_store = PresenceStore(
             self.engine,

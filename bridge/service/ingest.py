@@ -51,6 +51,12 @@ class Ingest:
     seen: set[str] | None = None
     #: Set when an event had to be dropped: the retained state must be re-read.
     overflowed: bool = False
+    #: At most one telemetry write per device per this many ms; faster senders are
+    #: throttled (coalesced, counted, flagged ``noisy``). 0 turns throttling off.
+    status_min_interval_ms: int = 0
+    #: When each device's telemetry was last handed to the writer.
+    status_taken_ms: dict[str, int] = field(default_factory=dict)
+    noisy: set[str] = field(default_factory=set)
     #: Receivers for command traffic: ``(device, ack, received_ms)``.
     on_ack: Callable[[str, Ack, int], None] | None = None
     on_command: Callable[[str, Command, int], None] | None = None
@@ -149,7 +155,19 @@ class Ingest:
                 self.metrics.status_skipped.labels("stale").inc()
                 return
             self.metrics.status_coalesced.inc()
-        self.status[device_id] = StatusItem(device_id, status, received_ms)
+        last = self.status_taken_ms.get(device_id)
+        if last is not None and received_ms - last < self.status_min_interval_ms:
+            self.metrics.status_throttled.inc()
+            if device_id not in self.noisy:
+                self.noisy.add(device_id)
+                log.warning(
+                    "device=%s sends status faster than one per %.1fs: throttled",
+                    device_id,
+                    self.status_min_interval_ms / 1000,
+                )
+        self.status[device_id] = StatusItem(
+            device_id, status, received_ms, noisy=device_id in self.noisy
+        )
         self.wake.set()
 
     def take_presence(self, limit: int) -> list[PresenceItem]:
@@ -162,12 +180,23 @@ class Ingest:
         self.presence.extendleft(reversed(batch))
         self.metrics.buffer_depth.set(len(self.presence))
 
-    def take_status(self, limit: int) -> list[StatusItem]:
-        if len(self.status) <= limit:
+    def take_status(self, limit: int, now_ms: int) -> list[StatusItem]:
+        """Up to ``limit`` devices' telemetry, skipping throttled devices whose last
+        write is more recent than the minimum interval (they stay pending, coalesced)."""
+        gap = self.status_min_interval_ms
+        taken = self.status_taken_ms
+        if gap <= 0 and len(self.status) <= limit:
             batch, self.status = list(self.status.values()), {}
         else:
-            keys = list(self.status)[:limit]
+            keys = [key for key in self.status if gap <= 0 or now_ms - taken.get(key, -gap) >= gap][
+                :limit
+            ]
             batch = [self.status.pop(key) for key in keys]
+        if gap > 0:
+            for item in batch:
+                taken[item.device_id] = now_ms
+                if not item.noisy:
+                    self.noisy.discard(item.device_id)
         self.metrics.status_pending.set(len(self.status))
         return batch
 

@@ -31,6 +31,9 @@ class BridgeMetrics:
         self.status_coalesced = Counter(
             "kb_status_coalesced", "Status replaced in memory by a newer one", registry=r
         )
+        self.status_throttled = Counter(
+            "kb_status_throttled", "Status from devices sending too fast", registry=r
+        )
         self.db_errors = Counter("kb_db_errors", "Failed database batches", ["op"], registry=r)
         self.buffer_dropped = Counter(
             "kb_presence_buffer_dropped", "Presence events dropped: buffer full", registry=r

@@ -183,7 +183,7 @@ class DbWriter:
             listener(results)
 
     async def _write_status(self) -> None:
-        batch = self._ingest.take_status(self._settings.status_batch_max)
+        batch = self._ingest.take_status(self._settings.status_batch_max, now_ms())
         started = time.perf_counter()
         try:
             result = await self._db(self._status.apply_status, batch)

@@ -29,6 +29,8 @@ def bridge_settings(broker_url: str, db_url: str, **overrides: Any) -> Settings:
         "reconnect_cap_s": 1.0,
         "db_retry_cap_s": 0.5,
         "reset_after_s": 3600,
+        # Tests send telemetry in quick succession; throttling has its own test.
+        "status_min_interval_s": 0,
     }
     values.update(overrides)
     return Settings(**values)
