@@ -342,7 +342,6 @@ async def test_set_config_publishes_retained_config_and_device_reports_it(
         assert agent.status_interval_s == pytest.approx(7)
         remote = await sqlite_db.remote("cfg-1")
         assert bool(remote.remote_control_enabled) is True
-        agent.update_metrics(battery_level=11)
         conn = await eventually(
             lambda: sqlite_db.connectivity("cfg-1"),
             lambda c: c.config_version == 1,
