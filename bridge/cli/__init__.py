@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from bridge.cli import http_cmd, kiosk_cmd, ops_cmd, run_cmd, schema_cmd, send_cmd
+from bridge.cli import demo_cmd, http_cmd, kiosk_cmd, ops_cmd, run_cmd, schema_cmd, send_cmd
 
 app = typer.Typer(
     name="kiosk-bridge",
@@ -13,7 +13,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (run_cmd, send_cmd, ops_cmd, kiosk_cmd, schema_cmd, http_cmd):
+for module in (demo_cmd, run_cmd, send_cmd, ops_cmd, kiosk_cmd, schema_cmd, http_cmd):
     module.register(app)
 
 __all__ = ["app"]

@@ -46,9 +46,13 @@ def _opt(value: object, unit: str = "") -> str:
 # --- devices ---------------------------------------------------------------------------
 
 
-def fleet_table(rows: Sequence[FleetRow], now_ms: int) -> Table:
+#: Columns left out of the compact table (the demo's, which must fit 80 columns).
+_WIDE_ONLY = frozenset({"FLAPPING", "WIFI", "APP"})
+
+
+def fleet_table(rows: Sequence[FleetRow], now_ms: int, *, compact: bool = False) -> Table:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for name, justify in (
+    columns = (
         ("DEVICE", "left"),
         ("STATE", "left"),
         ("SINCE", "right"),
@@ -58,15 +62,18 @@ def fleet_table(rows: Sequence[FleetRow], now_ms: int) -> Table:
         ("WIFI", "right"),
         ("LAST SEEN", "right"),
         ("APP", "left"),
-    ):
-        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    )
+    shown = [not (compact and name in _WIDE_ONLY) for name, _ in columns]
+    for (name, justify), keep in zip(columns, shown, strict=True):
+        if keep:
+            table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for row in rows:
         state = _state(row.state)
         if row.reason and row.state != "online":
             state.append(f" ({row.reason})", style="dim")
         if row.deleted:
             state.append(" [deleted]", style="dim")
-        table.add_row(
+        cells = (
             row.device_id,
             state,
             ago(row.since_ms, now_ms),
@@ -77,6 +84,7 @@ def fleet_table(rows: Sequence[FleetRow], now_ms: int) -> Table:
             ago(row.last_seen_ms, now_ms),
             row.app_version or "-",
         )
+        table.add_row(*(cell for cell, keep in zip(cells, shown, strict=True) if keep))
     return table
 
 
