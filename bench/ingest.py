@@ -1,0 +1,200 @@
+"""Ingest throughput: status messages per second into SQLite / MariaDB / PostgreSQL.
+
+For each database: (1) the rate a bare aiomqtt subscriber receives the same flood, on
+the same broker, in the same run (the ceiling a Python bridge can reach); (2) a flood of
+QoS 1 status messages over N devices and the time until every device's last message is
+in the database (messages/s the bridge absorbs); (3) a sustained phase at a fixed rate
+with p50/p99 publish-to-row lag sampled by polling the database, and the bridge's RSS/CPU.
+
+    python bench/ingest.py [--scale 1] [--db sqlite,mariadb,postgres] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import aiomqtt
+from sqlalchemy import create_engine, text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    BridgeProcess,
+    Result,
+    database,
+    machine,
+    mosquitto,
+    percentiles,
+    wait_until,
+    workdir,
+    write_json,
+)
+from loadgen import device_ids, flood_status, publish_births
+
+SESSION = 1_700_000_000_000
+
+
+async def _bare_receive(host: str, port: int, expected: int, ready: threading.Event) -> float:
+    async with aiomqtt.Client(
+        host, port, protocol=aiomqtt.ProtocolVersion.V5, identifier="bench-bare"
+    ) as client:
+        await client.subscribe("kiosk/v1/+/status", qos=1)
+        ready.set()
+        count, first = 0, 0.0
+        async for _message in client.messages:
+            if count == 0:
+                first = time.monotonic()
+            count += 1
+            if count >= expected:
+                return expected / (time.monotonic() - first)
+    return 0.0
+
+
+def bare_rate(host: str, port: int, ids: list[str], total: int) -> float:
+    ready = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(asyncio.run, _bare_receive(host, port, total, ready))
+        ready.wait(10)
+        flood_in_process(host, port, ids, total, None)
+        return float(future.result(timeout=300))
+
+
+def flood_in_process(host: str, port: int, ids: list[str], total: int, rate: float | None) -> dict:
+    with concurrent.futures.ProcessPoolExecutor(1) as pool:
+        return pool.submit(flood_status, host, port, ids, SESSION, total, rate).result(timeout=600)
+
+
+def run_one(kind: str, devices: int, flood: int, sustain_rate: float, sustain_s: float) -> Result:
+    result = Result(f"ingest {kind} ({devices} devices)")
+    with workdir() as tmp:
+        work = Path(tmp)
+        with mosquitto(work) as broker, database(kind, work) as db_url:
+            ids = device_ids(devices)
+            result.figures["aiomqtt bare receive msg/s"] = bare_rate(
+                broker.host, broker.port, ids, flood
+            )
+            bridge = BridgeProcess(broker.url, db_url, work)
+            engine = create_engine(db_url)
+            try:
+                wait_until(lambda: _table_ready(engine), 60, what="bridge schema")
+                publish_births(broker.host, broker.port, ids, SESSION)
+                wait_until(
+                    lambda: (
+                        _count(engine, "SELECT count(*) FROM remotes WHERE status='Connected'")
+                        >= devices
+                    ),
+                    120,
+                    what="all births",
+                )
+                # Phase 2: flood, time until the last seq of every device is written.
+                last_seq = (flood - 1) // devices
+                full_devices = flood % devices or devices
+                start = time.monotonic()
+                pub = flood_in_process(broker.host, broker.port, ids, flood, None)
+                wait_until(
+                    lambda: (
+                        _count(
+                            engine,
+                            f"SELECT count(*) FROM kb_connectivity WHERE last_seq >= {last_seq}",
+                        )
+                        >= full_devices
+                    ),
+                    300,
+                    interval=0.02,
+                    what="flood written",
+                )
+                elapsed = time.monotonic() - start
+                rate = flood / elapsed
+                result.figures["publisher msg/s"] = pub["rate"]
+                result.figures["bridge absorbed msg/s"] = rate
+                result.figures["fraction of bare aiomqtt"] = (
+                    rate / result.figures["aiomqtt bare receive msg/s"]
+                )
+                # Phase 3: sustained rate, lag sampled by polling.
+                lags, stop = [], threading.Event()
+                sampler = threading.Thread(
+                    target=_sample_lag, args=(engine, ids, lags, stop, bridge), daemon=True
+                )
+                bridge.cpu_percent()
+                sampler.start()
+                flood_in_process(
+                    broker.host, broker.port, ids, int(sustain_rate * sustain_s), sustain_rate
+                )
+                cpu = bridge.cpu_percent()
+                stop.set()
+                sampler.join()
+                result.figures[f"sustained {sustain_rate:.0f} msg/s lag ms"] = percentiles(lags)
+                result.figures["bridge CPU % (sustained)"] = cpu
+                result.figures["bridge RSS MiB max"] = max(bridge.rss_samples or [0.0])
+            finally:
+                code = bridge.stop()
+                engine.dispose()
+                if code not in (0, -15):
+                    result.notes.append(f"bridge exited {code}; see its log")
+    return result
+
+
+def _table_ready(engine) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        _count(engine, "SELECT count(*) FROM kb_connectivity")
+    except Exception:
+        return False
+    return True
+
+
+def _count(engine, sql: str) -> int:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        return int(conn.execute(text(sql)).scalar_one())
+
+
+def _sample_lag(engine, ids, lags, stop, bridge) -> None:  # type: ignore[no-untyped-def]
+    sample = random.Random(7).sample(ids, min(200, len(ids)))
+    placeholders = ",".join(f"'{d}'" for d in sample)
+    seen: dict[str, int] = {}
+    while not stop.is_set():
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT device_id, last_device_ts_ms FROM kb_connectivity "
+                    f"WHERE device_id IN ({placeholders})"
+                )
+            ).all()
+        now = time.time() * 1000
+        for device_id, ts in rows:
+            if ts is not None and seen.get(device_id) != ts:
+                if device_id in seen:
+                    lags.append(now - ts)
+                seen[device_id] = ts
+        bridge.sample()
+        time.sleep(0.05)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--db", default="sqlite,mariadb,postgres")
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    devices = int(args.devices * args.scale)
+    flood = int(60_000 * args.scale)
+    print(f"machine: {machine()}")
+    results = []
+    for kind in args.db.split(","):
+        rate = 12_000.0 if kind == "sqlite" else 8_000.0
+        result = run_one(kind, devices, flood, rate, 10.0 * args.scale)
+        result.print()
+        results.append(result)
+    if args.json:
+        write_json(results, args.json)
+
+
+if __name__ == "__main__":
+    main()
