@@ -201,6 +201,10 @@ def _ready(engine) -> bool:  # type: ignore[no-untyped-def]
     return True
 
 
+def collect(scale: float, dbs: tuple[str, ...] = ("sqlite",)) -> list[Result]:
+    return [result for kind in dbs for result in asyncio.run(run(kind, scale))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0)

@@ -176,6 +176,14 @@ def _sample_lag(engine, ids, lags, stop, bridge) -> None:  # type: ignore[no-unt
         time.sleep(0.05)
 
 
+def collect(scale: float, dbs: tuple[str, ...] = ("sqlite", "mariadb", "postgres")) -> list[Result]:
+    out = []
+    for kind in dbs:
+        rate = 12_000.0 if kind == "sqlite" else 8_000.0
+        out.append(run_one(kind, int(10_000 * scale), int(60_000 * scale), rate, 10.0 * scale))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0)
