@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from bridge.db.models import Connectivity, PresenceHistory, Remote
@@ -139,7 +139,9 @@ class PresenceStore:
         remotes = self._remotes(conn, ids)
         states = {device_id: to_device_state(row) for device_id, row in rows.items()}
         legacy = {device_id: row.legacy_status for device_id, row in rows.items()}
-        known = set(rows)
+        # Each device's final row is written once per batch, with prepared statements:
+        # building a statement per event costs more than the SQL itself.
+        writes = _BatchWrites(known=set(rows))
         results: list[PresenceResult] = []
         history: list[dict[str, Any]] = []
         now = self._clock()
@@ -148,12 +150,12 @@ class PresenceStore:
             device_id = event.device_id
             before = states.get(device_id, DeviceState())
             remote = remotes.get(device_id)
+            view = None
             if remote is not None and remote.deleted_at is not None:
-                verdict, after, view = "deleted", before, None
+                verdict, after = "deleted", before
             else:
                 outcome = apply_presence(before, event, self._rules)
                 verdict, after = outcome.verdict.value, outcome.after
-                view = None
                 if outcome.verdict.changes_state:
                     view = legacy_status(
                         after,
@@ -162,15 +164,11 @@ class PresenceStore:
                         grace_ms=self._grace_ms,
                         flap=self._rules.flap,
                     )
-                    self._store_state(conn, device_id, after, view.status, event, known)
-                    known.add(device_id)
+                    writes.state(device_id, after, view.status, event, self._writer)
+                    changed = legacy.get(device_id) != view.status
+                    if changed or outcome.verdict is Verdict.RESET or item.birth is not None:
+                        writes.remote(device_id, remote, view.status, event, item.birth)
                     states[device_id] = after
-                    if legacy.get(device_id) != view.status or outcome.verdict is Verdict.RESET:
-                        self._write_remote(conn, device_id, remote, view.status, event, item.birth)
-                        if remote is None and event.state is ConnState.ONLINE:
-                            remotes[device_id] = self._remotes(conn, [device_id])[device_id]
-                    elif item.birth is not None and remote is not None:
-                        self._write_birth_metadata(conn, remote.id, event, item.birth)
                     legacy[device_id] = view.status
             history.append(
                 {
@@ -197,80 +195,13 @@ class PresenceStore:
                     committed_ms=0,
                 )
             )
+        writes.flush(conn)
         committed = self._clock()
         for row in history:
             row["committed_ms"] = committed
         if history:
             conn.execute(insert(HIST), history)
         return [replace(result, committed_ms=committed) for result in results]
-
-    def _store_state(
-        self,
-        conn: Connection,
-        device_id: str,
-        state: DeviceState,
-        legacy: LegacyStatus,
-        event: PresenceEvent,
-        known: set[str],
-    ) -> None:
-        values = {
-            **state_columns(state),
-            "legacy_status": legacy,
-            "writer": self._writer,
-            "updated_ms": event.received_ms,
-        }
-        if event.device_ts_ms is not None:
-            values["last_device_ts_ms"] = event.device_ts_ms
-        if device_id in known:
-            conn.execute(update(CONN).where(CONN.c.device_id == device_id).values(**values))
-        else:
-            conn.execute(insert(CONN).values(device_id=device_id, **values))
-
-    def _write_remote(
-        self,
-        conn: Connection,
-        device_id: str,
-        remote: Any | None,
-        status: LegacyStatus,
-        event: PresenceEvent,
-        birth: BirthInfo | None,
-    ) -> None:
-        now = utc_naive(event.received_ms)
-        meta = _birth_columns(birth)
-        if remote is None:
-            if event.state is not ConnState.ONLINE:
-                # Only a birth creates a device; a Will for an unseen one has no metadata.
-                return
-            conn.execute(
-                insert(REMOTES).values(
-                    device_identifier=device_id,
-                    status=status,
-                    last_seen_at=now,
-                    remote_control_enabled=False,
-                    created_at=now,
-                    updated_at=now,
-                    **meta,
-                )
-            )
-            return
-        values: dict[str, Any] = {"status": status, "updated_at": now, **meta}
-        if event.state is ConnState.ONLINE:
-            values["last_seen_at"] = now
-        conn.execute(
-            update(REMOTES)
-            .where(REMOTES.c.id == remote.id, REMOTES.c.deleted_at.is_(None))
-            .values(**values)
-        )
-
-    def _write_birth_metadata(
-        self, conn: Connection, remote_id: int, event: PresenceEvent, birth: BirthInfo
-    ) -> None:
-        now = utc_naive(event.received_ms)
-        conn.execute(
-            update(REMOTES)
-            .where(REMOTES.c.id == remote_id, REMOTES.c.deleted_at.is_(None))
-            .values(last_seen_at=now, updated_at=now, **_birth_columns(birth))
-        )
 
     # -- legacy status that changes with time ----------------------------------------------
 
@@ -395,6 +326,142 @@ class PresenceStore:
                         )
                     changed.append(device_id)
         return changed
+
+
+_CONN_COLUMNS = (
+    "state",
+    "session",
+    "since_ms",
+    "reason",
+    "flap_penalty",
+    "flap_at_ms",
+    "flapping",
+    "transitions",
+    "legacy_status",
+    "writer",
+    "updated_ms",
+)
+_META = ("app_version", "android_version", "ip_address", "mac_address")
+
+_CONN_UPDATE = (
+    update(CONN)
+    .where(CONN.c.device_id == bindparam("p_device_id"))
+    .values(
+        **{name: bindparam(f"p_{name}") for name in _CONN_COLUMNS},
+        last_device_ts_ms=func.coalesce(
+            bindparam("p_last_device_ts_ms", type_=CONN.c.last_device_ts_ms.type),
+            CONN.c.last_device_ts_ms,
+        ),
+    )
+)
+_REMOTE_UPDATE = (
+    update(REMOTES)
+    .where(REMOTES.c.id == bindparam("p_id"), REMOTES.c.deleted_at.is_(None))
+    .values(
+        status=bindparam("p_status"),
+        updated_at=bindparam("p_updated_at"),
+        last_seen_at=func.coalesce(
+            bindparam("p_last_seen_at", type_=REMOTES.c.last_seen_at.type),
+            REMOTES.c.last_seen_at,
+        ),
+        **{
+            name: func.coalesce(bindparam(f"p_{name}", type_=REMOTES.c[name].type), REMOTES.c[name])
+            for name in _META
+        },
+    )
+)
+
+
+@dataclass
+class _BatchWrites:
+    """The final connectivity and ``remotes`` rows of one presence batch."""
+
+    known: set[str]
+    conn_insert: dict[str, dict[str, Any]] = field(default_factory=dict)
+    conn_update: dict[str, dict[str, Any]] = field(default_factory=dict)
+    remote_insert: dict[str, dict[str, Any]] = field(default_factory=dict)
+    remote_update: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def state(
+        self,
+        device_id: str,
+        state: DeviceState,
+        legacy: LegacyStatus,
+        event: PresenceEvent,
+        writer: str,
+    ) -> None:
+        values = {
+            **state_columns(state),
+            "legacy_status": legacy,
+            "writer": writer,
+            "updated_ms": event.received_ms,
+        }
+        if device_id in self.known:
+            previous = self.conn_update.get(device_id, {})
+            ts = event.device_ts_ms or previous.get("p_last_device_ts_ms")
+            row = {f"p_{k}": v for k, v in values.items()}
+            self.conn_update[device_id] = {
+                **row,
+                "p_device_id": device_id,
+                "p_last_device_ts_ms": ts,
+            }
+        else:
+            previous = self.conn_insert.get(device_id, {})
+            ts = event.device_ts_ms or previous.get("last_device_ts_ms")
+            self.conn_insert[device_id] = {
+                **values,
+                "device_id": device_id,
+                "last_device_ts_ms": ts,
+            }
+
+    def remote(
+        self,
+        device_id: str,
+        remote: Any | None,
+        status: LegacyStatus,
+        event: PresenceEvent,
+        birth: BirthInfo | None,
+    ) -> None:
+        at = utc_naive(event.received_ms)
+        meta = _birth_columns(birth)
+        online = event.state is ConnState.ONLINE
+        if remote is None:
+            pending = self.remote_insert.get(device_id)
+            if pending is None:
+                if not online:
+                    # Only a birth creates a device; a Will for an unseen one has no data.
+                    return
+                pending = {
+                    "device_identifier": device_id,
+                    "remote_control_enabled": False,
+                    "created_at": at,
+                    **dict.fromkeys(_META),
+                }
+            pending.update(status=status, updated_at=at, **meta)
+            if online:
+                pending["last_seen_at"] = at
+            self.remote_insert[device_id] = pending
+            return
+        pending = self.remote_update.get(remote.id) or {
+            "p_id": remote.id,
+            "p_last_seen_at": None,
+            **{f"p_{name}": None for name in _META},
+        }
+        pending.update(p_status=status, p_updated_at=at)
+        pending.update({f"p_{k}": v for k, v in meta.items()})
+        if online:
+            pending["p_last_seen_at"] = at
+        self.remote_update[remote.id] = pending
+
+    def flush(self, conn: Connection) -> None:
+        if self.conn_insert:
+            conn.execute(insert(CONN), list(self.conn_insert.values()))
+        if self.conn_update:
+            conn.execute(_CONN_UPDATE, list(self.conn_update.values()))
+        if self.remote_insert:
+            conn.execute(insert(REMOTES), list(self.remote_insert.values()))
+        if self.remote_update:
+            conn.execute(_REMOTE_UPDATE, list(self.remote_update.values()))
 
 
 def _settled(state: DeviceState, now_ms: int, rules: PresenceRules) -> bool:
