@@ -106,6 +106,9 @@ def write_json(results: list[Result], path: Path) -> None:
 
 @contextlib.contextmanager
 def mosquitto(workdir: Path, extra_conf: str = "") -> Iterator[MosquittoProcess]:
+    # A flood must measure the bridge, not the broker's per-client queue limit (which
+    # would drop QoS 1 messages beyond it): lift it for benchmarks.
+    extra_conf = "max_queued_messages 0\nmax_inflight_messages 0\n" + extra_conf
     broker = MosquittoProcess(workdir / "mosquitto", persistence=True, extra_conf=extra_conf)
     broker.start()
     try:
