@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, insert, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, select, update
 
 from bridge.commands.lifecycle import OPEN_STATES, SUPERSEDABLE, CommandState, advance
 from bridge.db.models import CommandRecord, Connectivity, DeviceConfigRecord, Remote
@@ -74,7 +74,7 @@ class AckOutcome:
     device_id: str | None = None
 
 
-def _outgoing(row: Any) -> Outgoing:
+def _outgoing(row: Any, *, attempts: int | None = None) -> Outgoing:
     return Outgoing(
         id=row.id,
         device_id=row.device_id,
@@ -82,8 +82,13 @@ def _outgoing(row: Any) -> Outgoing:
         args=json.loads(row.args or "{}"),
         created_at=row.created_at,
         expires_at=row.expires_at,
-        attempts=int(row.attempts),
+        attempts=int(row.attempts) if attempts is None else attempts,
     )
+
+
+_SET_RETRY_AT = (
+    update(CMD).where(CMD.c.id == bindparam("p_id")).values(retry_at=bindparam("p_retry_at"))
+)
 
 
 class CommandStore:
@@ -139,31 +144,29 @@ class CommandStore:
                 }
             )
         with self._engine.begin() as conn:
+            # Supersede first, so the rows inserted below are never candidates.
+            by_type: dict[str, list[str]] = {}
+            for command in commands:
+                if command.type in SUPERSEDABLE:
+                    by_type.setdefault(command.type, []).append(command.device_id)
+            for type_, devices in by_type.items():
+                for part in chunks(sorted(set(devices))):
+                    conn.execute(
+                        update(CMD)
+                        .where(
+                            CMD.c.device_id.in_(part),
+                            CMD.c.type == type_,
+                            CMD.c.state == CommandState.QUEUED.value,
+                        )
+                        .values(
+                            state=CommandState.SUPERSEDED.value,
+                            finished_at=now,
+                            last_error="superseded by a newer command",
+                        )
+                    )
             for part in chunks(rows):
                 conn.execute(insert(CMD), list(part))
-            for command, command_id in zip(commands, ids, strict=True):
-                if command.type in SUPERSEDABLE:
-                    self._supersede_older(conn, command.device_id, command.type, command_id, now)
         return ids
-
-    def _supersede_older(
-        self, conn: Connection, device_id: str, type_: str, newer_id: str, now: datetime
-    ) -> int:
-        result = conn.execute(
-            update(CMD)
-            .where(
-                CMD.c.device_id == device_id,
-                CMD.c.type == type_,
-                CMD.c.state == CommandState.QUEUED.value,
-                CMD.c.id != newer_id,
-            )
-            .values(
-                state=CommandState.SUPERSEDED.value,
-                finished_at=now,
-                last_error=f"superseded by {newer_id}",
-            )
-        )
-        return int(result.rowcount or 0)
 
     def bump_config(
         self, conn: Connection, device_id: str, changes: dict[str, Any]
@@ -246,27 +249,39 @@ class CommandStore:
                 .order_by(CMD.c.retry_at)
                 .limit(max(0, limit - len(fresh)))
             ).all()
-            claimed: list[Outgoing] = []
-            for row in [*fresh, *again]:
-                result = conn.execute(
-                    update(CMD)
-                    .where(
-                        CMD.c.id == row.id,
-                        CMD.c.state == row.state,
-                        CMD.c.attempts == row.attempts,
+            token = str(uuid.uuid4())
+            for rows_, sent_state in ((fresh, CommandState.QUEUED), (again, None)):
+                ids = [row.id for row in rows_]
+                for part in chunks(ids):
+                    # Set-based: one UPDATE claims the batch; ``claim`` tells which rows
+                    # this call won if another bridge claimed some first.
+                    where = [CMD.c.id.in_(part)]
+                    if sent_state is not None:
+                        where.append(CMD.c.state == sent_state.value)
+                    else:
+                        where += [CMD.c.state.in_(_IN_FLIGHT), CMD.c.retry_at <= now]
+                    conn.execute(
+                        update(CMD)
+                        .where(*where)
+                        .values(
+                            state=CommandState.SENT.value
+                            if sent_state is not None
+                            else CMD.c.state,
+                            sent_at=now,
+                            attempts=CMD.c.attempts + 1,
+                            claim=token,
+                        )
                     )
-                    .values(
-                        state=CommandState.SENT.value
-                        if row.state == CommandState.QUEUED.value
-                        else row.state,
-                        sent_at=now,
-                        attempts=row.attempts + 1,
-                        retry_at=self._retry_at(now, int(row.attempts) + 1),
-                    )
+            won = conn.execute(select(CMD).where(CMD.c.claim == token)).all()
+            if won:
+                conn.execute(
+                    _SET_RETRY_AT,
+                    [
+                        {"p_id": row.id, "p_retry_at": self._retry_at(now, int(row.attempts))}
+                        for row in won
+                    ],
                 )
-                if result.rowcount == 1:
-                    claimed.append(_outgoing(row))
-            return claimed
+            return [_outgoing(row, attempts=int(row.attempts) - 1) for row in won]
 
     def _supersede_outbox_duplicates(self, conn: Connection, now: datetime) -> None:
         """Rows the CMS inserted directly skip :meth:`enqueue`; apply the rule here."""

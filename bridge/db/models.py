@@ -125,6 +125,8 @@ class CommandRecord(SQLModel, table=True):
     __table_args__ = (
         Index("ix_kb_commands_state", "state"),
         Index("ix_kb_commands_device_created", "device_id", "created_at"),
+        Index("ix_kb_commands_device_type_state", "device_id", "type", "state"),
+        Index("ix_kb_commands_claim", "claim"),
     )
 
     #: UUID, the idempotency key; also the id on the wire.
@@ -145,6 +147,9 @@ class CommandRecord(SQLModel, table=True):
     finished_at: datetime | None = Field(default=None, sa_column=Column(PreciseTime, nullable=True))
     expires_at: datetime = Field(sa_column=Column(PreciseTime, nullable=False))
     attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False, default=0))
+    #: Token of the last claim for sending: lets one set-based UPDATE claim a batch and
+    #: tell the claimer which rows are its own when several bridges poll the outbox.
+    claim: str | None = Field(default=None, sa_column=Column(String(36), nullable=True))
     #: When to send again if the device has not acknowledged by then.
     retry_at: datetime | None = Field(default=None, sa_column=Column(PreciseTime, nullable=True))
     last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))

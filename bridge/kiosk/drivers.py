@@ -66,6 +66,11 @@ def _connect(client: mqtt.Client, params: ConnectParams) -> None:
         )
     else:
         client.connect(params.host, params.port, params.keepalive)
+    sock = client.socket()
+    if sock is not None:
+        # An ack right after ``received`` must not wait ~40 ms for Nagle's algorithm.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
 
 
 def _shutdown(client: mqtt.Client) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import uuid
 from collections.abc import Callable
@@ -119,6 +120,8 @@ class MqttLink:
             "keepalive": self._settings.keepalive_s,
             "timeout": 10,
             "tls_context": ssl.create_default_context() if tls else None,
+            # Acks and commands are small and latency-bound: do not let Nagle hold them.
+            "socket_options": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         }
         if v5:
             props = Properties(PacketTypes.CONNECT)
