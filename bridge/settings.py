@@ -13,7 +13,9 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bridge.broker_url import BrokerAddress, parse_broker_url
+from bridge.http.settings import HttpSettings
 from bridge.presence import FlapPolicy, PresenceRules
+from bridge.security.settings import SecuritySettings
 from schemas import DEFAULT_PREFIX
 from schemas.topics import shared as _check_group
 
@@ -63,6 +65,11 @@ class Settings(BaseSettings):
     command_max_attempts: int = Field(default=5, ge=1, le=100)
     #: Publishes awaiting PUBACK at once: paces a fan-out.
     command_inflight: int = Field(default=200, ge=1, le=10_000)
+
+    #: The HTTP face and the credential management read their own ``KB_*`` variables;
+    #: they are parts of this one object, built at the same time.
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from pathlib import Path
 
 import aiomqtt
-import pytest
 
 from bridge.testing.mosquitto import DEFAULT_TEMPLATE, MosquittoProcess
 from schemas import (
@@ -171,23 +169,3 @@ def test_kill_and_start_reuse_port_and_data_dir(mosquitto: MosquittoProcess) -> 
     mosquitto.start()
     assert mosquitto.running
     assert (mosquitto.port, mosquitto.data_dir) == (port, data_dir)
-
-
-def test_production_conf_loads_and_refuses_anonymous_clients(
-    mosquitto_factory: MosquittoFactory, tmp_path: Path
-) -> None:
-    config_dir = tmp_path / "config"
-    config_dir.mkdir()
-    (config_dir / "passwd").write_text("")
-    (config_dir / "acl").write_text("")
-    template = tmp_path / "production.conf"
-    template.write_text(PRODUCTION_CONF.read_text().replace("/mosquitto/config/", f"{config_dir}/"))
-
-    broker = mosquitto_factory(template=template)
-
-    assert "allow_anonymous false" in broker.conf_path.read_text()
-    with (
-        PahoClient(broker.host, broker.port, client_id=_device_id()) as client,
-        pytest.raises(ConnectionError, match="Not authorized"),
-    ):
-        client.connect()

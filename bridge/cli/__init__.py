@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import typer
 
-from bridge.cli import demo_cmd, http_cmd, kiosk_cmd, ops_cmd, run_cmd, schema_cmd, send_cmd
+from bridge.cli import (
+    demo_cmd,
+    http_cmd,
+    kiosk_cmd,
+    ops_cmd,
+    run_cmd,
+    schema_cmd,
+    security_cmd,
+    send_cmd,
+)
 
 app = typer.Typer(
     name="kiosk-bridge",
@@ -13,7 +22,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (demo_cmd, run_cmd, send_cmd, ops_cmd, kiosk_cmd, schema_cmd, http_cmd):
+# security_cmd adds to the ``device`` group that ops_cmd creates: keep it after.
+for module in (demo_cmd, run_cmd, send_cmd, ops_cmd, security_cmd, kiosk_cmd, schema_cmd, http_cmd):
     module.register(app)
 
 __all__ = ["app"]

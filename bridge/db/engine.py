@@ -10,6 +10,7 @@ from sqlalchemy.engine import make_url
 from sqlmodel import SQLModel
 
 from bridge.db import models
+from bridge.security.models import SECURITY_TABLES
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def create_schema(engine: Engine) -> list[str]:
 
 
 def _all_models() -> tuple[Any, ...]:
-    return (models.Remote, *models.BRIDGE_TABLES)
+    return (models.Remote, *models.BRIDGE_TABLES, *SECURITY_TABLES)
 
 
 def missing_tables(engine: Engine) -> list[str]:

@@ -21,6 +21,7 @@ from bridge.db.command_store import CommandStore
 from bridge.db.engine import create_schema, make_engine
 from bridge.db.presence_store import PresenceStore
 from bridge.db.status_store import StatusStore
+from bridge.security.runtime import SecurityRuntime
 from bridge.service.commands import CommandDispatcher
 from bridge.service.housekeeping import retention_loop
 from bridge.service.ingest import Ingest
@@ -92,12 +93,15 @@ class Bridge:
         self.ingest.on_ack = self.commands.on_ack
         self.ingest.on_command = self.commands.on_command_seen
         self.writer.listeners.append(self.commands.on_presence)
+        self.security = SecurityRuntime.for_bridge(self, settings.security)
+        self.security.install(self.link)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Self:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, create_schema, self.engine)
         await self.writer.start()
+        await self.security.__aenter__()
         self._tasks = [
             asyncio.create_task(self.writer.run(), name="kb-db-writer"),
             asyncio.create_task(self.link.run(), name="kb-mqtt-link"),
@@ -120,6 +124,7 @@ class Bridge:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self.security.__aexit__(exc_type, exc, tb)
         writer_task, link_task, commands_task, retention_task = self._tasks
         for task in (retention_task, commands_task, link_task):
             if task is link_task:

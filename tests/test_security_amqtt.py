@@ -1,0 +1,242 @@
+"""The same security model in the embedded amqtt broker (MQTT 3.1.1 only), with the
+plugin backed by the bridge's database; and the claim flow through a bridge that uses
+it. The broker is wired here the way bridge/embedded_broker.py is meant to wire it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import bridge.embedded_broker as embedded
+from bridge.clock import now_ms
+from bridge.db.engine import create_schema, make_engine
+from bridge.embedded_broker import EmbeddedBroker
+from bridge.kiosk.agent import KioskAgent
+from bridge.security.amqtt_plugins import DatabaseSecurityPlugin
+from bridge.security.device import claim_credentials
+from bridge.security.models import create_security_schema
+from bridge.security.passwords import hash_password, new_token
+from bridge.security.settings import SecuritySettings
+from bridge.security.store import PendingRotation, SecurityStore
+from bridge.security.testkit import AuthClient, running_secure_bridge
+from schemas import TopicKind, device_topic
+from schemas.provisioning import ProvisionAccepted
+from schemas.topics import bridge_sync_topic, provision_topic
+from tests.support.bridge_harness import Db, eventually
+from tests.support.ports import free_port
+
+PASSWORDS = {
+    "bridge_password": "bridge-password-0123456789",
+    "ops_password": "ops-password-0123456789",
+    "claim_password": "claim-password-0123456789",
+}
+KICK_BUDGET_S = 1.0
+
+
+@pytest.fixture
+def store(sqlite_url: str) -> Iterator[SecurityStore]:
+    engine = make_engine(sqlite_url)
+    create_schema(engine)
+    create_security_schema(engine)
+    yield SecurityStore(engine, clock=now_ms)
+    engine.dispose()
+
+
+@pytest.fixture
+async def broker(
+    sqlite_url: str, store: SecurityStore, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[EmbeddedBroker]:
+    plugin = f"{DatabaseSecurityPlugin.__module__}.{DatabaseSecurityPlugin.__qualname__}"
+    original = embedded.broker_config
+
+    def secured(host: str, port: int) -> dict[str, Any]:
+        # What the lead's wiring does: the database plugin instead of OpenAuthPlugin.
+        config = original(host, port)
+        config["plugins"] = {plugin: {"db_url": sqlite_url, "poll_s": 0.1, **PASSWORDS}}
+        return config
+
+    monkeypatch.setattr(embedded, "broker_config", secured)
+    async with EmbeddedBroker(host="127.0.0.1", port=free_port()) as running:
+        yield running
+
+
+def url(broker: EmbeddedBroker, username: str | None = None, password: str | None = None) -> str:
+    auth = f"{username}:{password}@" if username is not None else ""
+    return f"mqtt://{auth}{broker.host}:{broker.port}"
+
+
+class Clients:
+    def __init__(self) -> None:
+        self.made: list[AuthClient] = []
+
+    async def connect(self, address: str, client_id: str, **kw: Any) -> AuthClient:
+        client = AuthClient(address, client_id=client_id, v5=False, **kw)
+        self.made.append(client)
+        return await asyncio.to_thread(client.connect)
+
+    async def refused(self, address: str, client_id: str, **kw: Any) -> bool:
+        try:
+            await self.connect(address, client_id, **kw)
+        except (ConnectionRefusedError, TimeoutError):
+            return True
+        return False
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Clients]:
+    holder = Clients()
+    yield holder
+    for client in holder.made:
+        await asyncio.to_thread(client.close)
+
+
+async def enroll(store: SecurityStore, device_id: str) -> str:
+    token = new_token()
+    await asyncio.to_thread(store.enroll, device_id, hash_password(token), "test")
+    return token
+
+
+async def marker_then(client: AuthClient, observer: AuthClient, topic: str) -> list[str]:
+    """Publish a marker on ``topic`` (allowed) and return what ``observer`` saw first."""
+    await asyncio.to_thread(client.publish, topic, b"marker")
+    await asyncio.to_thread(observer.expect, topic)
+    seen = [t for t, _p, retained in observer.skipped if not retained]
+    observer.skipped.clear()
+    return seen
+
+
+async def test_authentication(
+    broker: EmbeddedBroker, store: SecurityStore, clients: Clients
+) -> None:
+    token = await enroll(store, "amq-a")
+    assert await clients.refused(url(broker), "anon-1")
+    assert await clients.refused(url(broker, "amq-a", new_token()), "amq-a")
+    assert await clients.refused(url(broker, "amq-a", token), "not-amq-a")
+    assert await clients.refused(url(broker, "_bridge", "wrong-password-0000"), "b-1")
+    assert await clients.refused(url(broker, "nobody", token), "nobody")
+    await clients.connect(url(broker, "amq-a", token), "amq-a")
+    await clients.connect(url(broker, "_bridge", PASSWORDS["bridge_password"]), "b-2")
+
+
+async def test_device_isolation(
+    broker: EmbeddedBroker, store: SecurityStore, clients: Clients
+) -> None:
+    tokens = {d: await enroll(store, d) for d in ("amq-a", "amq-b")}
+    observer = await clients.connect(url(broker, "_bridge", PASSWORDS["bridge_password"]), "obs")
+    await asyncio.to_thread(observer.subscribe, "kiosk/v1/#")
+    a = await clients.connect(url(broker, "amq-a", tokens["amq-a"]), "amq-a")
+    for kind in (TopicKind.PRESENCE, TopicKind.STATUS, TopicKind.ACK, TopicKind.CMD):
+        await asyncio.to_thread(a.publish, device_topic("amq-b", kind), b"forged")
+    await asyncio.to_thread(a.publish, device_topic("amq-a", TopicKind.CMD), b"forged")
+    assert await marker_then(a, observer, device_topic("amq-a", TopicKind.STATUS)) == []
+    # Subscriptions are refused when made (Mosquitto grants them and filters delivery).
+    refused = await asyncio.to_thread(a.subscribe, device_topic("amq-b", TopicKind.CMD))
+    assert [r.value for r in refused] == [0x80]
+    assert [r.value for r in await asyncio.to_thread(a.subscribe, "kiosk/v1/+/cmd")] == [0x80]
+    granted = await asyncio.to_thread(a.subscribe, device_topic("amq-a", TopicKind.CMD))
+    assert [r.value for r in granted] == [1]
+    await asyncio.to_thread(observer.publish, device_topic("amq-a", TopicKind.CMD), b"for a")
+    assert (await asyncio.to_thread(a.expect, device_topic("amq-a", TopicKind.CMD)))[1] == b"for a"
+
+
+async def test_will_on_a_foreign_topic_refuses_the_connect(
+    broker: EmbeddedBroker, store: SecurityStore, clients: Clients
+) -> None:
+    token = await enroll(store, "amq-w")
+    foreign = (device_topic("amq-x", TopicKind.PRESENCE), b"lost")
+    assert await clients.refused(url(broker, "amq-w", token), "amq-w", will=foreign)
+    own = (device_topic("amq-w", TopicKind.PRESENCE), b"lost")
+    await clients.connect(url(broker, "amq-w", token), "amq-w", will=own)
+
+
+async def test_ops_and_claim(
+    broker: EmbeddedBroker, store: SecurityStore, clients: Clients
+) -> None:
+    bridge = await clients.connect(url(broker, "_bridge", PASSWORDS["bridge_password"]), "b-3")
+    ops = await clients.connect(url(broker, "_ops", PASSWORDS["ops_password"]), "ops-1")
+    await asyncio.to_thread(ops.subscribe, "kiosk/v1/#")
+    await asyncio.to_thread(bridge.publish, device_topic("amq-a", TopicKind.CMD), b"secret")
+    await asyncio.to_thread(bridge.publish, provision_topic("c-1", "response"), b"token")
+    assert await marker_then(bridge, ops, device_topic("amq-a", TopicKind.CONFIG)) == []
+    claim = await clients.connect(url(broker, "_claim", PASSWORDS["claim_password"]), "c-1")
+    mine = provision_topic("c-1", "response")
+    assert [r.value for r in await asyncio.to_thread(claim.subscribe, mine)] == [1]
+    theirs = provision_topic("c-2", "response")
+    assert [r.value for r in await asyncio.to_thread(claim.subscribe, theirs)] == [0x80]
+    await asyncio.to_thread(bridge.publish, mine, b"yours")
+    assert (await asyncio.to_thread(claim.expect, mine))[1] == b"yours"
+    sync = bridge_sync_topic("abc")
+    assert [r.value for r in await asyncio.to_thread(ops.subscribe, sync)] == [1]
+
+
+async def test_revocation_kicks_within_a_second_without_the_will(
+    broker: EmbeddedBroker, store: SecurityStore, clients: Clients
+) -> None:
+    token = await enroll(store, "amq-r")
+    observer = await clients.connect(url(broker, "_bridge", PASSWORDS["bridge_password"]), "o-r")
+    presence = device_topic("amq-r", TopicKind.PRESENCE)
+    await asyncio.to_thread(observer.subscribe, presence)
+    device = await clients.connect(url(broker, "amq-r", token), "amq-r", will=(presence, b"lost"))
+    started = time.monotonic()
+    await asyncio.to_thread(store.mark_revoked, "amq-r", "test", "stolen")
+    assert await asyncio.to_thread(device.disconnected.wait, KICK_BUDGET_S)
+    assert device.disconnected_at is not None and device.disconnected_at - started < KICK_BUDGET_S
+    assert await clients.refused(url(broker, "amq-r", token), "amq-r")
+    # A marker from the observer comes after anything the kick could have published.
+    assert await marker_then(observer, observer, presence) == []
+
+
+async def test_rotation_old_and_new_work_until_it_ends(
+    broker: EmbeddedBroker, store: SecurityStore, clients: Clients
+) -> None:
+    old, new = await enroll(store, "amq-t"), new_token()
+    device = await clients.connect(url(broker, "amq-t", old), "amq-t")
+    pending = hash_password(new)
+    await asyncio.to_thread(store.start_rotation, "amq-t", pending, "cmd-1", now_ms() + 60_000, "x")
+    device.close()
+    assert not await clients.refused(url(broker, "amq-t", new), "amq-t")
+    live = await clients.connect(url(broker, "amq-t", old), "amq-t")
+    rotation = PendingRotation("amq-t", "amq-t", "cmd-1", 0, "succeeded", new, pending)
+    await asyncio.to_thread(
+        store.finish_rotation, rotation, applied=True, action="rotated", detail="test"
+    )
+    # The session that logged in with the old token is cut, and the old token is done.
+    assert await asyncio.to_thread(live.disconnected.wait, KICK_BUDGET_S * 2)
+    assert await clients.refused(url(broker, "amq-t", old), "amq-t")
+    await clients.connect(url(broker, "amq-t", new), "amq-t")
+
+
+async def test_claim_flow_through_a_bridge_on_the_embedded_broker(
+    broker: EmbeddedBroker, sqlite_url: str, tmp_path: Path
+) -> None:
+    bridge_url = url(broker, "_bridge", PASSWORDS["bridge_password"])
+    async with running_secure_bridge(
+        bridge_url,
+        sqlite_url,
+        security=SecuritySettings(credential_backend="database", rotation_poll_s=0.1),
+        mqtt_protocol="3.1.1",
+    ):
+        answer = await asyncio.to_thread(
+            claim_credentials, url(broker), "_claim", PASSWORDS["claim_password"], "amq-new"
+        )
+        assert isinstance(answer, ProvisionAccepted)
+        agent = KioskAgent(
+            "amq-new",
+            url(broker),
+            password=answer.token,
+            state_dir=tmp_path / "k",
+            fsync=False,
+            protocol="3.1.1",
+        )
+        db = Db(sqlite_url)
+        try:
+            await asyncio.to_thread(agent.start, 20)
+            await eventually(lambda: db.status_of("amq-new"), lambda s: s == "Connected")
+        finally:
+            await asyncio.to_thread(agent.close)
+            db.close()
