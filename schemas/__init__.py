@@ -31,6 +31,14 @@ from schemas.payloads import (
     Status,
     WipeArgs,
 )
+from schemas.provisioning import (
+    ProvisionAccepted,
+    ProvisionRefused,
+    ProvisionRequest,
+    RefusalReason,
+    decode_provision_request,
+    decode_provision_response,
+)
 from schemas.topics import (
     DeviceTopic,
     TopicKind,
@@ -67,8 +75,12 @@ __all__ = [
     "PresenceOffline",
     "PresenceOnline",
     "PresenceState",
+    "ProvisionAccepted",
+    "ProvisionRefused",
+    "ProvisionRequest",
     "ReconnectArgs",
     "RefreshArgs",
+    "RefusalReason",
     "Status",
     "TopicKind",
     "WipeArgs",
@@ -77,6 +89,8 @@ __all__ = [
     "decode",
     "decode_for_kind",
     "decode_presence",
+    "decode_provision_request",
+    "decode_provision_response",
     "device_filter",
     "device_topic",
     "encode",

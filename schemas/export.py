@@ -35,6 +35,7 @@ from schemas.payloads import (
     PresenceOnline,
     Status,
 )
+from schemas.provisioning import ProvisionAccepted, ProvisionRefused, ProvisionRequest
 from schemas.topics import TopicKind, bridge_presence_topic, device_filter
 
 JSON_SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
@@ -59,6 +60,9 @@ PAYLOAD_MODELS: Final[Mapping[str, type[BaseModel]]] = MappingProxyType(
         "ack": Ack,
         "config": DeviceConfig,
         "bridge-presence": BridgePresence,
+        "provision-request": ProvisionRequest,
+        "provision-accepted": ProvisionAccepted,
+        "provision-refused": ProvisionRefused,
     }
 )
 PRESENCE_UNION: Final = "presence"

@@ -119,7 +119,9 @@ class MqttLink:
             "will": will,
             "keepalive": self._settings.keepalive_s,
             "timeout": 10,
-            "tls_context": ssl.create_default_context() if tls else None,
+            "tls_context": ssl.create_default_context(cafile=self._settings.security.tls_ca)
+            if tls
+            else None,
             # Acks and commands are small and latency-bound: do not let Nagle hold them.
             "socket_options": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         }
