@@ -123,6 +123,7 @@ class Settings(BaseSettings):
                 reuse_below=self.flap_reuse_below,
             ),
             reset_after_ms=int(self.reset_after_s * 1000),
+            grace_ms=self.grace_ms,
         )
 
     @property

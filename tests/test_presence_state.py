@@ -185,3 +185,22 @@ def test_unknown_is_never_connected() -> None:
     assert legacy_status(DeviceState(), CONNECTED, 0, grace_ms=60_000, flap=POLICY).status == (
         DISCONNECTED
     )
+
+
+def test_blips_hidden_by_the_grace_do_not_count_towards_flapping() -> None:
+    rules = PresenceRules(flap=POLICY, grace_ms=2_000)
+    state, at = DeviceState(), 0
+    for session in range(1, 20):
+        state = apply_presence(state, ev(ON, session, at=at), rules).after
+        state = apply_presence(state, ev(LOST, session, at=at + 5), rules).after
+        at += 10
+    state = apply_presence(state, ev(ON, 99, at=at), rules).after
+    assert not state.flap.flapping
+    assert legacy_status(state, CONNECTED, at, grace_ms=2_000, flap=POLICY).status == CONNECTED
+    # The same bounces with long down times do flap.
+    slow = DeviceState()
+    for session in range(1, 5):
+        slow = apply_presence(slow, ev(ON, session, at=session * 10_000), rules).after
+        slow = apply_presence(slow, ev(LOST, session, at=session * 10_000 + 1), rules).after
+    slow = apply_presence(slow, ev(ON, 99, at=60_000), rules).after
+    assert slow.flap.flapping

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import SQLModel
 
 from bridge.db import models
@@ -61,9 +62,23 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             pool_pre_ping=True,
             pool_recycle=3600,
             isolation_level="READ COMMITTED",
+            # Without these a black-holed connection hangs the database thread forever.
+            connect_args={"connect_timeout": 10, "read_timeout": 30, "write_timeout": 30},
         )
     if backend == "postgresql":
-        return create_engine(parsed, echo=echo, pool_pre_ping=True)
+        # TCP keepalives end a black-holed connection in about 25 s instead of never.
+        return create_engine(
+            parsed,
+            echo=echo,
+            pool_pre_ping=True,
+            connect_args={
+                "connect_timeout": 10,
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+            },
+        )
     raise ValueError(
         f"database backend {backend!r} is not supported: use sqlite://, mysql+pymysql:// "
         "or postgresql+psycopg://"
@@ -76,7 +91,14 @@ def create_schema(engine: Engine) -> list[str]:
     An existing ``remotes`` table is left exactly as it is.
     """
     existing = set(inspect(engine).get_table_names())
-    SQLModel.metadata.create_all(engine, tables=[m.__table__ for m in _all_models()])
+    try:
+        SQLModel.metadata.create_all(engine, tables=[m.__table__ for m in _all_models()])
+    except (IntegrityError, ProgrammingError, OperationalError):
+        # Two first starts on an empty database race to create the same tables (seen on
+        # PostgreSQL as a duplicate type or table): if the other one won, all is there.
+        if missing_tables(engine):
+            raise
+        log.info("schema was created concurrently by another process")
     created = [m.__tablename__ for m in _all_models() if m.__tablename__ not in existing]
     for name in created:
         log.info("created table %s", name)

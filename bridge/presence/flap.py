@@ -1,6 +1,8 @@
 """Flap damping, after BGP route-flap damping (RFC 2439).
 
-Each up/down change adds a penalty of 1; the penalty halves every ``half_life_ms``. A
+Each up/down change adds a penalty of 1 (counted in pairs when the device comes back,
+and not at all for a down time short enough for the offline grace to hide it: what the
+CMS never saw must not hold it Disconnected); the penalty halves every ``half_life_ms``. A
 device whose penalty reaches ``suppress_at`` is *flapping*; it stays flagged until the
 decayed penalty falls below ``reuse_below``, i.e. until it has been stable long enough.
 """
@@ -39,10 +41,12 @@ def decayed(flap: FlapState, now_ms: int, policy: FlapPolicy) -> float:
     return flap.penalty * 0.5 ** (elapsed / policy.half_life_ms)
 
 
-def record_transition(flap: FlapState, now_ms: int, policy: FlapPolicy) -> FlapState:
-    penalty = decayed(flap, now_ms, policy) + 1.0
+def record_transition(
+    flap: FlapState, now_ms: int, policy: FlapPolicy, weight: float = 1.0
+) -> FlapState:
+    penalty = decayed(flap, now_ms, policy) + weight
     flapping = penalty >= policy.suppress_at or (flap.flapping and penalty >= policy.reuse_below)
-    return FlapState(penalty, now_ms, flapping, flap.transitions + 1)
+    return FlapState(penalty, now_ms, flapping, flap.transitions + round(weight))
 
 
 def settle(flap: FlapState, now_ms: int, policy: FlapPolicy) -> FlapState:

@@ -73,6 +73,9 @@ class PresenceRules:
     """Tunables of the state machine; defaults are what the CLI offers."""
 
     flap: FlapPolicy = field(default_factory=FlapPolicy)
+    #: Down times shorter than this (the bridge's offline grace) are hidden from the CMS
+    #: and so do not count towards flap damping.
+    grace_ms: int = 0
     #: A lower session is taken as a reset only after the device has been down this long,
     #: so that a merely reordered old message can never pass for a reset.
     reset_after_ms: int = 10_000
@@ -120,8 +123,10 @@ def apply_presence(current: DeviceState, event: PresenceEvent, rules: PresenceRu
     up_before = current.state is ConnState.ONLINE
     up_after = event.state is ConnState.ONLINE
     flap = current.flap
-    if up_before != up_after and current.session != 0:
-        flap = record_transition(flap, event.received_ms, rules.flap)
+    came_back = up_after and not up_before and current.session != 0
+    # A bounce counts when the device is back (down and up: 2), unless the grace hid it.
+    if came_back and event.received_ms - current.since_ms >= rules.grace_ms:
+        flap = record_transition(flap, event.received_ms, rules.flap, weight=2.0)
     since = current.since_ms if event.state is current.state else event.received_ms
     after = DeviceState(
         state=event.state,

@@ -28,7 +28,8 @@ from bridge.service.ingest import Ingest
 from bridge.service.metrics import BridgeMetrics
 from bridge.service.writer import DbWriter
 from bridge.settings import Settings
-from schemas import BridgePresence, PresenceState, TopicKind, encode
+from schemas import BridgePresence, ContractError, PresenceState, TopicKind, encode
+from schemas.codec import decode_bridge_presence
 from schemas.topics import bridge_presence_topic, bridge_sync_topic, device_filter, shared
 
 log = logging.getLogger(__name__)
@@ -125,18 +126,22 @@ class MqttLink:
             # Acks and commands are small and latency-bound: do not let Nagle hold them.
             "socket_options": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         }
+        # In a shared group a dead instance with a persistent session would stay a member
+        # and keep receiving (queued, never processed) its share of the fleet's messages:
+        # group members start clean and a survivor re-reads the retained truth instead.
+        persistent = not self._settings.shared_group
         if v5:
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = self._settings.session_expiry_s
+            props.SessionExpiryInterval = self._settings.session_expiry_s if persistent else 0
             return aiomqtt.Client(
                 protocol=aiomqtt.ProtocolVersion.V5,
-                clean_start=False,
+                clean_start=not persistent,
                 properties=props,
                 **common,  # type: ignore[arg-type]
             )
         return aiomqtt.Client(
             protocol=aiomqtt.ProtocolVersion.V311,
-            clean_session=False,
+            clean_session=not persistent,
             **common,  # type: ignore[arg-type]
         )
 
@@ -174,13 +179,25 @@ class MqttLink:
     async def _session(self, v5: bool) -> None:
         settings = self._settings
         prefix = settings.prefix
-        nonce = uuid.uuid4().hex
+        # One marker per snapshot: a re-read started while an earlier one is still
+        # arriving must not be closed by the earlier marker.
+        marker = [uuid.uuid4().hex]
         # Stable per instance, so the bridge's persistent session does not collect one
         # stale subscription per reconnect; the payload tells this connection's marker.
         sync_topic = bridge_sync_topic(
             uuid.uuid5(uuid.NAMESPACE_DNS, settings.client_id).hex, prefix
         )
         presence_filter = device_filter(TopicKind.PRESENCE, prefix)
+        bridge_topic = bridge_presence_topic(prefix)
+
+        async def resync(client: aiomqtt.Client, why: str) -> None:
+            log.warning("re-reading the retained presence of the fleet: %s", why)
+            marker[0] = uuid.uuid4().hex
+            self._ingest.start_snapshot()
+            await client.unsubscribe(presence_filter)
+            await client.subscribe(presence_filter, qos=1)
+            await client.publish(sync_topic, marker[0].encode(), qos=1)
+
         async with self._make_client(v5) as client:
             self._client = client
             self.v5 = v5
@@ -208,14 +225,16 @@ class MqttLink:
             else:
                 await client.subscribe(cmd_filter, qos=1)
             if group:
-                # Shared subscriptions get no retained messages [MQTT-4.8.2-?]: read the
-                # snapshot through a plain subscription, dropped once reconciled.
+                # Shared subscriptions get no retained messages: read the snapshot through
+                # a plain subscription, dropped once reconciled. And every member watches
+                # the others' presence: a dead one's unwritten share must be re-read.
                 await client.subscribe(presence_filter, qos=1)
+                await client.subscribe(bridge_topic, qos=1)
             for route in self.routes:
                 for topic_filter in route.filters():
                     await client.subscribe(topic_filter, qos=1)
             await client.subscribe(sync_topic, qos=1)
-            await client.publish(sync_topic, nonce.encode(), qos=1)
+            await client.publish(sync_topic, marker[0].encode(), qos=1)
             self.connected.set()
             for callback in self.on_connected:
                 callback(client)
@@ -223,7 +242,7 @@ class MqttLink:
             async for message in client.messages:
                 topic = message.topic.value
                 if topic == sync_topic:
-                    if message.payload != nonce.encode():
+                    if message.payload != marker[0].encode():
                         continue
                     reconcile = self._writer.request_reconcile(self._ingest.end_snapshot())
                     reconcile.add_done_callback(self._reconciled)
@@ -237,14 +256,21 @@ class MqttLink:
                 if route is not None:
                     route.handle(client, topic, bytes(payload), now_ms())
                     continue
+                if topic == bridge_topic:
+                    if group and self._peer_went_down(bytes(payload)):
+                        await resync(client, "another bridge instance of the group is gone")
+                    continue
                 self._ingest.handle(topic, bytes(payload), now_ms())
                 if self._ingest.overflowed:
                     self._ingest.overflowed = False
-                    # Re-read the retained truth to recover what the full buffer dropped.
-                    self._ingest.start_snapshot()
-                    await client.unsubscribe(presence_filter)
-                    await client.subscribe(presence_filter, qos=1)
-                    await client.publish(sync_topic, nonce.encode(), qos=1)
+                    await resync(client, "the presence buffer overflowed")
+
+    def _peer_went_down(self, payload: bytes) -> bool:
+        try:
+            peer = decode_bridge_presence(payload)
+        except ContractError:
+            return False
+        return peer.instance != self._settings.instance and peer.state is not PresenceState.ONLINE
 
     def _reconciled(self, future: asyncio.Future[list[str]]) -> None:
         if not future.cancelled() and future.exception() is None:
