@@ -61,7 +61,7 @@ class CommandDispatcher:
         self._is_v5 = is_v5
         self._poll_s = poll_s
         self._batch = batch
-        self._slots = asyncio.Semaphore(inflight)
+        self._inflight = inflight
         self._wake = asyncio.Event()
         self._acks: list[tuple[str, Ack, int]] = []
         self._observed: list[tuple[str, Command, int]] = []
@@ -149,14 +149,22 @@ class CommandDispatcher:
                 self._metrics.commands.labels(outcome.state).inc()
 
     async def _send_due(self) -> None:
-        claimed = await self._db(self._store.claim_due, self._batch)
+        # Claim only what can be published now: the loop must get back to acks and PUBACK
+        # bookkeeping instead of waiting for slots in the middle of a fan-out.
+        free = min(self._batch, self._inflight - len(self._publishes))
+        if free <= 0:
+            return
+        claimed = await self._db(self._store.claim_due, free)
         for outgoing in claimed:
-            await self._slots.acquire()
             task = asyncio.create_task(self._publish(outgoing), name=f"kb-cmd-{outgoing.id}")
             self._publishes.add(task)
-            task.add_done_callback(self._publishes.discard)
-        if len(claimed) == self._batch:
+            task.add_done_callback(self._publish_done)
+        if len(claimed) == free:
             self._wake.set()
+
+    def _publish_done(self, task: asyncio.Task[None]) -> None:
+        self._publishes.discard(task)
+        self._wake.set()
 
     async def _publish(self, outgoing: Outgoing) -> None:
         try:
@@ -201,5 +209,3 @@ class CommandDispatcher:
             log.warning("publishing command %s failed: %s; will retry", outgoing.id, exc)
             with contextlib.suppress(SQLAlchemyError):
                 await self._db(self._store.mark_send_failed, [outgoing.id], str(exc))
-        finally:
-            self._slots.release()
