@@ -150,7 +150,7 @@ async def test_kill9_mid_command_fanout_then_restart(
         assert executed_at_kill < FANOUT_DEVICES // 2, executed_at_kill
         # The kill landed inside the fan-out: commands were still open in the table.
         assert at_kill.get("succeeded", 0) < FANOUT_DEVICES, at_kill
-        # What was in flight then was finished by a re-send (``resent``) or by acks the
+        # What was in flight then was finished by a re-send or by acks the
         # broker kept for the bridge's persistent session; either way, executed once:
         for device_id, command_id in zip(devices, ids, strict=True):
             assert executed[device_id] == {uuid.UUID(command_id): 1}, device_id
