@@ -234,6 +234,11 @@ class TcpProxy:
                 # turn a crash into a clean close (or into a half-open connection).
                 link.reset()
             await asyncio.gather(*link.tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            # Only stop() cancels a handler. asyncio's stream server then asks the task
+            # for its exception, which for a cancelled task logs a spurious traceback.
+            for task in link.tasks:
+                task.cancel()
         finally:
             self._links.discard(link)
             for side in (writer, up_writer):
