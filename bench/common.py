@@ -151,7 +151,14 @@ def database(kind: str, workdir: Path) -> Iterator[str]:
 class BridgeProcess:
     """``kiosk-bridge run`` in a subprocess, with CPU/RSS sampling."""
 
-    def __init__(self, broker_url: str, db_url: str, workdir: Path, *extra: str) -> None:
+    def __init__(
+        self,
+        broker_url: str,
+        db_url: str,
+        workdir: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.log_path = workdir / "bridge.log"
         self._log = self.log_path.open("wb")
         exe = shutil.which("kiosk-bridge")
@@ -160,6 +167,7 @@ class BridgeProcess:
             [*cmd, "run", "--broker", broker_url, "--db", db_url, "--log-level", "WARNING", *extra],
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
         self.ps = psutil.Process(self.proc.pid)
         self.ps.cpu_percent(None)

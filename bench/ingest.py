@@ -66,9 +66,11 @@ def bare_rate(host: str, port: int, ids: list[str], total: int) -> float:
         return float(future.result(timeout=300))
 
 
-def flood_in_process(host: str, port: int, ids: list[str], total: int, rate: float | None) -> dict:
+def flood_in_process(
+    host: str, port: int, ids: list[str], total: int, rate: float | None, session: int = SESSION
+) -> dict:
     with concurrent.futures.ProcessPoolExecutor(1) as pool:
-        return pool.submit(flood_status, host, port, ids, SESSION, total, rate).result(timeout=600)
+        return pool.submit(flood_status, host, port, ids, session, total, rate).result(timeout=600)
 
 
 def run_one(kind: str, devices: int, flood: int, sustain_rate: float, sustain_s: float) -> Result:
@@ -80,7 +82,8 @@ def run_one(kind: str, devices: int, flood: int, sustain_rate: float, sustain_s:
             result.figures["aiomqtt bare receive msg/s"] = bare_rate(
                 broker.host, broker.port, ids, flood
             )
-            bridge = BridgeProcess(broker.url, db_url, work)
+            # Raw capacity: no per-device telemetry throttle (it would hold rows back 5 s).
+            bridge = BridgeProcess(broker.url, db_url, work, env={"KB_STATUS_MIN_INTERVAL_S": "0"})
             engine = create_engine(db_url)
             try:
                 wait_until(lambda: _table_ready(engine), 60, what="bridge schema")
@@ -117,20 +120,30 @@ def run_one(kind: str, devices: int, flood: int, sustain_rate: float, sustain_s:
                 result.figures["fraction of bare aiomqtt"] = (
                     rate / result.figures["aiomqtt bare receive msg/s"]
                 )
-                # Phase 3: sustained rate, lag sampled by polling.
+                # Phase 3: a sustained rate, lag sampled by polling. Above what the bridge
+                # absorbs the lag only grows, so run at the target or 80% of the measured
+                # rate, whichever is lower, and report which.
+                sustain_rate = min(sustain_rate, 0.8 * rate)
+                result.figures["sustained rate used msg/s"] = sustain_rate
                 lags, stop = [], threading.Event()
                 sampler = threading.Thread(
                     target=_sample_lag, args=(engine, ids, lags, stop, bridge), daemon=True
                 )
                 bridge.cpu_percent()
                 sampler.start()
+                # A later session: its seq starts again at 0 and must not look stale.
                 flood_in_process(
-                    broker.host, broker.port, ids, int(sustain_rate * sustain_s), sustain_rate
+                    broker.host,
+                    broker.port,
+                    ids,
+                    int(sustain_rate * sustain_s),
+                    sustain_rate,
+                    SESSION + 1,
                 )
                 cpu = bridge.cpu_percent()
                 stop.set()
                 sampler.join()
-                result.figures[f"sustained {sustain_rate:.0f} msg/s lag ms"] = percentiles(lags)
+                result.figures["sustained publish -> row lag ms"] = percentiles(lags)
                 result.figures["bridge CPU % (sustained)"] = cpu
                 result.figures["bridge RSS MiB max"] = max(bridge.rss_samples or [0.0])
             finally:
