@@ -15,9 +15,7 @@ async def test_demo_runs_fleet_faults_and_a_refresh(tmp_path: Path) -> None:
     db = tmp_path / "demo.db"
     out = io.StringIO()
     console = Console(file=out, width=120, force_terminal=False)
-    await run_demo(
-        DemoOptions(devices=20, duration_s=16, db_path=db, refresh_after_s=1.0), console
-    )
+    await run_demo(DemoOptions(devices=20, duration_s=16, db_path=db, refresh_after_s=1.0), console)
     text_out = out.getvalue()
     assert "refresh to kiosk-00000: succeeded" in text_out
     assert str(db.resolve()) in text_out
