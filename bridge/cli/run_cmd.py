@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from bridge.db.engine import create_schema, make_engine
 from bridge.embedded_broker import PortInUseError
-from bridge.http.settings import HttpSettings, parse_listen
+from bridge.http.settings import parse_listen
 from bridge.logs import configure_logging
 from bridge.service.runner import run_bridge
 from bridge.settings import Settings, load_settings
@@ -78,7 +78,7 @@ def run(
     try:
         settings.listen_address  # noqa: B018 - validates --listen before anything starts
         make_engine(settings.db)
-        http_address = parse_listen(http) if http else HttpSettings().listen_address
+        http_address = parse_listen(http) if http else settings.http.listen_address
         asyncio.run(run_bridge(settings, http=http_address))
     except (PortInUseError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -79,7 +79,7 @@ class HttpFace:
         db_threads: int = 4,
         clock: Callable[[], int] = now_ms,
     ) -> None:
-        settings = settings or HttpSettings()
+        settings = settings or bridge.settings.http
         if api_keys is not None:
             settings = settings.model_copy(update={"api_keys": ",".join(api_keys)})
         self.bridge = bridge

@@ -1,29 +1,10 @@
-"""Handing HTTP heartbeats to the bridge's ingestion, exactly where MQTT traffic goes.
-
-Presence events join the same bounded FIFO (so fencing, grace, flap damping and history
-all apply) and telemetry the same per-device coalescing buffer.
+"""Presence events of HTTP-only kiosks. They go into ``Ingest.put_presence``, the same
+bounded FIFO as MQTT presence, so fencing, grace, flap damping and history all apply.
 """
 
 from __future__ import annotations
 
-import logging
-
-from bridge.db.presence_store import PresenceItem
 from bridge.presence import ConnState, PresenceEvent
-from bridge.service.ingest import Ingest
-from schemas import Status
-
-log = logging.getLogger(__name__)
-
-
-def put_presence(ingest: Ingest, event: PresenceEvent) -> bool:
-    """Queue one presence event; ``False`` when the buffer is full (dropped, counted)."""
-    return ingest.put_presence(PresenceItem(event))
-
-
-def put_status(ingest: Ingest, device_id: str, status: Status, received_ms: int) -> None:
-    """Queue telemetry under the same coalescing rule as an MQTT ``status``."""
-    ingest.put_status(device_id, status, received_ms)
 
 
 def online_event(device_id: str, session: int, received_ms: int) -> PresenceEvent:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Body, Path
 
 from bridge.commands.lifecycle import CommandState
 from bridge.db.command_store import AckOutcome
+from bridge.db.presence_store import PresenceItem
 from bridge.http.bodies import (
     AckResponse,
     AckResult,
@@ -26,7 +27,7 @@ from bridge.http.context import HttpContext
 from bridge.http.deps import Ctx, DeviceToken
 from bridge.http.device_store import Registration, Transport
 from bridge.http.errors import ApiError
-from bridge.http.feed import online_event, put_presence, put_status
+from bridge.http.feed import online_event
 from bridge.http.responses import errors
 from bridge.http.telemetry import status_for, telemetry
 from schemas import Ack, AckState, TopicKind, bridge_presence_topic, device_topic
@@ -122,9 +123,9 @@ async def heartbeat(
     if plan.transport is Transport.HTTP:
         ctx.managed.add(device_id)
         if plan.announce:
-            put_presence(ingest, online_event(device_id, plan.session, now))
+            ingest.put_presence(PresenceItem(online_event(device_id, plan.session, now)))
         # seq: the receive time, which grows from one heartbeat to the next.
-        put_status(ingest, device_id, status_for(plan.session, now, now, values), now)
+        ingest.put_status(device_id, status_for(plan.session, now, now, values), now)
     else:
         ctx.managed.discard(device_id)
         if values:

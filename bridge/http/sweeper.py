@@ -11,8 +11,9 @@ import logging
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from bridge.db.presence_store import PresenceItem
 from bridge.http.context import HttpContext
-from bridge.http.feed import lost_event, put_presence
+from bridge.http.feed import lost_event
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class TimeoutSweeper:
             sent = self._sent.get((device_id, session))
             if sent is not None and now - sent < _RESEND_MS:
                 continue
-            if put_presence(ingest, lost_event(device_id, session, now)):
+            if ingest.put_presence(PresenceItem(lost_event(device_id, session, now))):
                 self._sent[(device_id, session)] = now
                 lost.append(device_id)
         silent_keys = set(silent)

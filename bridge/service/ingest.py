@@ -32,7 +32,7 @@ from schemas import (
     decode_presence,
     parse_topic,
 )
-from schemas.topics import is_bridge_topic
+from schemas.topics import bridge_presence_topic
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,13 @@ class Ingest:
     on_ack: Callable[[str, Ack, int], None] | None = None
     on_command: Callable[[str, Command, int], None] | None = None
 
+    def __post_init__(self) -> None:
+        # Built once: this is checked for every message on the receive path.
+        self._bridge_topic = bridge_presence_topic(self.prefix)
+
     def handle(self, topic: str, payload: bytes, received_ms: int) -> None:
         """Validate one message and queue its effect; never raises."""
-        if is_bridge_topic(topic, self.prefix):
+        if topic == self._bridge_topic:
             return
         try:
             parsed = parse_topic(topic, self.prefix)
