@@ -112,15 +112,17 @@ class CommandDispatcher:
                     await task
 
     async def _step(self) -> None:
-        if self._acks:
-            acks, self._acks = self._acks, []
-            await self._apply_acks(acks)
         if self._observed:
             seen, self._observed = self._observed, []
             for device_id, command, received_ms in seen:
                 if await self._db(self._store.observe, device_id, command, received_ms):
                     self._metrics.commands.labels("observed").inc()
                     log.info("tracking command %s seen on %s's cmd topic", command.id, device_id)
+        # After observed commands: a kiosk's ack often arrives in the same step as the
+        # command it answers, and must find the command's row.
+        if self._acks:
+            acks, self._acks = self._acks, []
+            await self._apply_acks(acks)
         if self._delivered:
             delivered, self._delivered = self._delivered, []
             await self._db(self._store.mark_delivered, delivered)
