@@ -205,6 +205,27 @@ async def test_restart_reconciles_from_retained_state(
         assert verdicts == ["applied", "duplicate"]
 
 
+async def test_birth_arriving_after_the_snapshot_marker_is_not_reconciled_away(
+    mosquitto: MosquittoProcess, db_url: str, db: Db
+) -> None:
+    """A bridge that starts while kiosks are coming online: a birth that arrives after
+    the retained snapshot was closed, but is written before the reconciliation runs,
+    is newer than the snapshot and must stay online."""
+    from bridge.clock import now_ms
+    from schemas import PresenceOnline
+
+    async with running_bridge(mosquitto.url, db_url) as bridge:
+        topic = device_topic("late-birth-1", TopicKind.PRESENCE)
+        payload = encode(PresenceOnline(session=5, ts=now_ms()))
+        # Queued first, then the reconciliation of a snapshot that did not include it:
+        # the writer writes presence before it reconciles.
+        bridge.ingest.handle(topic, payload, now_ms())
+        changed = await asyncio.wait_for(bridge.writer.request_reconcile(set()), 20)
+        assert "late-birth-1" not in changed
+        assert (await db.connectivity("late-birth-1")).state == "online"
+        assert await db.status_of("late-birth-1") == "Connected"
+
+
 async def test_bad_input_is_rejected_counted_and_harmless(
     mosquitto: MosquittoProcess, sqlite_url: str, kiosks: list[FakeKiosk]
 ) -> None:

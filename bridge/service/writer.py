@@ -160,6 +160,10 @@ class DbWriter:
             raise
         self._metrics.batch_seconds.labels("presence").observe(time.perf_counter() - started)
         self._metrics.batch_size.labels("presence").observe(len(batch))
+        if self._reconcile is not None and not self._reconcile.done():
+            # Presence that arrived after the snapshot's marker is newer than the snapshot:
+            # a device written here is live, and reconciling must not mark it unknown.
+            self._reconcile_seen.update(item.event.device_id for item in batch)
         for result in results:
             self._metrics.presence.labels(result.verdict).inc()
             if result.verdict in ("applied", "reset"):
