@@ -173,7 +173,8 @@ class _StatusSql:
 
 
 def _processors(table: Any, names: list[str], dialect: Dialect) -> list[Any]:
-    return [table.c[name].type.bind_processor(dialect) for name in names]
+    # The dialect's own type (e.g. SQLite's DATETIME, which writes text), not the generic.
+    return [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
 
 
 def _bind(processors: list[Any], values: list[Any]) -> tuple[Any, ...]:

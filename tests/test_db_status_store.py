@@ -1,0 +1,107 @@
+"""The status store's plain-SQL batch against real SQLite / MariaDB / PostgreSQL: values
+land exactly as the ORM would store them, the fence holds, and skips have reasons."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from datetime import datetime
+
+import pytest
+from sqlalchemy import Engine, select
+
+from bridge.clock import now_ms
+from bridge.db.engine import create_schema, make_engine
+from bridge.db.models import Connectivity, Remote
+from bridge.db.presence_store import PresenceItem, PresenceStore
+from bridge.db.rows import utc_naive
+from bridge.db.status_store import StatusItem, StatusStore
+from bridge.presence import ConnState, PresenceEvent, PresenceRules
+from schemas import Status
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)
+    create_schema(engine)
+    yield engine
+    engine.dispose()
+
+
+def _born(engine: Engine, *device_ids: str, session: int = 7) -> None:
+    store = PresenceStore(engine, writer="test", rules=PresenceRules(), grace_ms=0, clock=now_ms)
+    store.apply_presence(
+        [
+            PresenceItem(
+                PresenceEvent(
+                    device_id=d,
+                    state=ConnState.ONLINE,
+                    session=session,
+                    received_ms=now_ms(),
+                    device_ts_ms=None,
+                    reason=None,
+                )
+            )
+            for d in device_ids
+        ]
+    )
+
+
+def _status(seq: int, session: int = 7, **fields: object) -> Status:
+    return Status.model_validate({"session": session, "seq": seq, "ts": 1_000 + seq, **fields})
+
+
+def test_status_values_and_fence(engine: Engine) -> None:
+    _born(engine, "st-1", "st-2")
+    store = StatusStore(engine, writer="test")
+    received = 1_764_000_000_123
+    result = store.apply_status(
+        [
+            StatusItem(
+                "st-1",
+                _status(3, battery_level=41, screen_on=False, cpu_temp=38.5, config_version=4),
+                received,
+                noisy=True,
+            ),
+            StatusItem("st-2", _status(1, network_type="wifi"), received),
+            StatusItem("never-born", _status(1), received),
+        ]
+    )
+    assert result.written == 2 and result.skipped == {"unknown_device": 1}
+    # An older seq, and an older session, change nothing.
+    stale = store.apply_status(
+        [
+            StatusItem("st-1", _status(2, battery_level=5), received + 1),
+            StatusItem("st-2", _status(9, session=6, battery_level=5), received + 1),
+        ]
+    )
+    assert stale.written == 0 and stale.skipped == {"stale": 2}
+    # A field the kiosk left out keeps its stored value.
+    assert store.apply_status([StatusItem("st-1", _status(4), received + 2)]).written == 1
+    with engine.connect() as conn:
+        remote = conn.execute(select(Remote).where(Remote.device_identifier == "st-1")).one()
+        link = conn.execute(select(Connectivity).where(Connectivity.device_id == "st-1")).one()
+    assert (remote.battery_level, remote.screen_on, remote.cpu_temp) == (41, False, 38.5)
+    # The CMS's columns are DATETIME without fractions on MariaDB: equal to the second.
+    assert abs((remote.last_seen_at - utc_naive(received + 2)).total_seconds()) < 1
+    assert remote.updated_at == remote.last_seen_at
+    assert (link.status_session, link.last_seq, link.last_status_ms) == (7, 4, received + 2)
+    assert (link.config_version, link.noisy) == (4, False)
+
+
+def test_sqlite_datetimes_are_stored_as_the_orm_stores_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "fmt.db"
+    engine = make_engine(f"sqlite:///{path}")
+    create_schema(engine)
+    try:
+        _born(engine, "fmt-1")
+        # A whole second: Python's own sqlite3 adapter would drop the ".000000".
+        received = int(datetime(2026, 11, 28, 12, 0, 0).timestamp() * 1000)
+        StatusStore(engine, writer="test").apply_status([StatusItem("fmt-1", _status(1), received)])
+    finally:
+        engine.dispose()
+    with sqlite3.connect(path) as raw:
+        (text,) = raw.execute(
+            "SELECT last_seen_at FROM remotes WHERE device_identifier = 'fmt-1'"
+        ).fetchone()
+    assert text == utc_naive(received).strftime("%Y-%m-%d %H:%M:%S.%f")
