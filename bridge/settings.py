@@ -7,6 +7,7 @@ flags. Nothing else in the package reads the environment.
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -15,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from bridge.broker_url import BrokerAddress, parse_broker_url
 from bridge.http.settings import HttpSettings
 from bridge.presence import FlapPolicy, PresenceRules
+from bridge.security.embedded import default_credentials_path
 from bridge.security.settings import SecuritySettings
 from schemas import DEFAULT_PREFIX
 from schemas.topics import shared as _check_group
@@ -34,6 +36,12 @@ class Settings(BaseSettings):
         description="mqtt[s]://[user:pass@]host:port; unset = start the embedded broker",
     )
     listen: str = Field(default="127.0.0.1:1883", description="Embedded broker HOST:PORT")
+    #: The embedded broker lets anyone connect and publish anything: a quick local try
+    #: only. Off (secure) by default.
+    embedded_open: bool = False
+    #: The embedded broker's fixed credentials (``_bridge``, ``_ops``, ``_claim``); unset:
+    #: next to the SQLite database (see :mod:`bridge.security.embedded`).
+    embedded_credentials: str | None = None
     db: str = "sqlite:///kiosk-bridge.db"
     prefix: str = DEFAULT_PREFIX
     shared_group: str | None = None
@@ -59,7 +67,11 @@ class Settings(BaseSettings):
     presence_buffer_max: int = Field(default=100_000, ge=100)
     db_retry_cap_s: float = Field(default=5.0, gt=0)
 
+    #: The full outbox pass (claim, retries, expiry sweep) runs this often...
     command_poll_s: float = Field(default=0.5, gt=0, le=10)
+    #: ...and a read-only probe for new commands this often (0 turns it off), so a row
+    #: the CMS inserts is picked up within milliseconds.
+    command_probe_s: float = Field(default=0.01, ge=0, le=10)
     command_ack_timeout_s: float = Field(default=15.0, gt=0)
     command_retry_cap_s: float = Field(default=120.0, gt=0)
     command_max_attempts: int = Field(default=5, ge=1, le=100)
@@ -109,6 +121,12 @@ class Settings(BaseSettings):
         if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"--listen {self.listen!r} must be HOST:PORT, e.g. 127.0.0.1:1883")
         return host, int(port)
+
+    @property
+    def embedded_credentials_path(self) -> Path:
+        if self.embedded_credentials:
+            return Path(self.embedded_credentials)
+        return default_credentials_path(self.db)
 
     @property
     def client_id(self) -> str:

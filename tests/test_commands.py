@@ -229,6 +229,25 @@ async def test_retry_until_acked_or_attempts_exhausted(
         device.close()
 
 
+def cms_insert(db: Db, command_id: str, device_id: str) -> None:
+    """What the Laravel app does: a plain INSERT, no MQTT."""
+    now = utc_naive(now_ms())
+    with db.engine.begin() as conn:
+        conn.execute(
+            insert(CommandRecord.__table__).values(
+                id=command_id,
+                device_id=device_id,
+                type="refresh",
+                args="{}",
+                state="queued",
+                created_at=now,
+                expires_at=now + timedelta(minutes=5),
+                attempts=0,
+                requested_by="cms",
+            )
+        )
+
+
 async def test_outbox_row_inserted_by_sql_is_delivered(
     mosquitto: MosquittoProcess, sqlite_url: str, sqlite_db: Db, agents: Agents
 ) -> None:
@@ -236,28 +255,27 @@ async def test_outbox_row_inserted_by_sql_is_delivered(
         agent = await agents.start(mosquitto.url, "cms-1")
         await online(sqlite_db, "cms-1")
         cid = str(uuid.uuid4())
-        now = utc_naive(now_ms())
-
-        def cms_insert() -> None:
-            # What the Laravel app does: a plain INSERT, no MQTT.
-            with sqlite_db.engine.begin() as conn:
-                conn.execute(
-                    insert(CommandRecord.__table__).values(
-                        id=cid,
-                        device_id="cms-1",
-                        type="refresh",
-                        args="{}",
-                        state="queued",
-                        created_at=now,
-                        expires_at=now + timedelta(minutes=5),
-                        attempts=0,
-                        requested_by="cms",
-                    )
-                )
-
-        await asyncio.to_thread(cms_insert)
+        await asyncio.to_thread(cms_insert, sqlite_db, cid, "cms-1")
         assert (await finished(sqlite_db, cid)).state == "succeeded"
         assert agent.executed[uuid.UUID(cid)] == 1
+
+
+async def test_outbox_probe_picks_up_an_insert_between_full_passes(
+    mosquitto: MosquittoProcess, db_url: str, agents: Agents
+) -> None:
+    """With the full outbox pass only every 10 s, the read-only probe alone must find a
+    row the CMS inserted; the deadline is well inside one pass."""
+    db = Db(db_url)
+    try:
+        async with running_bridge(mosquitto.url, db_url, command_poll_s=10):
+            agent = await agents.start(mosquitto.url, "probe-1")
+            await online(db, "probe-1")
+            cid = str(uuid.uuid4())
+            await asyncio.to_thread(cms_insert, db, cid, "probe-1")
+            assert (await finished(db, cid, within=6)).state == "succeeded"
+            assert agent.executed[uuid.UUID(cid)] == 1
+    finally:
+        db.close()
 
 
 async def test_command_published_by_another_client_is_tracked(
@@ -369,5 +387,8 @@ def test_wipe_rails(sqlite_db: Db) -> None:
         enqueue(sqlite_db.engine, "wipe", ["w-99"], {}, ttl_s=60, reason="one more")
     with pytest.raises(CommandRequestError, match="unknown command type"):
         enqueue(sqlite_db.engine, "selfdestruct", ["w-1"], {})
+    # Only the credential rotation may send a token: the broker must know it first.
+    with pytest.raises(CommandRequestError, match="device rotate-token"):
+        enqueue(sqlite_db.engine, "rotate_token", ["w-1"], {"token": "0" * 64})
     with pytest.raises(CommandRequestError, match="delay_s"):
         enqueue(sqlite_db.engine, "reconnect", ["w-1"], {"delay_s": -1})

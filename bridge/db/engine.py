@@ -33,8 +33,12 @@ def _sqlite_begin_immediate(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str, *, echo: bool = False) -> Engine:
-    """An engine for ``url``; raises ``ValueError`` naming the URL when it is malformed."""
+def make_engine(url: str, *, echo: bool = False, read_only: bool = False) -> Engine:
+    """An engine for ``url``; raises ``ValueError`` naming the URL when it is malformed.
+
+    ``read_only``: for pollers that only read. On SQLite its transactions do not begin
+    IMMEDIATE, so polling never takes (or waits for) the write lock.
+    """
     try:
         parsed = make_url(url)
     except Exception as exc:
@@ -53,7 +57,8 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             "connect",
             lambda dbapi_conn, _rec: setattr(dbapi_conn, "isolation_level", None),
         )
-        event.listen(engine, "begin", _sqlite_begin_immediate)
+        if not read_only:
+            event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
     if backend in ("mysql", "mariadb"):
         return create_engine(

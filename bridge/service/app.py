@@ -19,6 +19,7 @@ from typing import Self
 from bridge.clock import now_ms
 from bridge.db.command_store import CommandStore
 from bridge.db.engine import create_schema, make_engine
+from bridge.db.outbox_probe import OutboxProbe
 from bridge.db.presence_store import PresenceStore
 from bridge.db.status_store import StatusStore
 from bridge.security.runtime import SecurityRuntime
@@ -47,6 +48,8 @@ class Bridge:
         self.settings = settings
         self.metrics = BridgeMetrics()
         self.engine = make_engine(settings.db)
+        # Pollers' own engine: on SQLite, reads that never take the write lock.
+        self.read_engine = make_engine(settings.db, read_only=True)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kb-db")
         self.ingest = Ingest(
             prefix=settings.prefix,
@@ -88,6 +91,8 @@ class Bridge:
             client=lambda: self.link.client,
             is_v5=lambda: self.link.v5,
             poll_s=settings.command_poll_s,
+            probe=OutboxProbe(self.read_engine, clock=now_ms),
+            probe_s=settings.command_probe_s,
             inflight=settings.command_inflight,
         )
         self.ingest.on_ack = self.commands.on_ack
@@ -147,6 +152,7 @@ class Bridge:
             await writer_task
         self._executor.shutdown(wait=True)
         self.engine.dispose()
+        self.read_engine.dispose()
         self._tasks = []
 
     async def wait_synced(self) -> None:

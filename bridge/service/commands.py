@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.clock import now_ms
 from bridge.db.command_store import CommandStore, Outgoing
+from bridge.db.outbox_probe import OutboxProbe
 from bridge.db.presence_store import PresenceResult
 from bridge.presence import ConnState
 from bridge.service.metrics import BridgeMetrics
@@ -50,6 +51,8 @@ class CommandDispatcher:
         client: Callable[[], aiomqtt.Client | None],
         is_v5: Callable[[], bool],
         poll_s: float = 0.5,
+        probe: OutboxProbe | None = None,
+        probe_s: float = 0.01,
         inflight: int = 200,
         batch: int = 1000,
     ) -> None:
@@ -60,6 +63,8 @@ class CommandDispatcher:
         self._client = client
         self._is_v5 = is_v5
         self._poll_s = poll_s
+        self._probe = probe
+        self._probe_s = probe_s
         self._batch = batch
         self._inflight = inflight
         self._wake = asyncio.Event()
@@ -93,6 +98,9 @@ class CommandDispatcher:
     # -- the loop ------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        watcher = None
+        if self._probe is not None and self._probe_s > 0:
+            watcher = asyncio.create_task(self._watch_outbox(), name="kb-outbox-probe")
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
@@ -105,11 +113,31 @@ class CommandDispatcher:
                     log.error("command database work failed: %s", str(exc).splitlines()[0][:200])
                     await asyncio.sleep(1)
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             for task in self._publishes:
                 task.cancel()
             for task in list(self._publishes):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+    async def _watch_outbox(self) -> None:
+        probe = self._probe
+        assert probe is not None
+        while True:
+            await asyncio.sleep(self._probe_s)
+            try:
+                # Not the database thread: a probe must not queue behind a telemetry batch.
+                due = await asyncio.to_thread(probe.due)
+            except SQLAlchemyError as exc:
+                # The full pass reports database trouble; the probe only waits it out.
+                log.debug("outbox probe failed: %s", exc)
+                await asyncio.sleep(self._poll_s)
+                continue
+            if due:
+                self._wake.set()
 
     async def _step(self) -> None:
         if self._observed:
