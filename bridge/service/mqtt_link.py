@@ -146,6 +146,9 @@ class MqttLink:
             # Acks and commands are small and latency-bound: do not let Nagle hold them.
             "socket_options": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             "queue_type": self._incoming_queue,
+            # paho's own window is 20 unacknowledged QoS 1 publishes; the dispatcher paces
+            # a fan-out by the same number, so the two must agree.
+            "max_inflight_messages": self._settings.command_inflight,
         }
         # In a shared group a dead instance with a persistent session would stay a member
         # and keep receiving (queued, never processed) its share of the fleet's messages:
