@@ -6,7 +6,7 @@
 1. Round trip: ``bridge.commands.api.enqueue`` of one ``refresh`` (the outbox insert a
    CMS would do) until the row reads ``succeeded``, found by polling it every 1 ms;
    sequential commands to random devices. The bridge finds new rows with a read-only
-   probe every ``KB_COMMAND_PROBE_S`` (0.01 s) and runs its full claim pass every
+   probe every ``KB_COMMAND_PROBE_S`` (0.005 s) and runs its full claim pass every
    ``KB_COMMAND_POLL_S`` (``--poll``, default 0.5 s); measured with those defaults and,
    with fewer samples, with the probe off. The row's own timestamps give the stages
    (outbox wait, broker PUBACK, device ``received``, device ``succeeded``).
@@ -55,7 +55,7 @@ from bridge.db.engine import make_engine
 from bridge.kiosk.simulator import Fleet
 
 DEFAULT_POLL_S = 0.5
-DEFAULT_PROBE_S = 0.01
+DEFAULT_PROBE_S = 0.005
 FINAL = ("succeeded", "failed", "rejected", "expired", "cancelled", "superseded")
 FANOUT_TAG = "bench-fanout"
 #: Production's broker setting (mosquitto/mosquitto.conf); dev.conf lacks it.

@@ -86,9 +86,9 @@ def test_commands_round_trip_and_fan_out(bench: Any) -> None:
 
     rt = round_trip.figures
     assert rt["lost"] == 0
-    assert rt["probe 0.01s, poll 0.5s: enqueue -> succeeded ms"]["n"] == sizes.samples
+    assert rt["probe 0.005s, poll 0.5s: enqueue -> succeeded ms"]["n"] == sizes.samples
     assert rt["probe off, poll 0.5s: enqueue -> succeeded ms"]["n"] == sizes.default_samples
-    assert rt["probe 0.01s, poll 0.5s: enqueue -> succeeded ms"]["p50"] > 0
+    assert rt["probe 0.005s, poll 0.5s: enqueue -> succeeded ms"]["p50"] > 0
     assert {"p50", "p99", "max"} <= set(rt["stage received -> succeeded ms"])
 
     fo = fan_out.figures

@@ -52,7 +52,7 @@ class CommandDispatcher:
         is_v5: Callable[[], bool],
         poll_s: float = 0.5,
         probe: OutboxProbe | None = None,
-        probe_s: float = 0.01,
+        probe_s: float = 0.005,
         inflight: int = 200,
         batch: int = 1000,
     ) -> None:
