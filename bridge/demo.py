@@ -3,12 +3,18 @@
 The embedded broker, the bridge on SQLite and a simulated fleet run in this one process;
 a few faults are injected on a schedule, one kiosk gets a tracked refresh, and a live
 table shows the fleet as the CMS's dashboard would see it.
+
+The broker is secure, as ``kiosk-bridge run`` starts it: the fixed credentials live in a
+file next to the demo database, every simulated kiosk but the last is enrolled with its
+own token (as ``device enroll`` does), and the last provisions itself with the claim
+credential, as a new kiosk in the field does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,15 +25,24 @@ from rich.text import Text
 from bridge.clock import now_ms
 from bridge.commands.api import enqueue
 from bridge.embedded_broker import EmbeddedBroker, pick_free_listen
+from bridge.kiosk.credentials import claim_until_accepted
 from bridge.kiosk.scenario import FaultStep, Scenario
-from bridge.kiosk.simulator import Fleet
+from bridge.kiosk.simulator import Fleet, fleet_ids
 from bridge.ops.db import open_read_engine
 from bridge.ops.fleet import load_fleet, summarize
 from bridge.ops.render import fleet_summary_line, fleet_table
+from bridge.security.bootstrap import BootstrapSecrets
+from bridge.security.embedded import BrokerSecurity, load_or_create_credentials
+from bridge.security.passwords import hash_password, new_token
+from bridge.security.store import SecurityStore
 from bridge.service.app import Bridge
+from bridge.service.runner import embedded_bridge_settings
 from bridge.settings import Settings
+from schemas import ProvisionAccepted
 
 log = logging.getLogger(__name__)
+
+CLAIM_TIMEOUT_S = 60.0
 
 #: Seconds after the fleet is online. Fractions are of the 20-kiosk default fleet.
 DEMO_SCENARIO = Scenario(
@@ -49,6 +64,34 @@ class DemoOptions:
     refresh_after_s: float = 3.0
 
 
+def _enroll(store: SecurityStore, device_ids: list[str]) -> dict[str, str]:
+    """Blocking: a fresh token per device, recorded as ``device enroll`` would."""
+    tokens = {device_id: new_token() for device_id in device_ids}
+    for device_id, token in tokens.items():
+        store.enroll(device_id, hash_password(token), "demo")
+    return tokens
+
+
+async def _claim(
+    broker: EmbeddedBroker, credentials: BootstrapSecrets, device_id: str
+) -> ProvisionAccepted:
+    stop = threading.Event()
+    claiming = asyncio.to_thread(
+        claim_until_accepted,
+        broker.url,
+        credentials.users.claim,
+        credentials.claim_password,
+        device_id,
+        stop=stop,
+        app_version="sim-1.0",
+    )
+    try:
+        return await asyncio.wait_for(claiming, CLAIM_TIMEOUT_S)
+    finally:
+        # A claim still retrying in its thread gives up at its next wait.
+        stop.set()
+
+
 async def run_demo(options: DemoOptions, console: Console) -> None:
     port = pick_free_listen("127.0.0.1", 1883)
     settings = Settings(
@@ -57,24 +100,58 @@ async def run_demo(options: DemoOptions, console: Console) -> None:
         instance="demo",
         keepalive_s=options.keepalive_s,
     )
-    console.print(
-        f"[bold]kiosk-bridge demo[/]: embedded broker mqtt://127.0.0.1:{port}, "
-        f"database {options.db_path}, {options.devices} simulated kiosks, "
-        f"{options.duration_s:.0f}s"
+    path = settings.embedded_credentials_path
+    credentials, _ = await asyncio.to_thread(
+        load_or_create_credentials, path, settings.security.users
     )
-    async with (
-        EmbeddedBroker(host="127.0.0.1", port=port) as broker,
-        Bridge(settings, protocol="3.1.1") as bridge,
-        Fleet(
-            options.devices,
-            broker.url,
-            id_prefix="kiosk-",
-            keepalive=options.keepalive_s,
-            status_interval_s=10,
-            protocol="3.1.1",
-            seed=7,
-        ) as fleet,
-    ):
+    security = BrokerSecurity(db_url=settings.db, credentials=credentials, prefix=settings.prefix)
+    console.print(
+        f"[bold]kiosk-bridge demo[/]: embedded broker mqtt://127.0.0.1:{port} (authentication "
+        f"and ACL on; passwords in {path}), database {options.db_path}, "
+        f"{options.devices} simulated kiosks, {options.duration_s:.0f}s"
+    )
+    ids = fleet_ids(options.devices, "kiosk-")
+    claimant = ids[-1]
+    async with EmbeddedBroker(host="127.0.0.1", port=port, security=security) as broker:
+        bridge_settings = embedded_bridge_settings(settings, broker, credentials)
+        async with Bridge(bridge_settings, protocol="3.1.1") as bridge:
+            # Subscribed to provisioning requests before the claim below asks.
+            await asyncio.wait_for(bridge.wait_synced(), 30)
+            with console.status(f"enrolling {len(ids) - 1} kiosks, {claimant} claims..."):
+                tokens = await asyncio.to_thread(_enroll, bridge.security.store, ids[:-1])
+                accepted = await _claim(broker, credentials, claimant)
+            tokens[claimant] = accepted.token
+            console.print(
+                f"{len(ids) - 1} kiosks enrolled with their own token; {claimant} provisioned "
+                f"itself with the claim credential (remote {accepted.remote_id})"
+            )
+            await _run_fleet(options, console, bridge, broker, tokens)
+    console.print(
+        f"\nThe database is [bold]{options.db_path.resolve()}[/]. Look around with:\n"
+        f"  kiosk-bridge devices --db sqlite:///{options.db_path}\n"
+        f"  kiosk-bridge device show kiosk-00000 --db sqlite:///{options.db_path}\n"
+        f"  kiosk-bridge uptime --db sqlite:///{options.db_path}"
+    )
+
+
+async def _run_fleet(
+    options: DemoOptions,
+    console: Console,
+    bridge: Bridge,
+    broker: EmbeddedBroker,
+    tokens: dict[str, str],
+) -> None:
+    settings = bridge.settings
+    async with Fleet(
+        options.devices,
+        broker.url,
+        id_prefix="kiosk-",
+        keepalive=options.keepalive_s,
+        status_interval_s=10,
+        protocol="3.1.1",
+        passwords=tokens,
+        seed=7,
+    ) as fleet:
         with console.status("connecting the fleet..."):
             async with asyncio.timeout(60):
                 await fleet.connect_all()
@@ -115,9 +192,3 @@ async def run_demo(options: DemoOptions, console: Console) -> None:
                 await asyncio.gather(refresher, painter, return_exceptions=True)
             live.update(await asyncio.to_thread(frame))
         reader.dispose()
-    console.print(
-        f"\nThe database is [bold]{options.db_path.resolve()}[/]. Look around with:\n"
-        f"  kiosk-bridge devices --db sqlite:///{options.db_path}\n"
-        f"  kiosk-bridge device show kiosk-00000 --db sqlite:///{options.db_path}\n"
-        f"  kiosk-bridge uptime --db sqlite:///{options.db_path}"
-    )

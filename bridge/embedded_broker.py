@@ -2,6 +2,10 @@
 
 amqtt speaks MQTT 3.1.1 only: clients must connect with protocol 3.1.1 (aiomqtt:
 ``protocol=aiomqtt.ProtocolVersion.V311``). State is in memory and dies with the broker.
+
+With ``security`` (:class:`bridge.security.embedded.BrokerSecurity`) it enforces the
+security model from the bridge's database, as ``kiosk-bridge run`` and ``demo`` start it;
+without, it lets anyone in (most tests, and ``run --embedded-open``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import socket
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.broker import Broker
@@ -22,6 +26,9 @@ from amqtt.errors import BrokerError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
+
+if TYPE_CHECKING:
+    from bridge.security.embedded import BrokerSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +79,19 @@ class _AbortableWriter(StreamWriterAdapter):
         self.raw.transport.abort()
 
 
+class _SnapshotSubscriptions(dict[str, list[tuple[Session, int]]]):
+    """amqtt's subscription table, whose ``items()`` is a copy.
+
+    amqtt's broadcast loop iterates ``items()`` and awaits the topic plugin (the ACL's
+    "receive" check) inside it. A SUBSCRIBE handled during that await changed the dict
+    ("dictionary changed size during iteration"): the message was lost for every
+    subscriber the loop had not reached. Only the broadcast loop calls ``items()``.
+    """
+
+    def items(self) -> list[tuple[str, list[tuple[Session, int]]]]:  # type: ignore[override]
+        return [(topic, list(subscribers)) for topic, subscribers in super().items()]
+
+
 class _Broker(Broker):
     """amqtt 0.12.1's broker with the fixes the kiosk contract needs.
 
@@ -89,6 +109,8 @@ class _Broker(Broker):
       delivered with RETAIN clear, as Mosquitto does.
     * A client that goes away before sending CONNECT (a port probe) leaves the server
       socket open until the garbage collector finds it, with a ResourceWarning.
+    * With a topic plugin (the secure mode), a SUBSCRIBE during a broadcast made the
+      broadcast fail and lose its message (:class:`_SnapshotSubscriptions`).
 
     All of these hook into amqtt internals (private methods of ``Broker``);
     ``tests/test_infra_embedded_broker.py`` fails if a new amqtt changes them.
@@ -97,6 +119,10 @@ class _Broker(Broker):
     # Set on the connection's own task between CONNACK and the client's message loop:
     # the stretch where amqtt replays retained messages nobody subscribed to.
     _in_connect: ClassVar[ContextVar[bool]] = ContextVar("embedded_broker_in_connect")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._subscriptions = _SnapshotSubscriptions(self._subscriptions)
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
@@ -201,26 +227,40 @@ def quiet_amqtt_logging(level: int = logging.WARNING) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def broker_config(host: str, port: int) -> dict[str, Any]:
-    """amqtt 0.12 configuration: one TCP listener, open auth, no $SYS, no packet log."""
+def broker_config(host: str, port: int, security: BrokerSecurity | None = None) -> dict[str, Any]:
+    """amqtt 0.12 configuration: one TCP listener, the database security plugin (or open
+    auth without ``security``), no $SYS, no packet log."""
+    plugins = (
+        security.plugins()
+        if security is not None
+        else {f"{OpenAuthPlugin.__module__}.{OpenAuthPlugin.__qualname__}": {}}
+    )
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
         # An explicit "plugins" map replaces amqtt's defaults (packet/event loggers and a
         # $SYS publisher every 20 s), which only add noise here.
-        "plugins": {f"{OpenAuthPlugin.__module__}.{OpenAuthPlugin.__qualname__}": {}},
+        "plugins": plugins,
     }
 
 
 class EmbeddedBroker:
     """``async with EmbeddedBroker(port=...) as broker:`` runs amqtt on the current loop."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 1883, *, security: BrokerSecurity | None = None
+    ) -> None:
         if port == 0:
             # amqtt cannot report the port the OS picked for 0; pick it up front.
             port = _os_assigned_port(host)
         self._host = host
         self._port = port
+        self._security = security
         self._broker: Broker | None = None
+
+    @property
+    def secure(self) -> bool:
+        """Whether clients must authenticate (and the ACL applies)."""
+        return self._security is not None
 
     @property
     def host(self) -> str:
@@ -244,7 +284,9 @@ class EmbeddedBroker:
     async def start(self) -> None:
         if self._broker is not None:
             raise RuntimeError(f"embedded broker already running on {self._host}:{self._port}")
-        broker = _Broker(broker_config(self._host, self._port))
+        if self._security is not None:
+            await asyncio.to_thread(self._security.prepare)
+        broker = _Broker(broker_config(self._host, self._port, self._security))
         try:
             await broker.start()
         except BrokerError as exc:
@@ -253,7 +295,11 @@ class EmbeddedBroker:
                 raise PortInUseError(self._host, self._port) from exc
             raise
         self._broker = broker
-        logger.info("embedded MQTT 3.1.1 broker listening on %s", self.url)
+        logger.info(
+            "embedded MQTT 3.1.1 broker listening on %s (%s)",
+            self.url,
+            "authentication and ACL on" if self.secure else "OPEN: anyone may connect",
+        )
 
     async def stop(self) -> None:
         broker, self._broker = self._broker, None

@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     command_poll_s: float = Field(default=0.5, gt=0, le=10)
     #: ...and a read-only probe for new commands this often (0 turns it off), so a row
     #: the CMS inserts is picked up within milliseconds.
-    command_probe_s: float = Field(default=0.01, ge=0, le=10)
+    command_probe_s: float = Field(default=0.005, ge=0, le=10)
     command_ack_timeout_s: float = Field(default=15.0, gt=0)
     command_retry_cap_s: float = Field(default=120.0, gt=0)
     command_max_attempts: int = Field(default=5, ge=1, le=100)

@@ -28,6 +28,7 @@ from schemas.payloads import (
     PresenceState,
     ReconnectArgs,
     RefreshArgs,
+    RotateTokenArgs,
     Status,
     WipeArgs,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "ReconnectArgs",
     "RefreshArgs",
     "RefusalReason",
+    "RotateTokenArgs",
     "Status",
     "TopicKind",
     "WipeArgs",

@@ -15,5 +15,9 @@ MAX_PAYLOAD_BYTES: Final = 16 * 1024
 BRIDGE_SEGMENT: Final = "_bridge"
 PROVISION_SEGMENT: Final = "provision"
 
+#: 64 lowercase hex characters (256 random bits): a device's MQTT password, handed out by
+#: provisioning and by ``rotate_token``.
+TOKEN_PATTERN: Final = r"^[0-9a-f]{64}$"
+
 # Largest value a signed 64-bit SQL column holds; sessions and seqs must fit in one.
 MAX_INT64: Final = 2**63 - 1

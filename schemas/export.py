@@ -24,6 +24,7 @@ from schemas.constants import DEFAULT_PREFIX, MAX_PAYLOAD_BYTES, SCHEMA_VERSION
 from schemas.device_id import DEVICE_ID_PATTERN
 from schemas.payloads import (
     COMMAND_ARGS,
+    NAMED_COMMANDS,
     Ack,
     BridgePresence,
     Command,
@@ -124,7 +125,7 @@ def _command_conditions(ref_template: str, defs: dict[str, Any]) -> list[dict[st
         then: dict[str, Any] = {
             "properties": {"args": {"$ref": ref_template.format(model=args_model.__name__)}}
         }
-        if command_type is CommandType.WIPE:
+        if command_type.value in NAMED_COMMANDS:
             then["properties"]["device_id"] = {"type": "string"}
             then["required"] = ["device_id"]
         conditions.append(

@@ -13,7 +13,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from schemas.constants import MAX_INT64, SCHEMA_VERSION
+from schemas.constants import MAX_INT64, SCHEMA_VERSION, TOKEN_PATTERN
 from schemas.device_id import DEVICE_ID_PATTERN, DeviceId
 
 # Epoch milliseconds; the upper bound (year 2286) catches seconds-vs-ms mix-ups only on
@@ -31,6 +31,7 @@ Session = Annotated[
 # from a kiosk would make every database write of its row fail.
 _NO_NUL = r"^[^\x00]*$"
 ShortText = Annotated[str, Field(max_length=128, pattern=_NO_NUL)]
+Token = Annotated[str, Field(pattern=TOKEN_PATTERN, description="The device's MQTT password")]
 
 
 class _Wire(BaseModel):
@@ -188,6 +189,7 @@ class CommandType(StrEnum):
     RECONNECT = "reconnect"
     WIPE = "wipe"
     SET_CONFIG = "set_config"
+    ROTATE_TOKEN = "rotate_token"
 
 
 class RefreshArgs(_Wire):
@@ -243,11 +245,36 @@ class DeviceConfig(_Wire):
     display_url: Annotated[str, Field(max_length=2048, pattern=_NO_NUL)] | None = None
 
 
+class RotateTokenArgs(_Wire):
+    """A new MQTT password for the kiosk, sent only by the bridge's credential rotation."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"token": "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"}
+            ]
+        }
+    )
+
+    token: Annotated[
+        Token,
+        Field(
+            description="Store it durably, ack succeeded, then use it from the next "
+            "connection on; the broker switches to it once the ack is in"
+        ),
+    ]
+
+
+#: Commands that must name their device, which the kiosk checks: a wipe or a token
+#: republished on the wrong topic must not erase, or lock out, another kiosk.
+NAMED_COMMANDS: frozenset[str] = frozenset({CommandType.WIPE.value, CommandType.ROTATE_TOKEN.value})
+
 COMMAND_ARGS: dict[CommandType, type[_Wire]] = {
     CommandType.REFRESH: RefreshArgs,
     CommandType.RECONNECT: ReconnectArgs,
     CommandType.WIPE: WipeArgs,
     CommandType.SET_CONFIG: DeviceConfig,
+    CommandType.ROTATE_TOKEN: RotateTokenArgs,
 }
 
 
@@ -290,7 +317,7 @@ class Command(_Wire):
         default=None,
         # validate_default: the wipe rule below must also run when device_id is absent.
         validate_default=True,
-        description="Target device; required for wipe, checked by the kiosk",
+        description="Target device; required for wipe and rotate_token, checked by the kiosk",
         # The id grammar is checked by an AfterValidator, which the JSON Schema cannot see.
         json_schema_extra={"pattern": DEVICE_ID_PATTERN},
     )
@@ -310,9 +337,10 @@ class Command(_Wire):
 
     @field_validator("device_id")
     @classmethod
-    def _wipe_names_device(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None and info.data.get("type") == CommandType.WIPE.value:
-            raise ValueError("wipe requires device_id")
+    def _names_device(cls, value: str | None, info: ValidationInfo) -> str | None:
+        command_type = info.data.get("type")
+        if value is None and command_type in NAMED_COMMANDS:
+            raise ValueError(f"{command_type} requires device_id")
         return value
 
     @field_validator("args")

@@ -21,20 +21,17 @@ from typing import Annotated, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from schemas.codec import _as_error, _check_size
-from schemas.constants import DEFAULT_PREFIX, PROVISION_SEGMENT
+from schemas.constants import DEFAULT_PREFIX, PROVISION_SEGMENT, TOKEN_PATTERN
 from schemas.device_id import DeviceId, is_valid_device_id
 from schemas.errors import InvalidDeviceId, InvalidTopic
-from schemas.payloads import _NO_NUL, DeviceConfig, ShortText, _Wire
+from schemas.payloads import _NO_NUL, DeviceConfig, ShortText, Token, _Wire
 from schemas.topics import _check_prefix
 
 #: base64url or hex, at least 22 characters (128 bits of base64url): the nonce is the
 #: only thing that tells one request from a replay, so it must not repeat by chance.
 NONCE_PATTERN: Final = r"^[A-Za-z0-9_-]{22,128}$"
-#: 64 lowercase hex characters (256 random bits): the device's MQTT password.
-TOKEN_PATTERN: Final = r"^[0-9a-f]{64}$"
 
 Nonce = Annotated[str, Field(pattern=NONCE_PATTERN, description="Random, fresh per request")]
-Token = Annotated[str, Field(pattern=TOKEN_PATTERN, description="The device's MQTT password")]
 
 
 class ProvisionRequest(_Wire):

@@ -1,8 +1,10 @@
-"""``kiosk-bridge demo`` runs end to end on a fresh machine: embedded broker, SQLite."""
+"""``kiosk-bridge demo`` runs end to end on a fresh machine: embedded broker (secure, as
+``run`` starts it), SQLite."""
 
 from __future__ import annotations
 
 import io
+import stat
 from pathlib import Path
 
 from rich.console import Console
@@ -19,12 +21,25 @@ async def test_demo_runs_fleet_faults_and_a_refresh(tmp_path: Path) -> None:
     text_out = out.getvalue()
     assert "refresh to kiosk-00000: succeeded" in text_out
     assert str(db.resolve()) in text_out
+    assert "kiosk-00019 provisioned itself with the claim credential" in text_out
+    credentials = tmp_path / "demo.broker-credentials.json"
+    assert stat.S_IMODE(credentials.stat().st_mode) == 0o600
     engine = create_engine(f"sqlite:///{db}")
     with engine.connect() as conn:
         states = dict(
             conn.execute(text("SELECT state, count(*) FROM kb_connectivity GROUP BY state")).all()
         )
         devices = conn.execute(text("SELECT count(*) FROM remotes")).scalar_one()
+        # Every kiosk connected with a credential of its own; the last one claimed it.
+        credentials_rows = conn.execute(
+            text("SELECT count(*) FROM kb_device_credentials WHERE state = 'active'")
+        ).scalar_one()
+        audit = {
+            (device, action)
+            for device, action in conn.execute(
+                text("SELECT device_id, action FROM kb_security_audit")
+            )
+        }
         reasons = {
             r
             for (r,) in conn.execute(
@@ -32,7 +47,8 @@ async def test_demo_runs_fleet_faults_and_a_refresh(tmp_path: Path) -> None:
             )
         }
     engine.dispose()
-    assert devices == 20
+    assert devices == 20 and credentials_rows == 20
+    assert ("kiosk-00019", "provisioned") in audit and ("kiosk-00000", "enrolled") in audit
     # The kill at 6 s leaves one kiosk lost for good; the rest announced their shutdown
     # when the demo stopped the fleet, and one had announced a reboot on the way.
     assert states.get("lost", 0) >= 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import queue
+import stat
 import threading
 import time
 import uuid
@@ -18,6 +20,7 @@ from paho.mqtt.properties import Properties
 
 from bridge.clock import now_ms
 from bridge.kiosk.agent import KioskAgent
+from bridge.kiosk.credentials import TokenFile
 from bridge.kiosk.options import MqttProtocol
 from bridge.testing.mosquitto import MosquittoProcess
 from schemas import (
@@ -444,6 +447,35 @@ def test_wipe_for_another_device_is_rejected_then_a_real_wipe_clears_everything(
     offline = decode_presence(retained(mosquitto, topic(TopicKind.PRESENCE)).payload)
     assert isinstance(offline, PresenceOffline)
     assert offline.reason is OfflineReason.SHUTDOWN
+
+
+def test_rotate_token_is_checked_stored_privately_then_acked(
+    mosquitto: MosquittoProcess, agents: AgentFactory, observer: PahoClient, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "rotating"
+    agent = agents(mosquitto.url, state_dir=state_dir, password="first-password")
+    agent.start(timeout=15)
+    token = "ab" * 32
+    # Named for another kiosk: rejected. Naming none: not even a valid command (the model
+    # refuses to build it, so the wire form a buggy sender would send): no ack.
+    send(observer, make_command("rotate_token", device_id="lobby-2", args={"token": token}))
+    assert expect_ack(observer).state is AckState.REJECTED
+    unnamed = json.loads(encode(make_command("refresh")))
+    unnamed |= {"type": "rotate_token", "args": {"token": token}}
+    observer.publish(topic(TopicKind.CMD), json.dumps(unnamed).encode(), qos=1)
+
+    rotate = make_command("rotate_token", device_id=DEVICE, args={"token": token})
+    send(observer, rotate)
+    # The next acks are this command's: nothing answered the unnamed one.
+    assert [expect_ack(observer).state for _ in range(2)] == [AckState.RECEIVED, AckState.SUCCEEDED]
+    assert agent.counters["bad_commands"] == 1
+    tokens = TokenFile(state_dir)
+    assert tokens.load() == token
+    assert stat.S_IMODE(tokens.path.stat().st_mode) == 0o600
+    # The current connection goes on (the broker switches and cuts it: that, and the
+    # reconnect with the new token, is tests/test_security_agent_cli.py on Mosquitto).
+    assert agent.connected.is_set()
+    assert agent.executed[rotate.id] == 1
 
 
 def test_reconnect_command_announces_and_returns_with_a_new_session(

@@ -37,6 +37,7 @@ EXPECTED_FILES = {
     "command-args-reconnect.json",
     "command-args-wipe.json",
     "command-args-set-config.json",
+    "command-args-rotate-token.json",
 }
 
 
@@ -143,6 +144,17 @@ REJECTED_BY_BOTH: list[tuple[str, dict[str, Any]]] = [
             "args": {"version": 1, "status_interval_s": 1},
         },
     ),
+    (
+        "command.json",
+        {
+            "id": "6f1c2b9e-3d4a-4e5b-8c7d-0a1b2c3d4e5f",
+            "type": "rotate_token",
+            "issued_at": 1,
+            "expires_at": 2,
+            "args": {"token": "ab" * 32},
+        },
+    ),
+    ("command-args-rotate-token.json", {"token": "ab" * 31}),
     ("ack.json", {"id": "6f1c2b9e-3d4a-4e5b-8c7d-0a1b2c3d4e5f", "state": "done", "ts": 1}),
     ("config.json", {"version": -1}),
     ("bridge-presence.json", {"state": "online", "instance": ""}),

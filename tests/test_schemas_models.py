@@ -151,6 +151,14 @@ MODELS: list[BaseModel] = [
         expires_at=TS + 1,
         args={"version": 8, "status_interval_s": 60},
     ),
+    Command(
+        id=uuid.uuid4(),
+        type="rotate_token",
+        issued_at=TS,
+        expires_at=TS + 1,
+        device_id="kiosk-0042",
+        args={"token": "ab" * 32},
+    ),
     # Unknown types pass through so that the kiosk can answer them with "rejected".
     Command(id=uuid.uuid4(), type="dance", issued_at=TS, expires_at=TS, args={"x": [1, 2]}),
     Ack(id=CMD_ID, state=AckState.RECEIVED, ts=TS),
@@ -338,6 +346,21 @@ INVALID: list[tuple[str, str, Any, dict[str, Any]]] = [
     ("command", "args.delay_s", 3601, {"type": "reconnect", "args": {}}),
     ("command", "args.delay_s", "5", {"type": "reconnect", "args": {}}),
     ("command", "args.reason", 5, {"type": "wipe", "device_id": "k1", "args": {}}),
+    (
+        "command",
+        "device_id",
+        MISSING,
+        {"type": "rotate_token", "device_id": "k1", "args": {"token": "ab" * 32}},
+    ),
+    *(
+        (
+            "command",
+            "args.token",
+            bad,
+            {"type": "rotate_token", "device_id": "k1", "args": {"token": "ab" * 32}},
+        )
+        for bad in (MISSING, "AB" * 32, "ab" * 31, 5)
+    ),
     ("command", "args.version", MISSING, {"type": "set_config", "args": {"version": 1}}),
     ("command", "args.status_interval_s", 4, {"type": "set_config", "args": {"version": 1}}),
     ("ack", "id", MISSING, {}),

@@ -1,6 +1,6 @@
 """The same security model in the embedded amqtt broker (MQTT 3.1.1 only), with the
 plugin backed by the bridge's database; and the claim flow through a bridge that uses
-it. The broker is wired here the way bridge/embedded_broker.py is meant to wire it."""
+it. The broker is wired as ``kiosk-bridge run`` wires it (``EmbeddedBroker(security=)``)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-import bridge.embedded_broker as embedded
 from bridge.clock import now_ms
 from bridge.db.engine import create_schema, make_engine
 from bridge.embedded_broker import EmbeddedBroker
 from bridge.kiosk.agent import KioskAgent
-from bridge.security.amqtt_plugins import DatabaseSecurityPlugin
-from bridge.security.device import claim_credentials
+from bridge.kiosk.credentials import claim_credentials
+from bridge.security.bootstrap import BootstrapSecrets
+from bridge.security.embedded import BrokerSecurity
 from bridge.security.models import create_security_schema
 from bridge.security.passwords import hash_password, new_token
 from bridge.security.settings import SecuritySettings
@@ -48,20 +48,10 @@ def store(sqlite_url: str) -> Iterator[SecurityStore]:
 
 
 @pytest.fixture
-async def broker(
-    sqlite_url: str, store: SecurityStore, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[EmbeddedBroker]:
-    plugin = f"{DatabaseSecurityPlugin.__module__}.{DatabaseSecurityPlugin.__qualname__}"
-    original = embedded.broker_config
-
-    def secured(host: str, port: int) -> dict[str, Any]:
-        # What the lead's wiring does: the database plugin instead of OpenAuthPlugin.
-        config = original(host, port)
-        config["plugins"] = {plugin: {"db_url": sqlite_url, "poll_s": 0.1, **PASSWORDS}}
-        return config
-
-    monkeypatch.setattr(embedded, "broker_config", secured)
-    async with EmbeddedBroker(host="127.0.0.1", port=free_port()) as running:
+async def broker(sqlite_url: str, store: SecurityStore) -> AsyncIterator[EmbeddedBroker]:
+    security = BrokerSecurity(sqlite_url, BootstrapSecrets(**PASSWORDS), poll_s=0.1)
+    async with EmbeddedBroker(host="127.0.0.1", port=free_port(), security=security) as running:
+        assert running.secure
         yield running
 
 
@@ -133,7 +123,11 @@ async def test_device_isolation(
     for kind in (TopicKind.PRESENCE, TopicKind.STATUS, TopicKind.ACK, TopicKind.CMD):
         await asyncio.to_thread(a.publish, device_topic("amq-b", kind), b"forged")
     await asyncio.to_thread(a.publish, device_topic("amq-a", TopicKind.CMD), b"forged")
+    # Its own status arrives (the marker), and nothing forged before it did.
     assert await marker_then(a, observer, device_topic("amq-a", TopicKind.STATUS)) == []
+    own_presence = device_topic("amq-a", TopicKind.PRESENCE)
+    await asyncio.to_thread(a.publish, own_presence, b"birth", retain=True)
+    assert (await asyncio.to_thread(observer.expect, own_presence))[1] == b"birth"
     # Subscriptions are refused when made (Mosquitto grants them and filters delivery).
     refused = await asyncio.to_thread(a.subscribe, device_topic("amq-b", TopicKind.CMD))
     assert [r.value for r in refused] == [0x80]
@@ -240,3 +234,37 @@ async def test_claim_flow_through_a_bridge_on_the_embedded_broker(
         finally:
             await asyncio.to_thread(agent.close)
             db.close()
+
+
+async def test_no_message_is_lost_while_others_subscribe(
+    broker: EmbeddedBroker, store: SecurityStore, clients: Clients
+) -> None:
+    """amqtt awaits the ACL's receive check inside its loop over the subscription table;
+    a SUBSCRIBE at that moment used to end the loop, losing the message for whoever
+    came after (bridge.embedded_broker._SnapshotSubscriptions)."""
+    token = await enroll(store, "amq-pub")
+    bridge_url = url(broker, "_bridge", PASSWORDS["bridge_password"])
+    # The loop checks the earlier subscription (and yields) before it reaches the
+    # observer's: a SUBSCRIBE in between cost the observer the message.
+    earlier = await clients.connect(bridge_url, "o-first")
+    await asyncio.to_thread(earlier.subscribe, "kiosk/v1/#")
+    observer = await clients.connect(bridge_url, "o-s")
+    await asyncio.to_thread(observer.subscribe, "kiosk/v1/+/status")
+    subscriber = await clients.connect(bridge_url, "o-many")
+    publisher = await clients.connect(url(broker, "amq-pub", token), "amq-pub")
+    status = device_topic("amq-pub", TopicKind.STATUS)
+    count = 300
+
+    def interleaved() -> None:
+        # Every publish comes with a SUBSCRIBE to a new filter, as a fleet connecting
+        # while others report does (each kiosk subscribes to its own topics).
+        for n in range(count):
+            publisher.paho.publish(status, f"{n}".encode(), qos=1)
+            subscriber.paho.subscribe(device_topic(f"amq-new-{n}", TopicKind.CMD), qos=1)
+
+    await asyncio.to_thread(interleaved)
+
+    def received() -> set[int]:
+        return {int(observer.expect(status)[1]) for _ in range(count)}
+
+    assert await asyncio.to_thread(received) == set(range(count))

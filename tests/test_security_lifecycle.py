@@ -22,9 +22,9 @@ from bridge.clock import now_ms
 from bridge.db.engine import create_schema
 from bridge.db.models import CommandRecord
 from bridge.kiosk.agent import KioskAgent
+from bridge.kiosk.credentials import TokenFile, claim_credentials
 from bridge.security.admin_link import open_admin_link
 from bridge.security.backend import DynsecBackend
-from bridge.security.device import TokenFile, claim_credentials, install_rotation
 from bridge.security.models import DeviceCredential, create_security_schema
 from bridge.security.operations import SecurityAdmin, request_rotation
 from bridge.security.passwords import token_sha256
@@ -40,6 +40,7 @@ from bridge.security.testkit import (
 )
 from bridge.service.app import Bridge
 from bridge.testing.mosquitto import MosquittoNotFound, MosquittoProcess
+from schemas import Command
 from schemas.provisioning import ProvisionAccepted, ProvisionRefused, RefusalReason
 from tests.support.bridge_harness import Db, eventually
 from tests.support.services import service_unavailable
@@ -95,22 +96,25 @@ class Kiosks:
         return answer
 
     async def start(self, device_id: str, *, rotation: bool = True) -> KioskAgent:
-        directory = self.tmp_path / device_id
-        token = TokenFile(directory).load()
+        # No password given: the agent connects with the token stored in its state dir.
         agent = KioskAgent(
             device_id,
             self.broker.url(),
-            password=token,
-            state_dir=directory,
+            state_dir=self.tmp_path / device_id,
             fsync=False,
             backoff_base_s=0.05,
             backoff_cap_s=0.3,
         )
-        if rotation:
-            install_rotation(agent, TokenFile(directory))
+        if not rotation:
+            agent.on_command("rotate_token", refuse_rotation)
         self.made.append(agent)
         await asyncio.to_thread(agent.start, 20)
         return agent
+
+
+def refuse_rotation(command: Command) -> None:
+    """An app's handler runs before the agent stores the token, so it can veto."""
+    raise RuntimeError(f"this app keeps its token (command {command.id})")
 
 
 @pytest.fixture
@@ -239,6 +243,7 @@ async def test_a_device_that_refuses_the_rotation_keeps_its_token(
     )
     assert ("rotate_aborted", "carol") in actions(db, "life-old-app")
     assert agent.connected.is_set()
+    assert TokenFile(kiosks.tmp_path / "life-old-app").load() == old
     await asyncio.to_thread(agent.close)
     assert await asyncio.to_thread(can_connect, broker, "life-old-app", old)
 

@@ -18,9 +18,9 @@ from bridge.clock import now_ms
 from bridge.db.engine import create_schema
 from bridge.db.models import Remote
 from bridge.kiosk.agent import KioskAgent
+from bridge.kiosk.credentials import claim_credentials, send_claim
 from bridge.security.admin_link import open_admin_link
 from bridge.security.backend import DynsecBackend
-from bridge.security.device import claim_credentials, send_claim
 from bridge.security.models import DeviceCredential, create_security_schema
 from bridge.security.operations import SecurityAdmin
 from bridge.security.passwords import PasswordHash, token_sha256, verify_password

@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bridge.kiosk.agent import KioskAgent
+from bridge.kiosk.credentials import claim_credentials
 from bridge.security.admin_link import open_admin_link
-from bridge.security.device import claim_credentials
 from bridge.security.testkit import AuthClient, SecureBroker, running_secure_bridge, secure_broker
 from bridge.testing.mosquitto import MosquittoNotFound
 from schemas.provisioning import ProvisionAccepted

@@ -7,6 +7,7 @@ import contextlib
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -15,10 +16,12 @@ from rich.console import Console
 
 from bridge.broker_url import parse_broker_url
 from bridge.kiosk.agent import KioskAgent
+from bridge.kiosk.credentials import ClaimError, ClaimRefused, TokenFile, claim_until_accepted
 from bridge.kiosk.fleet_view import connect_progress, live_summary, summary_line
 from bridge.kiosk.options import MqttProtocol
 from bridge.kiosk.scenario import FaultStep, Scenario, ScenarioError, load_scenario
 from bridge.kiosk.simulator import Fleet, FleetStats
+from bridge.kiosk.state import default_state_dir
 from bridge.logs import configure_logging
 from schemas import InvalidDeviceId, OfflineReason, validate_device_id
 
@@ -45,8 +48,23 @@ def kiosk(
     ],
     broker: Annotated[str, typer.Option(help="mqtt[s]://[user:pass@]host:port")],
     password: Annotated[
-        str | None, typer.Option(help="MQTT password (or put it in the URL)", envvar="KB_PASSWORD")
+        str | None,
+        typer.Option(
+            help="First MQTT password (or put it in the URL); a token stored in the state "
+            "dir by a claim or a rotation wins",
+            envvar="KB_PASSWORD",
+        ),
     ] = None,
+    claim_password: Annotated[
+        str | None,
+        typer.Option(
+            help="Shared claim credential: with no token yet, provision one from the bridge",
+            envvar="KB_CLAIM_PASSWORD",
+        ),
+    ] = None,
+    claim_username: Annotated[
+        str, typer.Option(help="Username of the claim credential", envvar="KB_CLAIM_USERNAME")
+    ] = "_claim",
     keepalive: Annotated[int, typer.Option(min=1, max=65535, help="Seconds")] = 10,
     status_interval: Annotated[
         float, typer.Option(min=1.0, help="Seconds between status reports (retained config wins)")
@@ -58,29 +76,112 @@ def kiosk(
     app_version: Annotated[str | None, typer.Option(help="Reported in the birth")] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
 ) -> None:
-    """Run one reference kiosk agent until SIGINT/SIGTERM, then announce offline and leave."""
+    """Run one reference kiosk agent until SIGINT/SIGTERM, then announce offline and leave.
+
+    Its credential, in this order: the token stored in the state dir (credential.json,
+    written by a claim or a rotate_token command), --password or the URL's password, or
+    a claim with --claim-password (the token is then stored). rotate_token commands are
+    handled: the new token is stored, acknowledged, and used from the next connection.
+    """
     try:
         validate_device_id(device_id)
     except InvalidDeviceId as exc:
         raise typer.BadParameter(str(exc), param_hint="--device-id") from None
     _check_broker(broker)
     configure_logging(log_level.upper())
-    agent = KioskAgent(
-        device_id,
-        broker,
-        password=password,
-        state_dir=state_dir,
-        keepalive=keepalive,
-        status_interval_s=status_interval,
-        protocol=protocol,
-        app_version=app_version,
-    )
+    directory = state_dir if state_dir is not None else default_state_dir(device_id)
     quit_requested = threading.Event()
 
     def request_quit(signum: int, _frame: object) -> None:
         quit_requested.set()
 
     previous = {sig: signal.signal(sig, request_quit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _run_agent(
+            KioskRun(
+                device_id=device_id,
+                broker=broker,
+                password=password,
+                claim_username=claim_username,
+                claim_password=claim_password,
+                state_dir=directory,
+                keepalive=keepalive,
+                status_interval_s=status_interval,
+                protocol=protocol,
+                app_version=app_version,
+            ),
+            quit_requested,
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass(frozen=True, slots=True)
+class KioskRun:
+    device_id: str
+    broker: str
+    password: str | None
+    claim_username: str
+    claim_password: str | None
+    state_dir: Path
+    keepalive: int
+    status_interval_s: float
+    protocol: MqttProtocol
+    app_version: str | None
+
+
+def _ensure_token(run: KioskRun, quit_requested: threading.Event) -> None:
+    """Claim a token when the kiosk has no credential at all and may claim one."""
+    tokens = TokenFile(run.state_dir)
+    has_password = run.password is not None or parse_broker_url(run.broker).password is not None
+    if tokens.load() is not None or has_password:
+        return
+    if run.claim_password is None:
+        typer.echo(
+            f"kiosk {run.device_id}: no token in {tokens.path}, no --password and no "
+            "--claim-password: connecting without a password (only an open broker allows it)",
+            err=True,
+        )
+        return
+    typer.echo(f"kiosk {run.device_id}: no token yet; claiming one", err=True)
+    try:
+        answer = claim_until_accepted(
+            run.broker,
+            run.claim_username,
+            run.claim_password,
+            run.device_id,
+            stop=quit_requested,
+            app_version=run.app_version,
+        )
+    except ClaimRefused as exc:
+        raise _fail(f"kiosk {run.device_id}: {exc}", 1) from None
+    except ClaimError as exc:
+        if quit_requested.is_set():
+            raise typer.Exit(0) from None
+        raise _fail(f"kiosk {run.device_id}: {exc}", 1) from None
+    # Stored before first use: a crash right after must not cost the device its token.
+    tokens.save(answer.token)
+    typer.echo(
+        f"kiosk {run.device_id}: provisioned as remote {answer.remote_id}; token stored in "
+        f"{tokens.path}",
+        err=True,
+    )
+
+
+def _run_agent(run: KioskRun, quit_requested: threading.Event) -> None:
+    _ensure_token(run, quit_requested)
+    agent = KioskAgent(
+        run.device_id,
+        run.broker,
+        password=run.password,
+        state_dir=run.state_dir,
+        keepalive=run.keepalive,
+        status_interval_s=run.status_interval_s,
+        protocol=run.protocol,
+        app_version=run.app_version,
+    )
+    device_id, broker = run.device_id, run.broker
     try:
         # No wait: an unreachable broker is retried with backoff, not a startup error.
         agent.start(timeout=None)
@@ -92,8 +193,6 @@ def kiosk(
             typer.echo(f"kiosk {device_id} was wiped; state and credentials cleared", err=True)
     finally:
         agent.stop(OfflineReason.SHUTDOWN)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def simulate(

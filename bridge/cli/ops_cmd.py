@@ -28,7 +28,7 @@ from rich.live import Live
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from bridge.broker_url import BrokerAddress
+from bridge.broker_url import BrokerAddress, parse_broker_url
 from bridge.clock import now_ms
 from bridge.ops import fleet, render, timeline, top, uptime, watch
 from bridge.ops.db import first_line, open_ready_engine
@@ -36,7 +36,8 @@ from bridge.ops.doctor import DEFAULT_SKEW_THRESHOLD_MS, run_doctor
 from bridge.ops.durations import parse_duration
 from bridge.ops.errors import BrokerUnreachable, DatabaseUnreachable, OpsError, UsageError
 from bridge.ops.mqtt import connect, read_retained
-from bridge.settings import Settings, load_settings
+from bridge.security.embedded import broker_url, local_host, read_credentials
+from bridge.settings import MqttProtocol, Settings, load_settings
 from schemas import (
     ContractError,
     DeviceConfig,
@@ -104,14 +105,27 @@ def _settings(**overrides: object) -> Settings:
 
 
 def _broker_address(settings: Settings) -> BrokerAddress:
-    """The configured broker, else the embedded broker a local ``run`` listens on."""
+    """The configured broker, else the embedded broker a local ``run`` listens on, with
+    the read-only ``_ops`` credential from its credentials file (none: an open one)."""
     if settings.broker_address is not None:
         return settings.broker_address
     try:
-        host, port = settings.listen_address
+        listen_host, port = settings.listen_address
+        host = local_host(listen_host)
+        credentials = read_credentials(settings.embedded_credentials_path)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return BrokerAddress(host, port)
+    if credentials is None:
+        return parse_broker_url(broker_url(host, port))
+    return parse_broker_url(broker_url(host, port, credentials.users.ops, credentials.ops_password))
+
+
+def _protocol(settings: Settings) -> MqttProtocol:
+    """The embedded broker (no broker configured) speaks only 3.1.1, and amqtt never
+    answers an MQTT 5 CONNECT that carries a password: "auto" would wait out its timeout."""
+    if settings.broker is None and settings.mqtt_protocol == "auto":
+        return "3.1.1"
+    return settings.mqtt_protocol
 
 
 def _console() -> Console:
@@ -190,7 +204,7 @@ def watch_cmd(
                 console.print(watch.render_line(event, raw=raw), soft_wrap=True)
 
         async def main() -> None:
-            async with connect(address, protocol=settings.mqtt_protocol, name="watch") as client:
+            async with connect(address, protocol=_protocol(settings), name="watch") as client:
                 if retained_only:
                     events, complete = await watch.retained_snapshot(
                         client, topic_filter, prefix=settings.prefix, clock=now_ms
@@ -515,7 +529,7 @@ def doctor_cmd(
                 settings.db,
                 now_ms(),
                 prefix=settings.prefix,
-                protocol=settings.mqtt_protocol,
+                protocol=_protocol(settings),
                 skew_threshold_ms=threshold_ms,
             )
         )

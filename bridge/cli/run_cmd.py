@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -38,6 +40,22 @@ def run(
     listen: Annotated[
         str | None, typer.Option(help="HOST:PORT of the embedded broker (default 127.0.0.1:1883)")
     ] = None,
+    embedded_open: Annotated[
+        bool | None,
+        typer.Option(
+            "--embedded-open",
+            help="Let anyone connect to the embedded broker without a password (a local "
+            "try only; env KB_EMBEDDED_OPEN=1). Default: authentication and the ACL",
+            show_default=False,
+        ),
+    ] = None,
+    embedded_credentials: Annotated[
+        str | None,
+        typer.Option(
+            help="File with the embedded broker's _bridge/_ops/_claim passwords, created "
+            "(0600) if missing (default: next to the SQLite database)"
+        ),
+    ] = None,
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default sqlite)")] = None,
     prefix: Annotated[str | None, typer.Option(help="Topic prefix (default kiosk/v1)")] = None,
     shared_group: Annotated[
@@ -59,12 +77,16 @@ def run(
 ) -> None:
     """Run the bridge: MQTT presence and status into the remotes table.
 
-    Every option can also come from the environment (KB_BROKER, KB_DB, KB_LISTEN, ...);
-    flags win.
+    Without --broker it starts the embedded MQTT broker, secure by default: kiosks need
+    a credential (claim or 'device enroll'), and the bridge, ops and claim passwords are
+    kept in --embedded-credentials. Every option can also come from the environment
+    (KB_BROKER, KB_DB, KB_LISTEN, ...); flags win.
     """
     settings = settings_or_exit(
         broker=broker,
         listen=listen,
+        embedded_open=embedded_open,
+        embedded_credentials=embedded_credentials,
         db=db,
         prefix=prefix,
         shared_group=shared_group,
@@ -109,6 +131,12 @@ def db_init(
     typer.echo(f"created: {', '.join(created)}" if created else f"schema up to date in {shown}")
 
 
+def _help(command: Callable[..., Any]) -> str:
+    """The docstring with each paragraph on one line (typer keeps single line breaks)."""
+    paragraphs = inspect.cleandoc(command.__doc__ or "").split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("run")(run)
+    app.command("run", help=_help(run))(run)
     app.add_typer(db_app, name="db")

@@ -4,7 +4,9 @@
 ``rotate-token`` only writes the database (the running bridge delivers the command and
 finishes the rotation); the others talk to the broker directly with the bridge's
 credential (``--broker``/``KB_BROKER``), so a revocation takes effect even when no
-bridge is running.
+bridge is running. Without ``--broker`` they reach the embedded broker of a local
+``kiosk-bridge run`` (``KB_LISTEN``) with the bridge's password from its credentials
+file (:mod:`bridge.security.embedded`); there the database is the credential store.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from bridge.security.admin_link import open_admin_link
 from bridge.security.backend import CredentialBackend, DatabaseBackend, DynsecBackend
 from bridge.security.bootstrap import BootstrapSecrets, write_dynsec_config
 from bridge.security.dynsec import DynsecError
+from bridge.security.embedded import broker_url, local_host, read_credentials
 from bridge.security.models import create_security_schema
 from bridge.security.operations import SecurityAdmin, UnknownDevice, request_rotation
 from bridge.security.settings import SecuritySettings
@@ -41,7 +44,11 @@ from schemas import ContractError
 
 BrokerOpt = Annotated[
     str | None,
-    typer.Option("--broker", help="mqtt[s]://user:pass@host:port with the bridge's credential"),
+    typer.Option(
+        "--broker",
+        help="mqtt[s]://user:pass@host:port with the bridge's credential (default: the "
+        "embedded broker on KB_LISTEN, with its credentials file)",
+    ),
 ]
 DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL (default: KB_DB)")]
 ByOpt = Annotated[
@@ -68,14 +75,31 @@ def _store(settings: Settings, security: SecuritySettings) -> SecurityStore:
     return SecurityStore(engine, clock=now_ms, token_storage=security.token_storage)
 
 
+def _embedded_admin_url(settings: Settings) -> str:
+    """The embedded broker a local ``run`` listens on, with the bridge's credential from
+    its credentials file (none: an open broker)."""
+    try:
+        listen_host, port = settings.listen_address
+        host = local_host(listen_host)
+        credentials = read_credentials(settings.embedded_credentials_path)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    if credentials is None:
+        return broker_url(host, port)
+    return broker_url(host, port, credentials.users.bridge, credentials.bridge_password)
+
+
 @asynccontextmanager
 async def _admin(settings: Settings, security: SecuritySettings) -> AsyncIterator[SecurityAdmin]:
-    if settings.broker is None:
-        raise _fail("this command needs the broker: pass --broker or set KB_BROKER", 2)
+    url = settings.broker
+    if url is None:
+        # The embedded broker's credential store is the database its plugin reads.
+        url = _embedded_admin_url(settings)
+        security = security.model_copy(update={"credential_backend": "database"})
     store = await asyncio.to_thread(_store, settings, security)
     try:
         async with open_admin_link(
-            settings.broker,
+            url,
             prefix=settings.prefix,
             ca_file=security.tls_ca,
             v5=security.credential_backend == "dynsec",

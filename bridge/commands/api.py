@@ -143,6 +143,13 @@ def enqueue(
         raise CommandRequestError("no device matched")
     if not 0 < ttl_s <= MAX_TTL_S:
         raise CommandRequestError(f"TTL must be between 1s and {MAX_TTL_S / 86400:.0f} days")
+    if type_ == CommandType.ROTATE_TOKEN:
+        # A token queued here would reach the device without the broker ever learning
+        # it: the device would lock itself out at its next connect.
+        raise CommandRequestError(
+            "rotate_token is sent only by `kiosk-bridge device rotate-token`, which also "
+            "prepares the broker for the new token"
+        )
     if type_ == CommandType.SET_CONFIG:
         clean = _config_changes(dict(args or {}))
     else:

@@ -70,12 +70,16 @@ def mqtt_details(ctx: HttpContext, device_id: str, token: str) -> MqttDetails:
     )
 
 
+_WILDCARD = frozenset({"0.0.0.0", "::", ""})
+
+
 def _default_mqtt_url(ctx: HttpContext) -> str | None:
     address = ctx.bridge.settings.broker_address
+    # A wildcard (an embedded broker on every interface) says nothing a kiosk can use.
     if address is not None:
-        return address.url  # without the bridge's own credentials
+        return None if address.host in _WILDCARD else address.url  # without credentials
     host, port = ctx.bridge.settings.listen_address
-    return None if host in ("0.0.0.0", "::", "") else f"mqtt://{host}:{port}"
+    return None if host in _WILDCARD else f"mqtt://{host}:{port}"
 
 
 @router.post(

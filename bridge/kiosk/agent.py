@@ -7,6 +7,12 @@
     ...
     agent.stop()                       # announced offline, clean DISCONNECT, no Will
 
+Credentials: the agent logs in with its device id and the token stored in its state
+directory (``credential.json``, see :mod:`bridge.kiosk.credentials`), else ``password``
+(or the URL's). It handles ``rotate_token`` itself: the new token is stored, acked and
+used from the next connection on. A kiosk without a token claims one first
+(:func:`bridge.kiosk.credentials.claim_until_accepted`; ``kiosk-bridge kiosk`` does).
+
 The protocol logic lives in :class:`bridge.kiosk.core.KioskCore` on a private asyncio
 loop thread; paho runs its own network thread (``loop_start``) as the Android Paho
 client does. Command handlers run on the agent's loop thread: keep them short, or make

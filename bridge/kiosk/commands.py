@@ -10,8 +10,10 @@ Semantics (what the bridge can rely on):
 * an expired command (``expires_at`` in the past) is not run and answered
   ``rejected`` with detail ``expired``: the operator learns it will never happen,
   which "failed" would blur with a handler error;
-* unknown types, and commands whose ``device_id`` is not this device (``wipe``
-  must carry one), are ``rejected`` without ``received``;
+* unknown types, and commands whose ``device_id`` is not this device (``wipe`` and
+  ``rotate_token`` must carry one), are ``rejected`` without ``received``;
+* ``rotate_token`` runs the app's handler first (it may veto by raising), then stores
+  the token; ``succeeded`` tells the bridge the token is safe on the device;
 * a payload that does not decode is logged and counted, not answered: without a
   valid id there is nothing to answer to.
 """
@@ -38,8 +40,10 @@ from schemas import (
     InvalidPayload,
     OfflineReason,
     ReconnectArgs,
+    RotateTokenArgs,
     decode,
 )
+from schemas.payloads import NAMED_COMMANDS
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +75,8 @@ class CommandHost(Protocol):
     async def announced_reconnect(self, reason: OfflineReason, delay_s: float) -> None: ...
 
     async def wipe(self) -> None: ...
+
+    def adopt_token(self, token: str) -> None: ...
 
 
 def _detail(exc: BaseException) -> str:
@@ -138,10 +144,11 @@ class CommandProcessor:
         if known is None and command.type not in self._handlers:
             return f"unknown command type {command.type!r}"
         mine = self._host.device_id
-        # device_id is optional, except on wipe; when given it must be us (a command
-        # republished to the wrong topic must not wipe or reboot the wrong kiosk).
+        # device_id is optional, except on wipe and rotate_token; when given it must be
+        # us (a command republished to the wrong topic must not wipe, lock out or reboot
+        # the wrong kiosk).
         if command.device_id != mine and (
-            command.device_id is not None or known is CommandType.WIPE
+            command.device_id is not None or command.type in NAMED_COMMANDS
         ):
             return f"{command.type} addressed to {command.device_id!r}, this device is {mine!r}"
         return None
@@ -174,7 +181,11 @@ class CommandProcessor:
             result = handler(command)
             if inspect.isawaitable(result):
                 await result
-        elif known is CommandType.REFRESH:
+        if known is CommandType.ROTATE_TOKEN:
+            args = command.typed_args()
+            assert isinstance(args, RotateTokenArgs)
+            self._host.adopt_token(args.token)
+        elif handler is None and known is CommandType.REFRESH:
             logger.info(
                 "%s: refresh %s (no handler registered)", self._host.device_id, command.args
             )

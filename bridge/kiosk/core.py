@@ -35,6 +35,7 @@ from bridge.backoff import Backoff
 from bridge.broker_url import BrokerAddress
 from bridge.clock import now_ms
 from bridge.kiosk.commands import CommandHandler, CommandProcessor, ReplyRoute
+from bridge.kiosk.credentials import TokenFile
 from bridge.kiosk.drivers import ConnectParams, NetworkDriver
 from bridge.kiosk.metrics import check_metric_names, is_significant
 from bridge.kiosk.options import AgentOptions, MqttProtocol
@@ -130,7 +131,11 @@ class KioskCore:
         self.options = options or AgentOptions()
         self._driver = driver
         self._loop = loop
-        self._password = password if password is not None else broker.password
+        self.tokens = TokenFile(state.directory, fsync=state.fsync)
+        stored = self.tokens.load()
+        # The stored token wins: after a claim or a rotation it is the current credential,
+        # and a password from the command line or the URL is only the first one.
+        self._password = stored or (password if password is not None else broker.password)
         self._rng = rng or random.Random()
         self._backoff = Backoff(
             base=self.options.backoff_base_s, cap=self.options.backoff_cap_s, rng=self._rng
@@ -311,6 +316,14 @@ class KioskCore:
         self.wiped = True
         logger.warning("%s: wiped: state and credentials cleared, agent stopped", self.device_id)
         self._finish_stop()
+
+    def adopt_token(self, token: str) -> None:
+        """The ``rotate_token`` command: store the new token durably, then use it from
+        the next connection on. This connection goes on with the old one: the broker
+        switches once our ``succeeded`` ack is in, and disconnects us to reconnect."""
+        self.tokens.save(token)
+        self._password = token
+        logger.info("%s: new token stored; used from the next connection on", self.device_id)
 
     def apply_config(self, config: DeviceConfig) -> None:
         """Adopt a desired config (retained ``config`` or ``set_config``); older is refused."""

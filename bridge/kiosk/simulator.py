@@ -22,7 +22,7 @@ import random
 import resource
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -82,6 +82,13 @@ def _fake_mac(rng: random.Random) -> str:
     return ":".join(f"{octet:02x}" for octet in octets)
 
 
+def fleet_ids(devices: int, id_prefix: str = "sim-") -> list[str]:
+    """The device ids of a fleet: ``<prefix>00000`` upwards (also what ``device enroll
+    --count`` creates)."""
+    width = max(5, len(str(devices - 1)))
+    return [f"{id_prefix}{i:0{width}d}" for i in range(devices)]
+
+
 class Fleet:
     def __init__(
         self,
@@ -95,6 +102,7 @@ class Fleet:
         protocol: MqttProtocol | str = MqttProtocol.AUTO,
         state_root: Path | str | None = None,
         password: str | None = None,
+        passwords: Mapping[str, str] | None = None,
         connect_concurrency: int = 100,
         backoff_base_s: float = 1.0,
         backoff_cap_s: float = 60.0,
@@ -106,8 +114,7 @@ class Fleet:
             raise ValueError(f"devices must be >= 1, not {devices}")
         if connect_concurrency < 1:
             raise ValueError("connect_concurrency must be >= 1")
-        width = max(5, len(str(devices - 1)))
-        ids = [f"{id_prefix}{i:0{width}d}" for i in range(devices)]
+        ids = fleet_ids(devices, id_prefix)
         validate_device_id(ids[-1])  # a bad prefix fails here, once, with a clear message
         self._broker = parse_broker_url(broker_url)
         self._options = AgentOptions(
@@ -123,6 +130,8 @@ class Fleet:
         )
         self._ids = ids
         self._password = password
+        #: Each device's own credential (a secure broker); ``password`` is for the rest.
+        self._passwords = dict(passwords or {})
         self._concurrency = connect_concurrency
         self._telemetry_on = telemetry
         self._rng = random.Random(seed)
@@ -178,7 +187,7 @@ class Fleet:
                 driver=self._driver,
                 loop=self._loop,
                 options=options,
-                password=self._password,
+                password=self._passwords.get(device_id, self._password),
                 rng=rng,
             )
             core.on_online = self._came_online

@@ -67,6 +67,10 @@ class AgentState:
     def path(self) -> Path:
         return self.directory / STATE_FILE
 
+    @property
+    def fsync(self) -> bool:
+        return self._fsync
+
     # -- session ------------------------------------------------------------------------
 
     def next_session(self, now_ms: int) -> int:

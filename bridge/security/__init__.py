@@ -12,5 +12,8 @@ Modules, by concern:
   :mod:`~bridge.security.operations` - what happens to a device's credential;
 * :mod:`~bridge.security.runtime` - all of it inside the running bridge;
 * :mod:`~bridge.security.amqtt_plugins` - the same rules in the embedded broker;
-* :mod:`~bridge.security.device` - the kiosk's side (claim, token file, rotation).
+* :mod:`~bridge.security.embedded` - the embedded broker's fixed credentials.
+
+The kiosk's side (claim, token file, rotation) is part of the reference agent:
+:mod:`bridge.kiosk.credentials`.
 """

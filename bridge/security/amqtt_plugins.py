@@ -33,6 +33,7 @@ from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.db.engine import make_engine
 from bridge.security.acl import Access, Role, StaticUsers, allowed
@@ -132,7 +133,12 @@ class DatabaseSecurityPlugin(BaseAuthPlugin, BaseTopicPlugin):
             if username != client_id or not is_valid_device_id(username):
                 log.info("refused %s: a device connects with its id as client id", client_id)
                 return False
-            row = await asyncio.to_thread(_credential_row, self._engine, username)
+            try:
+                row = await asyncio.to_thread(_credential_row, self._engine, username)
+            except SQLAlchemyError as exc:
+                # Refused, not crashed: the kiosk retries, and the database comes back.
+                log.error("refused %s: credential lookup failed: %s", client_id, exc)
+                return False
             if row is None or row.state != CredentialState.ACTIVE.value:
                 return False
             if not await asyncio.to_thread(_device_password_ok, row, password):

@@ -21,6 +21,7 @@ from bridge.security.passwords import hash_password, new_token
 from bridge.security.store import SecurityStore
 from schemas import (
     DEFAULT_PREFIX,
+    CommandType,
     ContractError,
     OfflineReason,
     PresenceOffline,
@@ -32,7 +33,7 @@ from schemas import (
     validate_device_id,
 )
 
-ROTATE_TOKEN = "rotate_token"
+ROTATE_TOKEN = CommandType.ROTATE_TOKEN.value
 
 Publish = Callable[[str, bytes, bool], Awaitable[None]]
 ReadRetained = Callable[[str], Awaitable[bytes | None]]

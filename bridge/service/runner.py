@@ -11,20 +11,70 @@ from collections.abc import AsyncIterator
 from bridge.embedded_broker import EmbeddedBroker
 from bridge.http import HttpFace
 from bridge.ops.metrics_server import serve_metrics
+from bridge.security.bootstrap import BootstrapSecrets
+from bridge.security.embedded import BrokerSecurity, broker_url, load_or_create_credentials
 from bridge.service.app import Bridge
 from bridge.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
+def embedded_bridge_settings(
+    settings: Settings, broker: EmbeddedBroker, credentials: BootstrapSecrets | None
+) -> Settings:
+    """The bridge's settings against the embedded broker: its address with the bridge's
+    credential (MqttLink's ordinary username/password path), and credential management
+    on the database the broker's plugin reads instead of Mosquitto's dynsec."""
+    if credentials is None:
+        url = broker_url(broker.host, broker.port)
+    else:
+        url = broker_url(
+            broker.host, broker.port, credentials.users.bridge, credentials.bridge_password
+        )
+    security = settings.security.model_copy(update={"credential_backend": "database"})
+    return settings.model_copy(update={"broker": url, "security": security})
+
+
+def _embedded_security(settings: Settings) -> tuple[BrokerSecurity | None, BootstrapSecrets | None]:
+    """Blocking: what the embedded broker enforces; ``(None, None)`` when it is open."""
+    host, port = settings.listen_address
+    if settings.embedded_open:
+        log.warning(
+            "EMBEDDED BROKER IS OPEN (--embedded-open / KB_EMBEDDED_OPEN): anyone who can "
+            "reach %s:%d may connect without a password and publish as any kiosk, or as "
+            "the bridge. Use it only to try things out on this machine.",
+            host,
+            port,
+        )
+        return None, None
+    path = settings.embedded_credentials_path
+    credentials, created = load_or_create_credentials(path, settings.security.users)
+    log.info(
+        "embedded broker is secure: %s the passwords of %s, %s and %s (claim credential "
+        "for kiosks) in %s",
+        "generated" if created else "read",
+        credentials.users.bridge,
+        credentials.users.ops,
+        credentials.users.claim,
+        path.resolve(),
+    )
+    security = BrokerSecurity(db_url=settings.db, credentials=credentials, prefix=settings.prefix)
+    return security, credentials
+
+
 @contextlib.asynccontextmanager
-async def maybe_embedded_broker(settings: Settings) -> AsyncIterator[EmbeddedBroker | None]:
+async def maybe_embedded_broker(
+    settings: Settings,
+) -> AsyncIterator[tuple[EmbeddedBroker | None, Settings]]:
+    """The embedded broker when no broker is configured (secure unless ``embedded_open``),
+    and the settings the bridge must use with it."""
     if settings.broker is not None:
-        yield None
+        yield None, settings
         return
     host, port = settings.listen_address
-    async with EmbeddedBroker(host=host, port=port) as broker:
-        yield broker
+    security, credentials = await asyncio.to_thread(_embedded_security, settings)
+    async with EmbeddedBroker(host=host, port=port, security=security) as broker:
+        yield broker, embedded_bridge_settings(settings, broker, credentials)
 
 
 @contextlib.asynccontextmanager
@@ -64,7 +114,7 @@ async def run_bridge(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     try:
-        async with maybe_embedded_broker(settings) as broker:
+        async with maybe_embedded_broker(settings) as (broker, settings):
             protocol = "3.1.1" if broker is not None else None
             async with (
                 Bridge(settings, protocol=protocol) as bridge,

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Self
 
@@ -54,7 +54,7 @@ class BridgeProcess:
 
     def __init__(
         self,
-        broker_url: str,
+        broker_url: str | None,
         db_url: str,
         log_path: Path,
         *,
@@ -62,10 +62,13 @@ class BridgeProcess:
         shared_group: str | None = None,
         offline_grace_s: float | None = None,
         env: Mapping[str, str] | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.instance = instance
         self.log_path = log_path
-        self._args = ["run", "--broker", broker_url, "--db", db_url, "--instance", instance]
+        # No broker: the bridge starts its embedded one (``--listen`` in extra_args).
+        broker = ["--broker", broker_url] if broker_url is not None else []
+        self._args = ["run", *broker, "--db", db_url, "--instance", instance, *extra_args]
         if shared_group:
             self._args += ["--shared-group", shared_group]
         if offline_grace_s is not None:
@@ -153,7 +156,7 @@ def bridge_processes(tmp_path: Path) -> Iterator[BridgeFactory]:
     made: list[BridgeProcess] = []
     counter = itertools.count(1)
 
-    def make(broker_url: str, db_url: str, **kwargs: Any) -> BridgeProcess:
+    def make(broker_url: str | None, db_url: str, **kwargs: Any) -> BridgeProcess:
         n = next(counter)
         kwargs.setdefault("instance", f"fault-{n}-{os.getpid()}")
         bridge = BridgeProcess(broker_url, db_url, tmp_path / f"bridge-{n}.log", **kwargs)
@@ -167,7 +170,9 @@ def bridge_processes(tmp_path: Path) -> Iterator[BridgeFactory]:
             bridge.kill()
 
 
-async def run_cli(*args: str, within: float = 60.0) -> tuple[int, str]:
+async def run_cli(
+    *args: str, within: float = 60.0, env: Mapping[str, str] | None = None
+) -> tuple[int, str]:
     """``kiosk-bridge ARGS`` as an operator runs it; returns (exit code, stdout). Exit
     codes other than 0 and 1 (a check failed) fail the test with stderr."""
     proc = await asyncio.create_subprocess_exec(
@@ -176,7 +181,7 @@ async def run_cli(*args: str, within: float = 60.0) -> tuple[int, str]:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=_clean_env(),
+        env={**_clean_env(), **(env or {})},
     )
     try:
         async with asyncio.timeout(within):

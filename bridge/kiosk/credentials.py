@@ -1,55 +1,83 @@
-"""The kiosk's side of credentials: claim a token at first boot, store it, rotate it.
+"""The kiosk's own credential: claimed once with the shared claim credential, stored next
+to the agent's state, replaced by ``rotate_token``.
 
-    answer = claim_credentials(url, "_claim", claim_password, "kiosk-0042")
-    if isinstance(answer, ProvisionAccepted):
-        TokenFile(state_dir).save(answer.token)
-        agent = KioskAgent("kiosk-0042", url, password=answer.token, state_dir=state_dir)
-        install_rotation(agent, TokenFile(state_dir))
+    tokens = TokenFile(state_dir)
+    if tokens.load() is None:
+        answer = claim_until_accepted(url, "_claim", claim_password, "kiosk-0042", stop=quit)
+        tokens.save(answer.token)
+    agent = KioskAgent("kiosk-0042", url, state_dir=state_dir)   # uses the stored token
 
-The reference agent (``bridge.kiosk``) does not know about any of this yet; these
-helpers plug in from outside (``KioskAgent.on_command``) until it does.
+The agent itself handles ``rotate_token`` (:meth:`bridge.kiosk.core.KioskCore.adopt_token`)
+and, at start, prefers the stored token to a password it is given: a rotation makes the
+password it was first given stale, and the file is what a restarted app still has.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
+import random
+import re
 import secrets
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from bridge.backoff import Backoff
 from bridge.broker_url import parse_broker_url
-from bridge.kiosk.agent import KioskAgent
-from bridge.kiosk.commands import CommandHandler
-from bridge.security.operations import ROTATE_TOKEN
-from bridge.security.passwords import is_token
-from schemas import DEFAULT_PREFIX, Command, ContractError, encode
+from schemas import DEFAULT_PREFIX, ContractError, encode
+from schemas.constants import TOKEN_PATTERN
 from schemas.provisioning import (
     ProvisionAccepted,
     ProvisionRefused,
     ProvisionRequest,
+    RefusalReason,
     decode_provision_response,
 )
 from schemas.topics import provision_topic
 
-TOKEN_FILE = "credential.json"
+logger = logging.getLogger(__name__)
+
+TOKEN_FILE: Final = "credential.json"
+_TOKEN_RE: Final = re.compile(TOKEN_PATTERN)
+#: Refusals that another request may turn into an acceptance; the others need an operator.
+RETRYABLE: Final = frozenset(
+    {RefusalReason.ONLINE, RefusalReason.UNAVAILABLE, RefusalReason.NONCE_REUSED}
+)
+
+
+def is_token(value: object) -> bool:
+    return isinstance(value, str) and _TOKEN_RE.fullmatch(value) is not None
 
 
 class ClaimError(RuntimeError):
-    """The claim credential was refused, or no answer came in time."""
+    """No answer came in time, or the broker could not be reached: worth retrying."""
+
+
+class ClaimCredentialRefused(ClaimError):
+    """The broker refused the claim credential itself: retrying will not help."""
+
+
+class ClaimRefused(RuntimeError):
+    """The bridge refused the request for a reason only an operator can lift."""
+
+    def __init__(self, answer: ProvisionRefused) -> None:
+        super().__init__(f"provisioning refused ({answer.reason.value}): {answer.detail}")
+        self.answer = answer
 
 
 class TokenFile:
     """The device's token, next to the agent's state; written atomically, mode 0600."""
 
-    def __init__(self, directory: Path | str) -> None:
+    def __init__(self, directory: Path | str, *, fsync: bool = True) -> None:
         self.path = Path(directory) / TOKEN_FILE
+        self._fsync = fsync
 
     def load(self) -> str | None:
         try:
@@ -63,41 +91,14 @@ class TokenFile:
             raise ValueError("a token is 64 lowercase hex characters")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temp = self.path.with_name(f".{TOKEN_FILE}.tmp")
+        # Created 0600 rather than chmod-ed after: the token is never readable by others.
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(json.dumps({"token": token}))
-            handle.flush()
-            os.fsync(handle.fileno())
+            if self._fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
         temp.replace(self.path)
-
-
-def set_agent_password(agent: KioskAgent, token: str) -> None:
-    """Use ``token`` from the agent's next connection on.
-
-    The agent has no public setter yet: this sets the attribute its connect reads
-    (``KioskCore._password``). The lead's agent should grow ``set_password``.
-    """
-    agent.core._password = token
-
-
-def rotate_token_handler(agent: KioskAgent, tokens: TokenFile) -> CommandHandler:
-    """The ``rotate_token`` command: store the new token, then use it from the next
-    connection on. Acking ``succeeded`` tells the bridge the token is safe on the
-    device; only then does the broker switch (and disconnect us to reconnect with it)."""
-
-    def handle(command: Command) -> None:
-        token = command.args.get("token")
-        if not is_token(token):
-            raise ValueError("rotate_token needs args.token: 64 lowercase hex characters")
-        assert isinstance(token, str)
-        tokens.save(token)
-        set_agent_password(agent, token)
-
-    return handle
-
-
-def install_rotation(agent: KioskAgent, tokens: TokenFile) -> None:
-    agent.on_command(ROTATE_TOKEN, rotate_token_handler(agent, tokens))
 
 
 def claim_credentials(
@@ -155,7 +156,10 @@ def send_claim(
     timeout_s: float = 15.0,
 ) -> ProvisionAccepted | ProvisionRefused:
     """Publish ``payload`` as a request and return the first answer (with
-    ``expect_nonce`` when given, or without one). Also the tests' way to send junk."""
+    ``expect_nonce`` when given, or without one). Also the tests' way to send junk.
+
+    Claims over MQTT 3.1.1, which every broker of the contract speaks (amqtt only that).
+    """
     address = parse_broker_url(broker_url)
     answers: queue.Queue[bytes] = queue.Queue()
     connected = threading.Event()
@@ -173,13 +177,16 @@ def send_claim(
     client.on_connect = on_connect
     client.on_subscribe = lambda *_args: subscribed.set()
     client.on_message = lambda _c, _u, msg: answers.put(bytes(msg.payload))
-    client.connect(address.host, address.port, keepalive=30)
+    try:
+        client.connect(address.host, address.port, keepalive=30)
+    except OSError as exc:
+        raise ClaimError(f"cannot reach {address.url}: {exc}") from exc
     client.loop_start()
     try:
         if not connected.wait(timeout_s):
             raise ClaimError(f"no CONNACK from {address.url} within {timeout_s:g}s")
         if outcome["rc"].is_failure:
-            raise ClaimError(f"claim credential refused: {outcome['rc']}")
+            raise ClaimCredentialRefused(f"claim credential refused: {outcome['rc']}")
         client.subscribe(provision_topic(client_id, "response", prefix), qos=1)
         if not subscribed.wait(timeout_s):
             raise ClaimError("no SUBACK for the provisioning response topic")
@@ -201,3 +208,56 @@ def send_claim(
         client.on_connect = None
         client.on_message = None
         client.on_subscribe = None
+
+
+def claim_until_accepted(
+    broker_url: str,
+    claim_username: str,
+    claim_password: str,
+    device_id: str,
+    *,
+    stop: threading.Event | None = None,
+    backoff: Backoff | None = None,
+    timeout_s: float = 10.0,
+    **request: Any,
+) -> ProvisionAccepted:
+    """Blocking: claim until the bridge accepts, as an app at first boot does.
+
+    A broker or bridge that is not there yet, and the refusals another try can turn
+    into an acceptance (``online``, ``unavailable``, ``nonce_reused``), are retried with
+    backoff (or after the ``retry_after_s`` the bridge asks for). Raises
+    :class:`ClaimRefused` for the others (deleted, revoked, ...),
+    :class:`ClaimCredentialRefused` for a wrong claim password and :class:`ClaimError`
+    when ``stop`` is set.
+    """
+    stop = stop or threading.Event()
+    backoff = backoff or Backoff(base=1.0, cap=30.0, rng=random.Random())
+    while not stop.is_set():
+        try:
+            answer = claim_credentials(
+                broker_url,
+                claim_username,
+                claim_password,
+                device_id,
+                timeout_s=timeout_s,
+                **request,
+            )
+        except ClaimCredentialRefused:
+            raise
+        except ClaimError as exc:
+            delay = backoff.next_delay()
+            logger.info("%s: claim failed (%s); retrying in %.1fs", device_id, exc, delay)
+        else:
+            if isinstance(answer, ProvisionAccepted):
+                return answer
+            if answer.reason not in RETRYABLE:
+                raise ClaimRefused(answer)
+            delay = float(answer.retry_after_s or backoff.next_delay())
+            logger.info(
+                "%s: claim refused for now (%s); retrying in %.1fs",
+                device_id,
+                answer.reason.value,
+                delay,
+            )
+        stop.wait(delay)
+    raise ClaimError("stopped before the claim was accepted")

@@ -1,0 +1,232 @@
+"""The reference kiosk agent (``kiosk-bridge kiosk``) manages its own credential against
+the production security model on a real Mosquitto: it claims a token with the shared
+claim credential, stores it, connects with it, and follows ``device rotate-token``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from bridge.clock import now_ms
+from bridge.db.engine import create_schema
+from bridge.db.models import CommandRecord
+from bridge.kiosk.credentials import TokenFile
+from bridge.security.models import DeviceCredential, create_security_schema
+from bridge.security.passwords import new_token, token_sha256
+from bridge.security.runtime import SecurityRuntime
+from bridge.security.store import REDACTED, SecurityStore
+from bridge.security.testkit import AuthClient, SecureBroker, running_secure_bridge, secure_broker
+from bridge.service.app import Bridge
+from bridge.testing.mosquitto import MosquittoNotFound
+from tests.support.bridge_harness import Db, eventually
+from tests.support.faults.bridge_process import bridge_command, run_cli
+from tests.support.services import service_unavailable
+
+CMD = CommandRecord.__table__
+CRED = DeviceCredential.__table__
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    try:
+        started = secure_broker(tmp_path_factory.mktemp("secure-agent")).start()
+    except MosquittoNotFound as exc:
+        service_unavailable(str(exc))
+    yield started
+    started.kill()
+
+
+@pytest.fixture
+def db(sqlite_url: str) -> Iterator[Db]:
+    handle = Db(sqlite_url)
+    create_schema(handle.engine)
+    create_security_schema(handle.engine)
+    yield handle
+    handle.close()
+
+
+@pytest.fixture
+async def running(
+    broker: SecureBroker, sqlite_url: str, db: Db
+) -> AsyncIterator[tuple[Bridge, SecurityRuntime]]:
+    async with running_secure_bridge(broker.bridge_url, sqlite_url) as pair:
+        yield pair
+
+
+class KioskProcess:
+    """``kiosk-bridge kiosk`` as a child process, its output in a file."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, *args: str, env: dict[str, str] | None = None) -> KioskProcess:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("KB_")}
+        with self.log.open("ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                *bridge_command(),
+                "kiosk",
+                *args,
+                env={**clean, **(env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    async def stop(self) -> int:
+        """SIGTERM: the agent announces offline and exits."""
+        proc = self.proc
+        assert proc is not None
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            return await proc.wait()
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+@pytest.fixture
+async def kiosks(tmp_path: Path) -> AsyncIterator[list[KioskProcess]]:
+    made: list[KioskProcess] = []
+    yield made
+    for kiosk in made:
+        await kiosk.kill()
+
+
+def cred(db: Db, device_id: str) -> Any:
+    with db.engine.connect() as conn:
+        return conn.execute(select(CRED).where(CRED.c.device_id == device_id)).first()
+
+
+def actions(db: Db, device_id: str) -> list[str]:
+    return [row.action for row in SecurityStore(db.engine, clock=now_ms).audit_log(device_id)]
+
+
+def can_connect(broker: SecureBroker, device_id: str, token: str) -> bool:
+    client = AuthClient(broker.url(device_id, token), client_id=device_id)
+    try:
+        client.connect()
+    except ConnectionRefusedError:
+        return False
+    finally:
+        client.close()
+    return True
+
+
+async def online_session(db: Db, device_id: str, above: int = 0) -> int:
+    row = await eventually(
+        lambda: db.connectivity(device_id),
+        lambda r: r is not None and r.state == "online" and r.session > above,
+        what=f"{device_id} online with a session above {above}",
+    )
+    assert await db.status_of(device_id) == "Connected"
+    return int(row.session)
+
+
+async def test_agent_claims_then_follows_a_rotation(
+    broker: SecureBroker,
+    running: tuple[Bridge, SecurityRuntime],
+    db: Db,
+    sqlite_url: str,
+    tmp_path: Path,
+    kiosks: list[KioskProcess],
+) -> None:
+    device = "agent-1"
+    state_dir = tmp_path / device
+    tokens = TokenFile(state_dir)
+    args = ("--device-id", device, "--broker", broker.url(), "--state-dir", str(state_dir))
+    claimant = KioskProcess(tmp_path / "kiosk-1.log")
+    kiosks.append(claimant)
+    # Only the shared claim credential: no token, no password.
+    await claimant.start(*args, env={"KB_CLAIM_PASSWORD": broker.secrets.claim_password})
+
+    first_session = await online_session(db, device)
+    claimed = tokens.load()
+    assert claimed is not None
+    assert "provisioned as remote" in claimant.output()
+    assert "provisioned" in actions(db, device)
+    remote = await db.remote(device)
+    assert remote.token == token_sha256(claimed)
+    # The claim credential was only a way in: the device's own credential is in dynsec.
+    assert cred(db, device).username == device
+
+    code, out = await run_cli(
+        "device", "rotate-token", device, "--requested-by", "ops-test", env={"KB_DB": sqlite_url}
+    )
+    assert code == 0 and f"rotation of {device} queued" in out
+    await eventually(
+        lambda: asyncio.to_thread(cred, db, device),
+        lambda row: row.rotation_command_id is None,
+        what="rotation finished",
+    )
+    assert "rotated" in actions(db, device)
+    rotated = tokens.load()
+    assert rotated is not None and rotated != claimed
+    with db.engine.connect() as conn:
+        (command,) = conn.execute(
+            select(CMD).where(CMD.c.device_id == device, CMD.c.type == "rotate_token")
+        ).all()
+    assert command.state == "succeeded" and command.requested_by == "ops-test"
+    assert json.loads(command.args) == {"token": REDACTED}
+    # The broker switched and cut the agent off; it came back, with the new token.
+    second_session = await online_session(db, device, above=first_session)
+    assert not await asyncio.to_thread(can_connect, broker, device, claimed)
+    assert (await db.remote(device)).token == token_sha256(rotated)
+
+    assert await claimant.stop() == 0, claimant.output()
+    # A restart (no claim credential this time) uses the stored, rotated token.
+    restarted = KioskProcess(tmp_path / "kiosk-2.log")
+    kiosks.append(restarted)
+    await restarted.start(*args)
+    await online_session(db, device, above=second_session)
+    assert tokens.load() == rotated
+    assert await restarted.stop() == 0, restarted.output()
+
+
+async def test_a_refused_claim_is_a_clear_error(
+    broker: SecureBroker,
+    running: tuple[Bridge, SecurityRuntime],
+    db: Db,
+    tmp_path: Path,
+    kiosks: list[KioskProcess],
+) -> None:
+    _, security = running
+    admin = security.admin()
+    await admin.enroll("agent-gone", new_token(), requested_by="test")
+    await admin.revoke("agent-gone", requested_by="test", reason="stolen")
+    kiosk = KioskProcess(tmp_path / "gone.log")
+    kiosks.append(kiosk)
+    await kiosk.start(
+        "--device-id",
+        "agent-gone",
+        "--broker",
+        broker.url(),
+        "--state-dir",
+        str(tmp_path / "gone"),
+        env={"KB_CLAIM_PASSWORD": broker.secrets.claim_password},
+    )
+    assert kiosk.proc is not None
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(30):
+            await kiosk.proc.wait()
+    assert kiosk.proc.returncode == 1, kiosk.output()
+    assert "provisioning refused (revoked)" in kiosk.output()
+    assert TokenFile(tmp_path / "gone").load() is None
