@@ -9,7 +9,6 @@ cancels and awaits every task and shuts the database thread down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
@@ -30,6 +29,7 @@ from bridge.service.metrics import BridgeMetrics
 from bridge.service.mqtt_link import MqttLink
 from bridge.service.writer import DbWriter
 from bridge.settings import Settings
+from bridge.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +134,7 @@ class Bridge:
         for task in (retention_task, commands_task, link_task):
             if task is link_task:
                 await self.link.announce_offline()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         try:
             async with asyncio.timeout(_DRAIN_S):
                 await self.writer.drain()
@@ -147,9 +145,7 @@ class Bridge:
                 len(self.ingest.presence),
                 len(self.ingest.status),
             )
-        writer_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer_task
+        await cancel_and_wait(writer_task)
         self._executor.shutdown(wait=True)
         self.engine.dispose()
         self.read_engine.dispose()

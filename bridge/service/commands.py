@@ -128,9 +128,15 @@ class CommandDispatcher:
         assert probe is not None
         while True:
             await asyncio.sleep(self._probe_s)
+            # Not the database thread: a probe must not queue behind a telemetry batch.
+            query = asyncio.get_running_loop().run_in_executor(None, probe.due)
             try:
-                # Not the database thread: a probe must not queue behind a telemetry batch.
-                due = await asyncio.to_thread(probe.due)
+                due = await asyncio.shield(query)
+            except asyncio.CancelledError:
+                # Let the query finish: its connection must be back in the pool before
+                # the bridge disposes of the engine.
+                await asyncio.wait({query})
+                raise
             except SQLAlchemyError as exc:
                 # The full pass reports database trouble; the probe only waits it out.
                 log.debug("outbox probe failed: %s", exc)

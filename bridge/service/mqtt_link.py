@@ -88,6 +88,7 @@ class MqttLink:
         self.v5 = False
         self.routes: list[Route] = []
         self._received: asyncio.Queue[aiomqtt.Message] | None = None
+        self._last_peer_news: bytes | None = None
 
     @property
     def client(self) -> aiomqtt.Client | None:
@@ -179,16 +180,19 @@ class MqttLink:
             v5 = self._protocol in ("auto", "5")
             try:
                 await self._session(v5)
-            except MqttConnectError as exc:
+            except aiomqtt.MqttError as exc:
+                # aiomqtt's ``__aexit__`` raises the connection's error in place of a
+                # CancelledError that arrives after the connection broke: shutdown must
+                # still stop this loop, not reconnect.
+                _raise_if_cancelled()
                 if (
-                    self._protocol == "auto"
+                    isinstance(exc, MqttConnectError)
+                    and self._protocol == "auto"
                     and getattr(exc.rc, "value", exc.rc) in _UNSUPPORTED_PROTOCOL
                 ):
                     log.info("broker %s refused MQTT 5; using MQTT 3.1.1", shown)
                     self._protocol = "3.1.1"
                     continue
-                self._lost(shown, attempt, exc)
-            except aiomqtt.MqttError as exc:
                 self._lost(shown, attempt, exc)
             delay = self._backoff.next_delay()
             log.warning("reconnecting to %s in %.2fs (attempt %d)", shown, delay, attempt)
@@ -221,6 +225,7 @@ class MqttLink:
             await client.unsubscribe(presence_filter)
             await client.subscribe(presence_filter, qos=1)
             await client.publish(sync_topic, marker[0].encode(), qos=1)
+            _raise_if_cancelled()
 
         async with self._make_client(v5) as client:
             self._client = client
@@ -277,6 +282,7 @@ class MqttLink:
                         reconcile.add_done_callback(self._reconciled)
                         if group:
                             await client.unsubscribe(presence_filter)
+                            _raise_if_cancelled()
                         continue
                     payload = message.payload
                     if not isinstance(payload, bytes | bytearray):
@@ -286,7 +292,10 @@ class MqttLink:
                         route.handle(client, topic, bytes(payload), now_ms())
                         continue
                     if topic == bridge_topic:
-                        if group and self._peer_went_down(bytes(payload)):
+                        # Only a live message means a peer just went: a retained one is
+                        # replayed by every re-subscription of the presence filter (it
+                        # matches this topic) and would start a resync after each resync.
+                        if group and not message.retain and self._peer_went_down(bytes(payload)):
                             await resync(client, "another bridge instance of the group is gone")
                         continue
                     self._ingest.handle(topic, bytes(payload), now_ms())
@@ -295,6 +304,11 @@ class MqttLink:
                         await resync(client, "the presence buffer overflowed")
 
     def _peer_went_down(self, payload: bytes) -> bool:
+        # The same announcement can arrive more than once (the group's subscriptions
+        # overlap on this topic): one resync per announcement is enough.
+        if payload == self._last_peer_news:
+            return False
+        self._last_peer_news = payload
         try:
             peer = decode_bridge_presence(payload)
         except ContractError:
@@ -322,6 +336,19 @@ class MqttLink:
             )
         except (aiomqtt.MqttError, TimeoutError) as exc:
             log.warning("could not announce the bridge offline: %s", exc)
+
+
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation that an await inside aiomqtt swallowed.
+
+    On Python 3.11 ``asyncio.wait_for`` returns the result instead of raising when the
+    cancellation and the broker's reply arrive together; aiomqtt waits for every SUBACK,
+    UNSUBACK and PUBACK that way. The receive loop would then wait for the next message
+    as if it had never been told to stop.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 __all__ = ["MqttLink"]
