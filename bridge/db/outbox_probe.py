@@ -3,16 +3,18 @@
 The CMS (or anything with SQL access) enters commands by inserting rows; no database the
 bridge supports tells another process about an insert without extra setup, so the
 dispatcher asks. The full claim (a write transaction with supersede and retry
-bookkeeping) runs every ``command_poll_s``; this probe runs far more often on a
-connection of its own that never takes SQLite's write lock, so new work is picked up in
-milliseconds without the claim's cost.
+bookkeeping) runs every ``command_poll_s``; this probe runs far more often, so it is one
+prepared statement on one connection kept open in autocommit: no pool checkout, no
+statement building, never SQLite's write lock (about 20 us on SQLite instead of the
+300 us the same query costs through SQLAlchemy's expression layer).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.commands.lifecycle import CommandState
 from bridge.db.models import CommandRecord, Connectivity
@@ -23,21 +25,37 @@ CONN = Connectivity.__table__
 
 
 class OutboxProbe:
+    """Blocking; call it from one thread at a time, and :meth:`close` it when done."""
+
     def __init__(self, engine: Engine, *, clock: Callable[[], int]) -> None:
         #: A read-only engine (``make_engine(..., read_only=True)``); owned by the caller.
         self._engine = engine
         self._clock = clock
+        dialect = engine.dialect
+        mark = "?" if dialect.paramstyle == "qmark" else "%s"
+        self._sql = (
+            f"SELECT 1 FROM {CMD.name} WHERE state = {mark} AND expires_at > {mark} "
+            f"AND device_id IN (SELECT device_id FROM {CONN.name} WHERE state = 'online') "
+            "LIMIT 1"
+        )
+        # Bound as the ORM binds it (SQLite keeps datetimes as text).
+        self._bind_at = CMD.c.expires_at.type.dialect_impl(dialect).bind_processor(dialect)
+        self._conn: Connection | None = None
 
     def due(self) -> bool:
-        online = select(CONN.c.device_id).where(CONN.c.state == "online")
-        query = (
-            select(CMD.c.id)
-            .where(
-                CMD.c.state == CommandState.QUEUED.value,
-                CMD.c.expires_at > utc_naive(self._clock()),
-                CMD.c.device_id.in_(online),
-            )
-            .limit(1)
-        )
-        with self._engine.connect() as conn:
-            return conn.execute(query).first() is not None
+        if self._conn is None:
+            self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        now = utc_naive(self._clock())
+        at = self._bind_at(now) if self._bind_at is not None else now
+        try:
+            row = self._conn.exec_driver_sql(self._sql, (CommandState.QUEUED.value, at)).first()
+        except SQLAlchemyError:
+            # A broken connection is replaced at the next probe.
+            self.close()
+            raise
+        return row is not None
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()

@@ -93,6 +93,7 @@ class Bridge:
             poll_s=settings.command_poll_s,
             probe=OutboxProbe(self.read_engine, clock=now_ms),
             probe_s=settings.command_probe_s,
+            received=lambda: self.link.received,
             inflight=settings.command_inflight,
         )
         self.ingest.on_ack = self.commands.on_ack

@@ -89,6 +89,8 @@ class MqttLink:
         self.routes: list[Route] = []
         self._received: asyncio.Queue[aiomqtt.Message] | None = None
         self._last_peer_news: bytes | None = None
+        #: Messages received since start (all topics): a measure of load for others.
+        self.received = 0
 
     @property
     def client(self) -> aiomqtt.Client | None:
@@ -273,7 +275,9 @@ class MqttLink:
                 callback(client)
             reconcile: asyncio.Future[list[str]] | None = None
             async for first in client.messages:
-                for message in self._backlog(first):
+                batch = self._backlog(first)
+                self.received += len(batch)
+                for message in batch:
                     topic = message.topic.value
                     if topic == sync_topic:
                         if message.payload != marker[0].encode():
