@@ -53,11 +53,13 @@ from common import (
 from bridge.commands.api import enqueue
 from bridge.db.engine import make_engine
 from bridge.kiosk.simulator import Fleet
+from bridge.testing.mosquitto import MosquittoProcess
 
 DEFAULT_POLL_S = 0.5
 DEFAULT_PROBE_S = 0.005
 FINAL = ("succeeded", "failed", "rejected", "expired", "cancelled", "superseded")
 FANOUT_TAG = "bench-fanout"
+FAULTS_TAG = "bench-fanout-faults"
 #: Production's broker setting (mosquitto/mosquitto.conf); dev.conf lacks it.
 BROKER_CONF = "set_tcp_nodelay true"
 
@@ -119,17 +121,20 @@ def _ms(a: datetime | None, b: datetime | None) -> float | None:
     return None if a is None or b is None else (b - a).total_seconds() * 1000
 
 
+def _bridge_env(poll_s: float, probe_s: float) -> dict[str, str]:
+    return {"KB_COMMAND_POLL_S": str(poll_s), "KB_COMMAND_PROBE_S": str(probe_s)}
+
+
 @contextlib.contextmanager
 def bridge_process(
     broker_url: str, db_url: str, work: Path, poll_s: float, probe_s: float = DEFAULT_PROBE_S
 ) -> Iterator[BridgeProcess]:
-    env = {"KB_COMMAND_POLL_S": str(poll_s), "KB_COMMAND_PROBE_S": str(probe_s)}
-    bridge = BridgeProcess(broker_url, db_url, work, env=env)
+    bridge = BridgeProcess(broker_url, db_url, work, env=_bridge_env(poll_s, probe_s))
     try:
         yield bridge
     finally:
         code = bridge.stop()
-        if code not in (0, -15):
+        if code not in (0, -15, -9):
             print(f"bridge exited {code}; see {bridge.log_path}", file=sys.stderr)
 
 
@@ -275,8 +280,63 @@ async def _round_trip(setup: Setup, fleet: Fleet, sizes: Sizes) -> dict[str, Any
     return {"ms": percentiles(times), "lost": lost, "stages": stages(setup.rows, where, done)}
 
 
+def _finished(rows: Rows, tag: str) -> int:
+    states = rows.tagged_states(tag)
+    return sum(states.get(state, 0) for state in FINAL)
+
+
+async def _fan_out_through_faults(
+    setup: Setup,
+    fleets: Sequence[Fleet],
+    broker: MosquittoProcess,
+    bridge: BridgeProcess,
+    sizes: Sizes,
+) -> dict[str, Any]:
+    """Another fan-out to everyone: the bridge is killed with -9 (and a new one started)
+    once a third of the commands have finished, the broker is restarted (persistence
+    on) at two thirds. Every command must still succeed, none run twice."""
+    everyone = [core.device_id for fleet in fleets for core in fleet.agents]
+    total = len(everyone)
+    twice_before, redelivered_before = executed_twice(fleets)
+    start = time.perf_counter()
+    await asyncio.to_thread(
+        enqueue, setup.engine, "refresh", everyone, ttl_s=900, requested_by=FAULTS_TAG
+    )
+    out: dict[str, Any] = {"all final s": None}
+
+    def reached(count: int) -> bool:
+        return _finished(setup.rows, FAULTS_TAG) >= count
+
+    await asyncio.to_thread(wait_until, lambda: reached(total // 3), 300, what="a third")
+    bridge.kill9()
+    out["bridge killed at s"] = time.perf_counter() - start
+    replacement = BridgeProcess(
+        setup.broker_url,
+        setup.db_url,
+        setup.work,
+        env=_bridge_env(DEFAULT_POLL_S, DEFAULT_PROBE_S),
+    )
+    try:
+        await asyncio.to_thread(wait_until, lambda: reached(2 * total // 3), 300, what="2/3")
+        out["broker restarted at s"] = time.perf_counter() - start
+        await asyncio.to_thread(broker.restart)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.to_thread(wait_until, lambda: reached(total), 600, what="all final")
+            out["all final s"] = time.perf_counter() - start
+    finally:
+        code = replacement.stop()
+        if code not in (0, -15):
+            print(f"bridge exited {code}; see {replacement.log_path}", file=sys.stderr)
+    out["states"] = setup.rows.tagged_states(FAULTS_TAG)
+    out["lost"] = total - out["states"].get("succeeded", 0)
+    twice, redelivered = executed_twice(fleets)
+    out["twice"] = twice - twice_before
+    out["redelivered"] = redelivered - redelivered_before
+    return out
+
+
 async def _fan_out(
-    setup: Setup, fleet: Fleet, bridge: BridgeProcess, sizes: Sizes
+    setup: Setup, fleet: Fleet, bridge: BridgeProcess, sizes: Sizes, broker: MosquittoProcess
 ) -> dict[str, Any]:
     async with Fleet(sizes.total - sizes.first, setup.broker_url, id_prefix="fo-", seed=5) as more:
         async with asyncio.timeout(600):
@@ -293,6 +353,7 @@ async def _fan_out(
         bridge.sample()
         out["rss"] = max(bridge.rss_samples or [float("nan")])
         out["twice"], out["redelivered"] = executed_twice([fleet, more])
+        out["faults"] = await _fan_out_through_faults(setup, [fleet, more], broker, bridge, sizes)
     return out
 
 
@@ -307,11 +368,15 @@ async def run(scale: float, poll_s: float) -> list[Result]:
                     default = await _round_trip_without_probe(setup, fleet, sizes)
                     with bridge_process(broker.url, db_url, work, poll_s) as bridge:
                         fast = await _round_trip(setup, fleet, sizes)
-                        spread = await _fan_out(setup, fleet, bridge, sizes)
+                        spread = await _fan_out(setup, fleet, bridge, sizes, broker)
             finally:
                 setup.rows.close()
                 setup.engine.dispose()
-    return [_round_trip_result(sizes, poll_s, default, fast), _fan_out_result(sizes, spread)]
+    return [
+        _round_trip_result(sizes, poll_s, default, fast),
+        _fan_out_result(sizes, spread),
+        _faults_result(sizes, spread["faults"]),
+    ]
 
 
 def _round_trip_result(
@@ -353,6 +418,23 @@ def _fan_out_result(sizes: Sizes, out: dict[str, Any]) -> Result:
     fo.figures["bridge RSS MiB"] = out["rss"]
     fo.notes.append("created_at is set when enqueue starts; rows are visible at its commit")
     return fo
+
+
+def _faults_result(sizes: Sizes, out: dict[str, Any]) -> Result:
+    fr = Result(f"commands: fan-out to {sizes.total} kiosks, bridge kill -9 + broker restart")
+    done = out["all final s"]
+    fr.figures["enqueue -> all final s"] = done if done is not None else "not finished"
+    fr.figures["bridge kill -9 at s"] = out["bridge killed at s"]
+    fr.figures["broker restart at s"] = out["broker restarted at s"]
+    fr.figures["final states"] = out["states"]
+    fr.figures["lost (not succeeded)"] = out["lost"]
+    fr.figures["executed twice"] = out["twice"]
+    fr.figures["redeliveries de-duplicated"] = out["redelivered"]
+    fr.notes.append(
+        "a new bridge process is started right after the kill; the broker keeps its "
+        "persistence (sessions and queued QoS 1) across the restart"
+    )
+    return fr
 
 
 def collect(scale: float) -> list[Result]:

@@ -82,7 +82,7 @@ def test_legacy_side_by_side(bench: Any) -> None:
 def test_commands_round_trip_and_fan_out(bench: Any) -> None:
     commands = bench("commands")
     sizes = commands.Sizes.for_scale(SCALE)
-    round_trip, fan_out = commands.collect(SCALE)
+    round_trip, fan_out, faults = commands.collect(SCALE)
 
     rt = round_trip.figures
     assert rt["lost"] == 0
@@ -97,6 +97,13 @@ def test_commands_round_trip_and_fan_out(bench: Any) -> None:
     assert fo["executed twice"] == 0
     assert isinstance(fo["enqueue -> last succeeded s"], float)
     assert fo["per command (created -> finished) ms"]["n"] == sizes.total
+
+    fr = faults.figures
+    assert fr["final states"] == {"succeeded": sizes.total}
+    assert fr["lost (not succeeded)"] == 0
+    assert fr["executed twice"] == 0
+    assert isinstance(fr["enqueue -> all final s"], float)
+    assert fr["bridge kill -9 at s"] < fr["broker restart at s"]
 
 
 def test_soak(bench: Any) -> None:

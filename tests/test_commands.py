@@ -278,6 +278,44 @@ async def test_outbox_probe_picks_up_an_insert_between_full_passes(
         db.close()
 
 
+async def test_received_command_whose_result_was_lost_is_sent_again(
+    mosquitto: MosquittoProcess, sqlite_url: str, sqlite_db: Db, agents: Agents
+) -> None:
+    """A bridge killed after the broker acknowledged a device's result ack, but before
+    writing it, leaves the command ``received``; it must be re-sent (the device answers
+    from memory, or runs it if it never finished) instead of waiting for its TTL."""
+    async with running_bridge(mosquitto.url, sqlite_url):
+        agent = await agents.start(mosquitto.url, "lost-result-1")
+        await online(sqlite_db, "lost-result-1")
+        cid = str(uuid.uuid4())
+        now = utc_naive(now_ms())
+
+        def stranded() -> None:
+            with sqlite_db.engine.begin() as conn:
+                conn.execute(
+                    insert(CommandRecord.__table__).values(
+                        id=cid,
+                        device_id="lost-result-1",
+                        type="refresh",
+                        args="{}",
+                        state="received",
+                        created_at=now - timedelta(seconds=30),
+                        sent_at=now - timedelta(seconds=30),
+                        acked_at=now - timedelta(seconds=29),
+                        retry_at=now - timedelta(seconds=1),
+                        expires_at=now + timedelta(minutes=5),
+                        attempts=1,
+                        requested_by="test",
+                    )
+                )
+
+        await asyncio.to_thread(stranded)
+        row = await finished(sqlite_db, cid)
+        assert row.state == "succeeded"
+        assert agent.executed[uuid.UUID(cid)] == 1
+        assert row.attempts == 2
+
+
 async def test_command_published_by_another_client_is_tracked(
     mosquitto: MosquittoProcess, sqlite_url: str, sqlite_db: Db, agents: Agents
 ) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, or_, select, update
 
 from bridge.commands.lifecycle import OPEN_STATES, SUPERSEDABLE, CommandState, advance
 from bridge.db.models import CommandRecord, Connectivity, DeviceConfigRecord, Remote
@@ -33,6 +33,12 @@ REMOTES = Remote.__table__
 
 _OPEN = [s.value for s in OPEN_STATES]
 _IN_FLIGHT = [CommandState.SENT.value, CommandState.DELIVERED.value]
+#: Received by the device, its result not in yet. The result ack can be lost after the
+#: broker acknowledged it to the bridge (a bridge killed before writing it): such a
+#: command is re-sent on the same schedule, and the device, which remembers the id,
+#: answers with its result instead of running it again. No attempt limit: a long run
+#: answers ``received`` each time and ends at its TTL at the latest.
+_AWAITING_RESULT = [*_IN_FLIGHT, CommandState.RECEIVED.value]
 _ACK_TO_STATE = {
     AckState.RECEIVED: CommandState.RECEIVED,
     AckState.SUCCEEDED: CommandState.SUCCEEDED,
@@ -240,10 +246,15 @@ class CommandStore:
             again = conn.execute(
                 select(CMD)
                 .where(
-                    CMD.c.state.in_(_IN_FLIGHT),
+                    or_(
+                        and_(
+                            CMD.c.state.in_(_IN_FLIGHT),
+                            CMD.c.attempts < self._max_attempts,
+                        ),
+                        CMD.c.state == CommandState.RECEIVED.value,
+                    ),
                     CMD.c.retry_at <= now,
                     CMD.c.expires_at > now,
-                    CMD.c.attempts < self._max_attempts,
                     CMD.c.device_id.in_(online),
                 )
                 .order_by(CMD.c.retry_at)
@@ -259,7 +270,7 @@ class CommandStore:
                     if sent_state is not None:
                         where.append(CMD.c.state == sent_state.value)
                     else:
-                        where += [CMD.c.state.in_(_IN_FLIGHT), CMD.c.retry_at <= now]
+                        where += [CMD.c.state.in_(_AWAITING_RESULT), CMD.c.retry_at <= now]
                     conn.execute(
                         update(CMD)
                         .where(*where)
@@ -331,7 +342,7 @@ class CommandStore:
         with self._engine.begin() as conn:
             conn.execute(
                 update(CMD)
-                .where(CMD.c.id.in_(list(ids)), CMD.c.state.in_(_IN_FLIGHT))
+                .where(CMD.c.id.in_(list(ids)), CMD.c.state.in_(_AWAITING_RESULT))
                 .values(retry_at=now, last_error=error[:500])
             )
 
