@@ -46,7 +46,11 @@ class Settings(BaseSettings):
     prefix: str = DEFAULT_PREFIX
     shared_group: str | None = None
     instance: str = Field(default_factory=_default_instance)
+    #: MQTT version of the command connection ("auto": 5, or 3.1.1 if refused).
     mqtt_protocol: MqttProtocol = "auto"
+    #: MQTT version of the presence/telemetry connection: 3.1.1 by default, since paho
+    #: parses a message there at about 2.5x its MQTT 5 rate and nothing on it needs 5.
+    presence_protocol: MqttProtocol = "3.1.1"
     keepalive_s: int = Field(default=10, ge=5, le=3600)
     #: The bridge's own persistent session survives this long without it.
     session_expiry_s: int = Field(default=3600, ge=0)

@@ -164,7 +164,7 @@ class SecurityRuntime:
         return cls(
             bridge.engine,
             settings or SecuritySettings(),
-            client=lambda: bridge.link.client,
+            client=lambda: bridge.command_link.client,
             metrics=SecurityMetrics(bridge.metrics.registry),
             reject=lambda reason: bridge.metrics.rejected.labels(reason).inc(),
             prefix=bridge.settings.prefix,
@@ -190,7 +190,8 @@ class SecurityRuntime:
         return [self.route]
 
     def install(self, link: MqttLink) -> None:
-        """Add the route to ``link`` (``bridge.link``); call before the bridge starts."""
+        """Add the route to ``link`` (``bridge.command_link``); call before the bridge
+        starts."""
         link.routes.extend(self.routes())
 
     # -- plumbing ------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from bridge.service.commands import CommandDispatcher
 from bridge.service.housekeeping import retention_loop
 from bridge.service.ingest import Ingest
 from bridge.service.metrics import BridgeMetrics
-from bridge.service.mqtt_link import MqttLink
+from bridge.service.mqtt_link import LinkRole, MqttLink
 from bridge.service.writer import DbWriter
 from bridge.settings import Settings
 from bridge.tasks import cancel_and_wait
@@ -73,9 +73,9 @@ class Bridge:
             self.metrics,
             self._executor,
         )
-        self.link = MqttLink(
-            settings, self.ingest, self.writer, self.metrics, package_version(), protocol=protocol
-        )
+        link_args = (settings, self.ingest, self.writer, self.metrics, package_version())
+        self.link = MqttLink(*link_args, role=LinkRole.PRESENCE, protocol=protocol)
+        self.command_link = MqttLink(*link_args, role=LinkRole.COMMANDS, protocol=protocol)
         self.command_store = CommandStore(
             self.engine,
             clock=now_ms,
@@ -88,19 +88,19 @@ class Bridge:
             self.metrics,
             self._executor,
             prefix=settings.prefix,
-            client=lambda: self.link.client,
-            is_v5=lambda: self.link.v5,
+            client=lambda: self.command_link.client,
+            is_v5=lambda: self.command_link.v5,
             poll_s=settings.command_poll_s,
             probe=OutboxProbe(self.read_engine, clock=now_ms),
             probe_s=settings.command_probe_s,
-            received=lambda: self.link.received,
+            received=lambda: self.link.received + self.command_link.received,
             inflight=settings.command_inflight,
         )
         self.ingest.on_ack = self.commands.on_ack
         self.ingest.on_command = self.commands.on_command_seen
         self.writer.listeners.append(self.commands.on_presence)
         self.security = SecurityRuntime.for_bridge(self, settings.security)
-        self.security.install(self.link)
+        self.security.install(self.command_link)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Self:
@@ -111,6 +111,7 @@ class Bridge:
         self._tasks = [
             asyncio.create_task(self.writer.run(), name="kb-db-writer"),
             asyncio.create_task(self.link.run(), name="kb-mqtt-link"),
+            asyncio.create_task(self.command_link.run(), name="kb-mqtt-command-link"),
             asyncio.create_task(self.commands.run(), name="kb-commands"),
             asyncio.create_task(
                 retention_loop(
@@ -131,8 +132,8 @@ class Bridge:
         tb: TracebackType | None,
     ) -> None:
         await self.security.__aexit__(exc_type, exc, tb)
-        writer_task, link_task, commands_task, retention_task = self._tasks
-        for task in (retention_task, commands_task, link_task):
+        writer_task, link_task, command_link_task, commands_task, retention_task = self._tasks
+        for task in (retention_task, commands_task, command_link_task, link_task):
             if task is link_task:
                 await self.link.announce_offline()
             await cancel_and_wait(task)
