@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -127,6 +128,11 @@ async def run_bridge(
                     bridge.engine.url.render_as_string(hide_password=True),
                     settings.prefix,
                 )
+                # Everything allocated so far (modules, engines, clients) lives as long as
+                # the process: out of the collector's sight, a full collection no longer
+                # walks it, which removes pauses of tens of ms from the latency tail.
+                gc.collect()
+                gc.freeze()
                 watched = {asyncio.create_task(bridge.serve_forever(), name="kb-serve")}
                 if face is not None:
                     watched.add(asyncio.create_task(face.serve_forever(), name="kb-http-serve"))
