@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,49 +19,28 @@ import pytest
 from sqlalchemy import select
 
 from bridge.clock import now_ms
-from bridge.db.engine import create_schema
 from bridge.db.models import CommandRecord
 from bridge.kiosk.credentials import TokenFile
-from bridge.security.models import DeviceCredential, create_security_schema
+from bridge.security.models import DeviceCredential
 from bridge.security.passwords import new_token, token_sha256
 from bridge.security.runtime import SecurityRuntime
 from bridge.security.store import REDACTED, SecurityStore
-from bridge.security.testkit import AuthClient, SecureBroker, running_secure_bridge, secure_broker
+from bridge.security.testkit import AuthClient, SecureBroker
 from bridge.service.app import Bridge
-from bridge.testing.mosquitto import MosquittoNotFound
 from tests.support.bridge_harness import Db, eventually
 from tests.support.faults.bridge_process import bridge_command, run_cli
-from tests.support.services import service_unavailable
+from tests.support.secure_fixtures import (
+    secure_bridge_fixture,
+    secure_broker_fixture,
+    security_db_fixture,
+)
 
 CMD = CommandRecord.__table__
 CRED = DeviceCredential.__table__
 
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
-    try:
-        started = secure_broker(tmp_path_factory.mktemp("secure-agent")).start()
-    except MosquittoNotFound as exc:
-        service_unavailable(str(exc))
-    yield started
-    started.kill()
-
-
-@pytest.fixture
-def db(sqlite_url: str) -> Iterator[Db]:
-    handle = Db(sqlite_url)
-    create_schema(handle.engine)
-    create_security_schema(handle.engine)
-    yield handle
-    handle.close()
-
-
-@pytest.fixture
-async def running(
-    broker: SecureBroker, sqlite_url: str, db: Db
-) -> AsyncIterator[tuple[Bridge, SecurityRuntime]]:
-    async with running_secure_bridge(broker.bridge_url, sqlite_url) as pair:
-        yield pair
+broker = secure_broker_fixture("secure-agent")
+db = security_db_fixture()
+running = secure_bridge_fixture()
 
 
 class KioskProcess:

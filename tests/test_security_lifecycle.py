@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,13 +19,12 @@ from typer.testing import CliRunner
 
 from bridge.cli import ops_cmd, security_cmd
 from bridge.clock import now_ms
-from bridge.db.engine import create_schema
 from bridge.db.models import CommandRecord
 from bridge.kiosk.agent import KioskAgent
 from bridge.kiosk.credentials import TokenFile, claim_credentials
 from bridge.security.admin_link import open_admin_link
 from bridge.security.backend import DynsecBackend
-from bridge.security.models import DeviceCredential, create_security_schema
+from bridge.security.models import DeviceCredential
 from bridge.security.operations import SecurityAdmin, request_rotation
 from bridge.security.passwords import token_sha256
 from bridge.security.runtime import SecurityRuntime
@@ -34,8 +33,6 @@ from bridge.security.testkit import (
     SECURE_TEMPLATE,
     AuthClient,
     SecureBroker,
-    running_secure_bridge,
-    secure_broker,
     security_conf_lines,
 )
 from bridge.service.app import Bridge
@@ -43,38 +40,20 @@ from bridge.testing.mosquitto import MosquittoNotFound, MosquittoProcess
 from schemas import Command
 from schemas.provisioning import ProvisionAccepted, ProvisionRefused, RefusalReason
 from tests.support.bridge_harness import Db, eventually
+from tests.support.secure_fixtures import (
+    secure_bridge_fixture,
+    secure_broker_fixture,
+    security_db_fixture,
+)
 from tests.support.services import service_unavailable
 
 CMD = CommandRecord.__table__
 CRED = DeviceCredential.__table__
+
+broker = secure_broker_fixture("secure-life")
+db = security_db_fixture()
+running = secure_bridge_fixture()
 KICK_BUDGET_S = 1.0
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
-    try:
-        started = secure_broker(tmp_path_factory.mktemp("secure-life")).start()
-    except MosquittoNotFound as exc:
-        service_unavailable(str(exc))
-    yield started
-    started.kill()
-
-
-@pytest.fixture
-def db(sqlite_url: str) -> Iterator[Db]:
-    handle = Db(sqlite_url)
-    create_schema(handle.engine)
-    create_security_schema(handle.engine)
-    yield handle
-    handle.close()
-
-
-@pytest.fixture
-async def running(
-    broker: SecureBroker, sqlite_url: str, db: Db
-) -> AsyncIterator[tuple[Bridge, SecurityRuntime]]:
-    async with running_secure_bridge(broker.bridge_url, sqlite_url) as pair:
-        yield pair
 
 
 class Kiosks:

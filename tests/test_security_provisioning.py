@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,20 +14,18 @@ import pytest
 from sqlalchemy import insert, select, update
 
 from bridge.clock import now_ms
-from bridge.db.engine import create_schema
 from bridge.db.models import Remote
 from bridge.kiosk.agent import KioskAgent
 from bridge.kiosk.credentials import claim_credentials, send_claim
 from bridge.security.admin_link import open_admin_link
 from bridge.security.backend import DynsecBackend
-from bridge.security.models import DeviceCredential, create_security_schema
+from bridge.security.models import DeviceCredential
 from bridge.security.operations import SecurityAdmin
 from bridge.security.passwords import PasswordHash, token_sha256, verify_password
 from bridge.security.runtime import SecurityRuntime
 from bridge.security.store import SecurityStore
-from bridge.security.testkit import AuthClient, SecureBroker, running_secure_bridge, secure_broker
+from bridge.security.testkit import AuthClient, SecureBroker, running_secure_bridge
 from bridge.service.app import Bridge
-from bridge.testing.mosquitto import MosquittoNotFound
 from schemas import encode
 from schemas.provisioning import (
     ProvisionAccepted,
@@ -37,38 +34,19 @@ from schemas.provisioning import (
     RefusalReason,
 )
 from tests.support.bridge_harness import Db, eventually
-from tests.support.services import service_unavailable
+from tests.support.secure_fixtures import (
+    secure_bridge_fixture,
+    secure_broker_fixture,
+    security_db_fixture,
+)
 
 REMOTES = Remote.__table__
 Answer = ProvisionAccepted | ProvisionRefused
 CRED = DeviceCredential.__table__
 
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
-    try:
-        started = secure_broker(tmp_path_factory.mktemp("secure-prov")).start()
-    except MosquittoNotFound as exc:
-        service_unavailable(str(exc))
-    yield started
-    started.kill()
-
-
-@pytest.fixture
-async def running(
-    broker: SecureBroker, sqlite_url: str
-) -> AsyncIterator[tuple[Bridge, SecurityRuntime]]:
-    async with running_secure_bridge(broker.bridge_url, sqlite_url) as pair:
-        yield pair
-
-
-@pytest.fixture
-def db(sqlite_url: str) -> Iterator[Db]:
-    handle = Db(sqlite_url)
-    create_schema(handle.engine)
-    create_security_schema(handle.engine)
-    yield handle
-    handle.close()
+broker = secure_broker_fixture("secure-prov")
+db = security_db_fixture()
+running = secure_bridge_fixture()
 
 
 async def claim(
