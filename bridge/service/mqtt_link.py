@@ -14,7 +14,6 @@ import logging
 import socket
 import ssl
 import uuid
-from collections.abc import Callable
 from typing import Protocol
 
 import aiomqtt
@@ -106,11 +105,10 @@ class MqttLink:
         #: Set once the retained snapshot of a connection has been reconciled.
         self.synced = asyncio.Event()
         self.connected = asyncio.Event()
-        self.on_connected: list[Callable[[aiomqtt.Client], None]] = []
         #: Whether the current connection speaks MQTT 5.
         self.v5 = False
         self.routes: list[Route] = []
-        self._received: asyncio.Queue[aiomqtt.Message] | None = None
+        self._incoming: asyncio.Queue[aiomqtt.Message] | None = None
         self._last_peer_news: bytes | None = None
         #: Messages received since start (all topics): a measure of load for others.
         self.received = 0
@@ -132,12 +130,12 @@ class MqttLink:
     def _incoming_queue(self, maxsize: int = 0) -> asyncio.Queue[aiomqtt.Message]:
         # aiomqtt builds its message queue through ``queue_type``; keeping a handle on it
         # lets the receive loop take every message that is already waiting at once.
-        self._received = asyncio.Queue(maxsize)
-        return self._received
+        self._incoming = asyncio.Queue(maxsize)
+        return self._incoming
 
     def _backlog(self, first: aiomqtt.Message) -> list[aiomqtt.Message]:
         batch = [first]
-        queue = self._received
+        queue = self._incoming
         while queue is not None and queue.qsize() and len(batch) < RECEIVE_BATCH:
             batch.append(queue.get_nowait())
         return batch
@@ -281,8 +279,6 @@ class MqttLink:
             else:
                 await self._subscribe_commands(client, group, v5)
             self.connected.set()
-            for callback in self.on_connected:
-                callback(client)
             reconcile: asyncio.Future[list[str]] | None = None
             async for first in client.messages:
                 batch = self._backlog(first)
