@@ -105,3 +105,68 @@ def test_sqlite_datetimes_are_stored_as_the_orm_stores_them(tmp_path) -> None:  
             "SELECT last_seen_at FROM remotes WHERE device_identifier = 'fmt-1'"
         ).fetchone()
     assert text == utc_naive(received).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def test_one_batch_with_every_outcome_counts_each_reason(engine: Engine) -> None:
+    _born(engine, "mix-new", "mix-stale", "mix-dup", "mix-gone", "mix-old-session")
+    store = StatusStore(engine, writer="test")
+    received = 1_764_000_000_000
+    assert (
+        store.apply_status(
+            [StatusItem(d, _status(5), received) for d in ("mix-stale", "mix-dup", "mix-gone")]
+        ).written
+        == 3
+    )
+    with engine.begin() as conn:
+        conn.execute(
+            Remote.__table__.insert().values(
+                device_identifier="mix-gone-unborn",
+                status="Disconnected",
+                remote_control_enabled=False,
+                deleted_at=utc_naive(received),
+            )
+        )
+        conn.execute(
+            Remote.__table__.update()
+            .where(Remote.device_identifier == "mix-gone")
+            .values(deleted_at=utc_naive(received))
+        )
+    result = store.apply_status(
+        [
+            StatusItem("mix-new", _status(0, battery_level=77), received + 1),
+            StatusItem("mix-stale", _status(4, battery_level=1), received + 1),
+            # The same (session, seq) again: a redelivery, not news.
+            StatusItem("mix-dup", _status(5, battery_level=2), received + 1),
+            StatusItem("mix-gone", _status(6, battery_level=3), received + 1),
+            StatusItem("mix-old-session", _status(0, session=6, battery_level=4), received + 1),
+            StatusItem("mix-unborn", _status(0), received + 1),
+            # Soft-deleted before the bridge ever saw it: no connectivity row at all.
+            StatusItem("mix-gone-unborn", _status(0), received + 1),
+        ]
+    )
+    assert result.written == 1
+    assert result.skipped == {"stale": 3, "deleted": 2, "unknown_device": 1}
+    with engine.connect() as conn:
+        batteries = dict(
+            conn.execute(select(Remote.device_identifier, Remote.battery_level)).all()
+        )
+        links = dict(conn.execute(select(Connectivity.device_id, Connectivity.last_seq)).all())
+    assert batteries["mix-new"] == 77
+    # Nothing a skipped row carried reached either table.
+    assert batteries["mix-stale"] is None and batteries["mix-dup"] is None
+    assert batteries["mix-gone"] is None and batteries["mix-old-session"] is None
+    assert links["mix-stale"] == 5 and links["mix-dup"] == 5 and links["mix-gone"] == 5
+    assert links["mix-old-session"] == -1
+    assert "mix-unborn" not in batteries
+
+
+def test_a_batch_larger_than_one_statement_is_written_whole(engine: Engine) -> None:
+    ids = [f"big-{n:04d}" for n in range(1_203)]
+    _born(engine, *ids)
+    result = StatusStore(engine, writer="test").apply_status(
+        [StatusItem(d, _status(1, ram_usage_mb=n), 1_764_000_000_000) for n, d in enumerate(ids)]
+    )
+    assert result.written == len(ids) and result.skipped == {}
+    with engine.connect() as conn:
+        stored = dict(conn.execute(select(Remote.device_identifier, Remote.ram_usage_mb)).all())
+    assert [stored[d] for d in ids] == list(range(len(ids)))
