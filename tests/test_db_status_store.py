@@ -147,9 +147,7 @@ def test_one_batch_with_every_outcome_counts_each_reason(engine: Engine) -> None
     assert result.written == 1
     assert result.skipped == {"stale": 3, "deleted": 2, "unknown_device": 1}
     with engine.connect() as conn:
-        batteries = dict(
-            conn.execute(select(Remote.device_identifier, Remote.battery_level)).all()
-        )
+        batteries = dict(conn.execute(select(Remote.device_identifier, Remote.battery_level)).all())
         links = dict(conn.execute(select(Connectivity.device_id, Connectivity.last_seq)).all())
     assert batteries["mix-new"] == 77
     # Nothing a skipped row carried reached either table.
