@@ -4,7 +4,8 @@
 ``succeeded``) on Mosquitto, and ``kiosk-bridge run`` on SQLite in its own process.
 
 1. Round trip: ``bridge.commands.api.enqueue`` of one ``refresh`` (the outbox insert a
-   CMS would do) until the row reads ``succeeded``, found by polling it every 1 ms;
+   CMS would do) until the row reads ``succeeded``, found by polling it every 1 ms from
+   a process of its own (the CMS side; see ``Cms``);
    sequential commands to random devices. The bridge finds new rows with a read-only
    probe every ``KB_COMMAND_PROBE_S`` (0.005 s) and runs its full claim pass every
    ``KB_COMMAND_POLL_S`` (``--poll``, default 0.5 s); measured with those defaults and,
@@ -23,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
+import multiprocessing
 import random
 import sqlite3
 import sys
@@ -161,6 +164,56 @@ def round_trips(
     return times, ids, lost
 
 
+class Cms:
+    """The CMS side (outbox inserts and the polling that times them) in a process of its
+    own, as a CMS is. In the simulator's process it would measure the simulator: every
+    millisecond's poll hands the GIL back and forth with the kiosks' event loop, which
+    added several milliseconds to each kiosk's answer."""
+
+    def __init__(self, db_url: str) -> None:
+        self._db_url = db_url
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn")
+        )
+
+    async def round_trips(
+        self, devices: Sequence[str], count: int, seed: int
+    ) -> tuple[list[float], list[str], int]:
+        return await self._call(_round_trips_in, list(devices), count, seed)
+
+    async def fan_out(self, devices: Sequence[str], deadline_s: float) -> dict[str, Any]:
+        return await self._call(_fan_out_in, list(devices), deadline_s)
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, fn, self._db_url, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+
+def _round_trips_in(
+    db_url: str, devices: list[str], count: int, seed: int
+) -> tuple[list[float], list[str], int]:
+    with _cms_side(db_url) as (engine, rows):
+        return round_trips(engine, rows, devices, count, seed)
+
+
+def _fan_out_in(db_url: str, devices: list[str], deadline_s: float) -> dict[str, Any]:
+    with _cms_side(db_url) as (engine, rows):
+        return fan_out(engine, rows, devices, deadline_s)
+
+
+@contextlib.contextmanager
+def _cms_side(db_url: str) -> Iterator[tuple[Engine, Rows]]:
+    engine, rows = make_engine(db_url), Rows(db_url)
+    try:
+        yield engine, rows
+    finally:
+        rows.close()
+        engine.dispose()
+
+
 def stages(rows: Rows, where: str, args: Sequence[Any]) -> dict[str, dict[str, float]]:
     """p50 etc. of each stage, from the bridge's own timestamps (1 ms resolution)."""
     spans: dict[str, list[float]] = {
@@ -248,6 +301,7 @@ class Setup:
     work: Path
     rows: Rows
     engine: Engine
+    cms: Cms
 
 
 async def _online(setup: Setup, count: int) -> None:
@@ -263,19 +317,15 @@ async def _round_trip_without_probe(setup: Setup, fleet: Fleet, sizes: Sizes) ->
         async with asyncio.timeout(300):
             await fleet.connect_all()
         await _online(setup, sizes.first)
-        times, _, lost = await asyncio.to_thread(
-            round_trips, setup.engine, setup.rows, ids, sizes.default_samples, 2
-        )
+        times, _, lost = await setup.cms.round_trips(ids, sizes.default_samples, 2)
     return {"ms": percentiles(times), "lost": lost}
 
 
 async def _round_trip(setup: Setup, fleet: Fleet, sizes: Sizes) -> dict[str, Any]:
     ids = [core.device_id for core in fleet.agents]
     # The first command after a (re)start also times the bridge's start: not counted.
-    await asyncio.to_thread(round_trips, setup.engine, setup.rows, ids, 1, 3)
-    times, done, lost = await asyncio.to_thread(
-        round_trips, setup.engine, setup.rows, ids, sizes.samples, 4
-    )
+    await setup.cms.round_trips(ids, 1, 3)
+    times, done, lost = await setup.cms.round_trips(ids, sizes.samples, 4)
     where = f"id IN ({','.join('?' * len(done))})"
     return {"ms": percentiles(times), "lost": lost, "stages": stages(setup.rows, where, done)}
 
@@ -345,9 +395,7 @@ async def _fan_out(
         everyone = [core.device_id for f in (fleet, more) for core in f.agents]
         bridge.cpu_percent()
         fleet.stats()  # starts the simulator's CPU window
-        out = await asyncio.to_thread(
-            fan_out, setup.engine, setup.rows, everyone, sizes.fan_out_deadline_s
-        )
+        out = await setup.cms.fan_out(everyone, sizes.fan_out_deadline_s)
         out["bridge cpu"] = bridge.cpu_percent()
         out["simulator cpu"] = fleet.stats().cpu_percent
         bridge.sample()
@@ -362,7 +410,7 @@ async def run(scale: float, poll_s: float) -> list[Result]:
     with workdir() as tmp:
         work = Path(tmp)
         with mosquitto(work, extra_conf=BROKER_CONF) as broker, database("sqlite", work) as db_url:
-            setup = Setup(broker.url, db_url, work, Rows(db_url), make_engine(db_url))
+            setup = Setup(broker.url, db_url, work, Rows(db_url), make_engine(db_url), Cms(db_url))
             try:
                 async with Fleet(sizes.first, broker.url, id_prefix="rt-", seed=1) as fleet:
                     default = await _round_trip_without_probe(setup, fleet, sizes)
@@ -370,6 +418,7 @@ async def run(scale: float, poll_s: float) -> list[Result]:
                         fast = await _round_trip(setup, fleet, sizes)
                         spread = await _fan_out(setup, fleet, bridge, sizes, broker)
             finally:
+                setup.cms.close()
                 setup.rows.close()
                 setup.engine.dispose()
     return [
