@@ -3,8 +3,10 @@
 For each database: (1) the rate a bare aiomqtt subscriber receives the same flood, on
 the same broker, in the same run (the ceiling a Python bridge can reach); (2) a flood of
 QoS 1 status messages over N devices and the time until every device's last message is
-in the database (messages/s the bridge absorbs); (3) a sustained phase at a fixed rate
-with p50/p99 publish-to-row lag sampled by polling the database, and the bridge's RSS/CPU.
+in the database (messages/s the bridge absorbs); (3) a sustained phase (20 s) at the
+issue's target rate (12,000 msg/s SQLite, 8,000 MariaDB; PostgreSQL has none and runs at
+80% of its flood rate) with p50/p99 publish-to-row lag sampled by polling the database,
+and the bridge's RSS/CPU.
 
     python bench/ingest.py [--scale 1] [--db sqlite,mariadb,postgres] [--json out.json]
 """
@@ -80,7 +82,14 @@ def flood_in_process(
         return pool.submit(flood_status, host, port, ids, session, total, rate).result(timeout=600)
 
 
-def run_one(kind: str, devices: int, flood: int, sustain_rate: float, sustain_s: float) -> Result:
+#: The issue's sustained targets (msg/s). PostgreSQL has none: it runs at 80% of what the
+#: bridge absorbed in the flood.
+TARGETS = {"sqlite": 12_000.0, "mariadb": 8_000.0}
+
+
+def run_one(
+    kind: str, devices: int, flood: int, sustain_rate: float | None, sustain_s: float
+) -> Result:
     result = Result(f"ingest {kind} ({devices} devices)")
     with workdir() as tmp:
         work = Path(tmp)
@@ -111,8 +120,8 @@ def run_one(kind: str, devices: int, flood: int, sustain_rate: float, sustain_s:
                 # Phase 2: flood, time until the last seq of every device is written.
                 last_seq = (flood - 1) // devices
                 full_devices = flood % devices or devices
-                start = time.monotonic()
                 pub = flood_in_process(broker.host, broker.port, ids, flood, None)
+                start = pub["started"]
                 wait_until(
                     lambda: (
                         _count(
@@ -132,10 +141,13 @@ def run_one(kind: str, devices: int, flood: int, sustain_rate: float, sustain_s:
                 result.figures["fraction of bare aiomqtt"] = (
                     rate / result.figures["aiomqtt bare receive msg/s"]
                 )
-                # Phase 3: a sustained rate, lag sampled by polling. Above what the bridge
-                # absorbs the lag only grows, so run at the target or 80% of the measured
-                # rate, whichever is lower, and report which.
-                sustain_rate = min(sustain_rate, 0.8 * rate)
+                # Phase 3: a sustained rate, lag sampled by polling. With a target, at
+                # the target: a bridge that cannot hold it shows a growing lag. Without
+                # one, at 80% of what it absorbed (above that the lag only grows).
+                if sustain_rate is None:
+                    sustain_rate = 0.8 * rate
+                else:
+                    result.figures["sustained target msg/s"] = sustain_rate
                 result.figures["sustained rate used msg/s"] = sustain_rate
                 lags, stop = [], threading.Event()
                 sampler = threading.Thread(
@@ -204,8 +216,9 @@ def _sample_lag(engine, ids, lags, stop, bridge) -> None:  # type: ignore[no-unt
 def collect(scale: float, dbs: tuple[str, ...] = ("sqlite", "mariadb", "postgres")) -> list[Result]:
     out = []
     for kind in dbs:
-        rate = 12_000.0 if kind == "sqlite" else 8_000.0
-        out.append(run_one(kind, int(10_000 * scale), int(60_000 * scale), rate, 10.0 * scale))
+        # Below full scale (the smoke test) the targets mean nothing: 80% of the flood.
+        rate = TARGETS.get(kind) if scale >= 1 else None
+        out.append(run_one(kind, int(10_000 * scale), int(60_000 * scale), rate, 20.0 * scale))
     return out
 
 
@@ -221,8 +234,8 @@ def main() -> None:
     print(f"machine: {machine()}")
     results = []
     for kind in args.db.split(","):
-        rate = 12_000.0 if kind == "sqlite" else 8_000.0
-        result = run_one(kind, devices, flood, rate, 10.0 * args.scale)
+        rate = TARGETS.get(kind) if args.scale >= 1 else None
+        result = run_one(kind, devices, flood, rate, 20.0 * args.scale)
         result.print()
         results.append(result)
     if args.json:

@@ -24,6 +24,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bridge.backoff import Backoff
 from bridge.clock import now_ms
+from bridge.service.buffered_socket import buffer_reads
 from bridge.service.ingest import Ingest
 from bridge.service.metrics import BridgeMetrics
 from bridge.service.writer import DbWriter
@@ -185,17 +186,19 @@ class MqttLink:
         if v5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self._settings.session_expiry_s if persistent else 0
-            return aiomqtt.Client(
+            client = aiomqtt.Client(
                 protocol=aiomqtt.ProtocolVersion.V5,
                 clean_start=not persistent,
                 properties=props,
                 **common,  # type: ignore[arg-type]
             )
-        return aiomqtt.Client(
-            protocol=aiomqtt.ProtocolVersion.V311,
-            clean_session=not persistent,
-            **common,  # type: ignore[arg-type]
-        )
+        else:
+            client = aiomqtt.Client(
+                protocol=aiomqtt.ProtocolVersion.V311,
+                clean_session=not persistent,
+                **common,  # type: ignore[arg-type]
+            )
+        return buffer_reads(client)
 
     async def run(self) -> None:
         """Connect and consume forever; returns only by cancellation."""

@@ -1,0 +1,84 @@
+"""The bridge's buffered paho socket over a real socket pair: it returns the stream
+byte for byte whatever the read sizes, reports what it holds, and passes on the socket's
+own "nothing yet" and end of stream."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bridge.service.buffered_socket import READ_SIZE, BufferedSocket
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    left, right = socket.socketpair()
+    right.setblocking(False)
+    yield left, right
+    left.close()
+    right.close()
+
+
+def test_small_reads_come_from_one_large_one(pair: tuple[socket.socket, socket.socket]) -> None:
+    left, right = pair
+    left.sendall(b"\x30\x05hello\x30\x03abc")
+    reader = BufferedSocket(right)
+    assert reader.recv(1) == b"\x30"
+    # Everything else already left the kernel: paho must be told, or it would wait for a
+    # readable event that never comes.
+    assert reader.pending() == 11
+    assert reader.recv(1) == b"\x05"
+    assert reader.recv(5) == b"hello"
+    assert reader.recv(100) == b"\x30\x03abc"
+    assert reader.pending() == 0
+    with pytest.raises(BlockingIOError):
+        reader.recv(1)
+
+
+def test_end_of_stream_is_passed_on(pair: tuple[socket.socket, socket.socket]) -> None:
+    left, right = pair
+    left.sendall(b"xy")
+    left.shutdown(socket.SHUT_WR)
+    reader = BufferedSocket(right)
+    assert reader.recv(1) == b"x"
+    assert reader.recv(1) == b"y"
+    assert reader.recv(1) == b""
+
+
+def test_other_attributes_are_the_sockets(pair: tuple[socket.socket, socket.socket]) -> None:
+    _, right = pair
+    reader = BufferedSocket(right)
+    assert reader.fileno() == right.fileno()
+    reader.close()
+    assert right.fileno() == -1
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    # Longer than one read from the kernel, short enough for the pair's own buffer.
+    data=st.binary(min_size=1, max_size=READ_SIZE + 30_000),
+    sizes=st.lists(st.integers(min_value=1, max_value=READ_SIZE + 5_000), min_size=1),
+)
+def test_any_read_sizes_return_the_stream_unchanged(data: bytes, sizes: list[int]) -> None:
+    left, right = socket.socketpair()
+    try:
+        right.setblocking(False)
+        left.sendall(data)
+        reader = BufferedSocket(right)
+        got = bytearray()
+        turn = 0
+        while len(got) < len(data):
+            size = sizes[turn % len(sizes)]
+            chunk = reader.recv(size)
+            assert 0 < len(chunk) <= size
+            got += chunk
+            turn += 1
+        assert bytes(got) == data
+        assert reader.pending() == 0
+    finally:
+        left.close()
+        right.close()
