@@ -4,14 +4,17 @@ own "nothing yet" and end of stream."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 
+import aiomqtt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.service.buffered_socket import READ_SIZE, BufferedSocket
+from bridge.service.buffered_socket import READ_SIZE, BufferedSocket, buffer_reads
+from bridge.testing.mosquitto import MosquittoProcess
 
 
 @pytest.fixture
@@ -82,3 +85,28 @@ def test_any_read_sizes_return_the_stream_unchanged(data: bytes, sizes: list[int
     finally:
         left.close()
         right.close()
+
+
+@pytest.mark.mosquitto
+async def test_a_connected_client_reads_buffered_with_its_socket_options(
+    mosquitto: MosquittoProcess,
+) -> None:
+    client = buffer_reads(
+        aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="buffered-test"),
+        [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+    )
+    async with client:
+        sock = client._client.socket()
+        assert isinstance(sock, BufferedSocket)
+        # Nagle would hold each small ack for the peer's delayed ACK: tens of ms.
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        await client.subscribe("buffered/#", qos=1)
+        for n in range(300):
+            await client.publish(f"buffered/{n}", b"x" * 500, qos=1)
+        got = []
+        async with asyncio.timeout(30):
+            async for message in client.messages:
+                got.append(message.topic.value)
+                if len(got) == 300:
+                    break
+    assert got == [f"buffered/{n}" for n in range(300)]

@@ -23,6 +23,7 @@ integration test runs through this path.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import aiomqtt
@@ -70,13 +71,22 @@ class BufferedSocket:
         return getattr(self._sock, name)
 
 
-def buffer_reads(client: aiomqtt.Client) -> aiomqtt.Client:
-    """Make ``client`` read through a :class:`BufferedSocket` on every (re)connect."""
+def buffer_reads(
+    client: aiomqtt.Client, socket_options: Sequence[tuple[int, int, int]] = ()
+) -> aiomqtt.Client:
+    """Make ``client`` read through a :class:`BufferedSocket` on every (re)connect.
+
+    ``socket_options`` are set on the socket here: aiomqtt sets its own ``socket_options``
+    only on a plain ``socket.socket`` and would skip the wrapper.
+    """
     paho = client._client
     create = paho._create_socket
 
     def create_buffered() -> Any:
-        return BufferedSocket(create())
+        sock = create()
+        for option in socket_options:
+            sock.setsockopt(*option)
+        return BufferedSocket(sock)
 
     paho._create_socket = create_buffered  # type: ignore[method-assign]
     return client

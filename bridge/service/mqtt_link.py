@@ -172,8 +172,6 @@ class MqttLink:
             "tls_context": ssl.create_default_context(cafile=self._settings.security.tls_ca)
             if tls
             else None,
-            # Acks and commands are small and latency-bound: do not let Nagle hold them.
-            "socket_options": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             "queue_type": self._incoming_queue,
             # paho's own window is 20 unacknowledged QoS 1 publishes; the dispatcher paces
             # a fan-out by the same number, so the two must agree.
@@ -198,7 +196,8 @@ class MqttLink:
                 clean_session=not persistent,
                 **common,  # type: ignore[arg-type]
             )
-        return buffer_reads(client)
+        # Acks and commands are small and latency-bound: do not let Nagle hold them.
+        return buffer_reads(client, [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
 
     async def run(self) -> None:
         """Connect and consume forever; returns only by cancellation."""
