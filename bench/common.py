@@ -153,18 +153,20 @@ class BridgeProcess:
 
     def __init__(
         self,
-        broker_url: str,
+        broker_url: str | None,
         db_url: str,
         workdir: Path,
         *extra: str,
         env: dict[str, str] | None = None,
     ) -> None:
+        """``broker_url`` None: the embedded broker (``extra`` says where it listens)."""
         self.log_path = workdir / "bridge.log"
         self._log = self.log_path.open("wb")
         exe = shutil.which("kiosk-bridge")
         cmd = [exe] if exe else [sys.executable, "-m", "bridge"]
+        broker = ["--broker", broker_url] if broker_url else []
         self.proc = subprocess.Popen(
-            [*cmd, "run", "--broker", broker_url, "--db", db_url, "--log-level", "WARNING", *extra],
+            [*cmd, "run", *broker, "--db", db_url, "--log-level", "WARNING", *extra],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

@@ -5,6 +5,8 @@
    ``remotes.status = 'Disconnected'``, found by polling the database every 1 ms.
 2. Silent network: kiosks behind a TCP proxy that stops forwarding (nothing reaches the
    broker, no FIN, no RST); time to ``lost`` against 1.5 x keepalive.
+   The same black hole again on the embedded amqtt broker, which times each client's
+   keepalive itself, where Mosquitto 2.0.11 sweeps every ~5 s.
 3. Slow but alive: kiosks behind a proxy adding keepalive/2 latency in both directions
    for 3 keepalive periods; counts false offlines (must be zero).
 
@@ -37,6 +39,7 @@ from common import (
 )
 
 from bridge.kiosk.simulator import Fleet
+from bridge.testing.ports import free_port
 from bridge.testing.tcp_proxy import TcpProxy
 
 
@@ -191,7 +194,36 @@ async def run(kind: str, scale: float) -> list[Result]:
                 poller.close()
             finally:
                 bridge.stop()
+        out.append(await _silent_network_embedded(kind, work, keepalive))
     return out
+
+
+async def _silent_network_embedded(kind: str, work: Path, keepalive: int) -> Result:
+    """The same black hole on the embedded amqtt broker, which times each client's
+    keepalive by itself (Mosquitto 2.0.11 sweeps all clients every ~5 s): what the
+    bridge adds to the broker's own detection."""
+    port = free_port()
+    here = work / "embedded"
+    here.mkdir()
+    with database(kind, here) as db_url:
+        bridge = BridgeProcess(
+            None, db_url, here, "--listen", f"127.0.0.1:{port}", "--embedded-open"
+        )
+        try:
+            engine = create_engine(db_url)
+            wait_until(lambda: _ready(engine), 60, what="bridge schema")
+            engine.dispose()
+            poller = StatusPoller(db_url)
+            result = Result(
+                f"detection: silent network ({kind}, embedded amqtt, keepalive {keepalive}s)"
+            )
+            result.figures["black hole -> Disconnected s"] = await silent_network(
+                "127.0.0.1", port, poller, 20, keepalive
+            )
+            poller.close()
+        finally:
+            bridge.stop()
+    return result
 
 
 def _ready(engine) -> bool:  # type: ignore[no-untyped-def]
