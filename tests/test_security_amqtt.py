@@ -191,7 +191,12 @@ async def test_rotation_old_and_new_work_until_it_ends(
     old, new = await enroll(store, "amq-t"), new_token()
     device = await clients.connect(url(broker, "amq-t", old), "amq-t")
     pending = hash_password(new)
-    await asyncio.to_thread(store.start_rotation, "amq-t", pending, "cmd-1", now_ms() + 60_000, "x")
+
+    def start() -> None:
+        with store.engine.begin() as conn:
+            store.start_rotation(conn, "amq-t", pending, "cmd-1", now_ms() + 60_000, "x")
+
+    await asyncio.to_thread(start)
     device.close()
     assert not await clients.refused(url(broker, "amq-t", new), "amq-t")
     live = await clients.connect(url(broker, "amq-t", old), "amq-t")

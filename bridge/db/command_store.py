@@ -129,6 +129,12 @@ class CommandStore:
     def enqueue(self, commands: Sequence[NewCommand]) -> list[str]:
         """Insert ``queued`` rows; a newer refresh/reconnect/set_config supersedes an
         older one for the same device that has not been sent yet."""
+        with self._engine.begin() as conn:
+            return self.enqueue_in(conn, commands)
+
+    def enqueue_in(self, conn: Connection, commands: Sequence[NewCommand]) -> list[str]:
+        """:meth:`enqueue` inside the caller's transaction, for rows that must appear
+        together with others (a token rotation and its command)."""
         now = self._now()
         ids: list[str] = []
         rows: list[dict[str, Any]] = []
@@ -149,29 +155,28 @@ class CommandStore:
                     "reason": command.reason,
                 }
             )
-        with self._engine.begin() as conn:
-            # Supersede first, so the rows inserted below are never candidates.
-            by_type: dict[str, list[str]] = {}
-            for command in commands:
-                if command.type in SUPERSEDABLE:
-                    by_type.setdefault(command.type, []).append(command.device_id)
-            for type_, devices in by_type.items():
-                for part in chunks(sorted(set(devices))):
-                    conn.execute(
-                        update(CMD)
-                        .where(
-                            CMD.c.device_id.in_(part),
-                            CMD.c.type == type_,
-                            CMD.c.state == CommandState.QUEUED.value,
-                        )
-                        .values(
-                            state=CommandState.SUPERSEDED.value,
-                            finished_at=now,
-                            last_error="superseded by a newer command",
-                        )
+        # Supersede first, so the rows inserted below are never candidates.
+        by_type: dict[str, list[str]] = {}
+        for command in commands:
+            if command.type in SUPERSEDABLE:
+                by_type.setdefault(command.type, []).append(command.device_id)
+        for type_, devices in by_type.items():
+            for part in chunks(sorted(set(devices))):
+                conn.execute(
+                    update(CMD)
+                    .where(
+                        CMD.c.device_id.in_(part),
+                        CMD.c.type == type_,
+                        CMD.c.state == CommandState.QUEUED.value,
                     )
-            for part in chunks(rows):
-                conn.execute(insert(CMD), list(part))
+                    .values(
+                        state=CommandState.SUPERSEDED.value,
+                        finished_at=now,
+                        last_error="superseded by a newer command",
+                    )
+                )
+        for part in chunks(rows):
+            conn.execute(insert(CMD), list(part))
         return ids
 
     def bump_config(

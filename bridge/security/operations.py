@@ -165,18 +165,18 @@ def request_rotation(
     token = new_token()
     command_id = str(uuid.uuid4())
     deadline_ms = now_ms() + int(deadline_s * 1000)
-    store.start_rotation(device_id, hash_password(token), command_id, deadline_ms, requested_by)
-    CommandStore(store.engine, clock=now_ms).enqueue(
-        [
-            NewCommand(
-                device_id,
-                ROTATE_TOKEN,
-                {"token": token},
-                deadline_s,
-                requested_by=requested_by,
-                reason="credential rotation",
-                id=command_id,
-            )
-        ]
+    command = NewCommand(
+        device_id,
+        ROTATE_TOKEN,
+        {"token": token},
+        deadline_s,
+        requested_by=requested_by,
+        reason="credential rotation",
+        id=command_id,
     )
+    with store.engine.begin() as conn:
+        store.start_rotation(
+            conn, device_id, hash_password(token), command_id, deadline_ms, requested_by
+        )
+        CommandStore(store.engine, clock=now_ms).enqueue_in(conn, [command])
     return RotationTicket(device_id, command_id, deadline_ms)

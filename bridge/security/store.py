@@ -328,41 +328,44 @@ class SecurityStore:
 
     def start_rotation(
         self,
+        conn: Connection,
         device_id: str,
         pending: PasswordHash,
         command_id: str,
         deadline_ms: int,
         requested_by: str | None,
     ) -> None:
+        """Mark the rotation pending, in the transaction that also inserts its command:
+        the bridge's rotation check must never see one without the other (it would end
+        the rotation as aborted while the device goes on to adopt the new token)."""
         now_ms = self._clock()
-        with self._engine.begin() as conn:
-            result = conn.execute(
-                update(CRED)
-                .where(
-                    CRED.c.device_id == device_id,
-                    CRED.c.state == CredentialState.ACTIVE.value,
-                    CRED.c.rotation_command_id.is_(None),
-                )
-                .values(
-                    pending_hash=pending.hash_b64,
-                    pending_salt=pending.salt_b64,
-                    rotation_command_id=command_id,
-                    rotation_deadline_ms=deadline_ms,
-                    rotation_requested_by=requested_by,
-                    updated_ms=now_ms,
-                )
+        result = conn.execute(
+            update(CRED)
+            .where(
+                CRED.c.device_id == device_id,
+                CRED.c.state == CredentialState.ACTIVE.value,
+                CRED.c.rotation_command_id.is_(None),
             )
-            if result.rowcount != 1:
-                raise LookupError(
-                    f"{device_id} has no active credential, or a rotation is already running"
-                )
-            self._audit(
-                conn,
-                device_id,
-                "rotate_requested",
-                requested_by,
-                f"command {command_id}, deadline {deadline_ms}",
+            .values(
+                pending_hash=pending.hash_b64,
+                pending_salt=pending.salt_b64,
+                rotation_command_id=command_id,
+                rotation_deadline_ms=deadline_ms,
+                rotation_requested_by=requested_by,
+                updated_ms=now_ms,
             )
+        )
+        if result.rowcount != 1:
+            raise LookupError(
+                f"{device_id} has no active credential, or a rotation is already running"
+            )
+        self._audit(
+            conn,
+            device_id,
+            "rotate_requested",
+            requested_by,
+            f"command {command_id}, deadline {deadline_ms}",
+        )
 
     def pending_rotations(self) -> list[PendingRotation]:
         with self._engine.connect() as conn:
