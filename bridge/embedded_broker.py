@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import math
 import socket
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -145,7 +144,8 @@ class _Broker(Broker):
             reader, writer, remote_address, remote_port
         )
         if session.keep_alive > 0 and isinstance(writer, _AbortableWriter):
-            session.keep_alive = math.ceil(session.keep_alive * KEEPALIVE_GRACE)
+            # Not rounded up to whole seconds: that would give 5 s kiosks 8 s, not 7.5.
+            session.keep_alive = session.keep_alive * KEEPALIVE_GRACE  # type: ignore[assignment]
             # An instance attribute shadows the no-op method the reader loop calls.
             handler.handle_read_timeout = writer.abort  # type: ignore[method-assign]
         return handler, session
