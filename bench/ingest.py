@@ -9,6 +9,7 @@ issue's target rate (12,000 msg/s SQLite, 8,000 MariaDB; PostgreSQL has none and
 and the bridge's RSS/CPU.
 
     python bench/ingest.py [--scale 1] [--db sqlite,mariadb,postgres] [--json out.json]
+        [--sustain MSG_PER_S]
 """
 
 from __future__ import annotations
@@ -228,13 +229,16 @@ def main() -> None:
     parser.add_argument("--db", default="sqlite,mariadb,postgres")
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--sustain", type=float, default=None, help="sustained msg/s instead of the target"
+    )
     args = parser.parse_args()
     devices = int(args.devices * args.scale)
     flood = int(60_000 * args.scale)
     print(f"machine: {machine()}")
     results = []
     for kind in args.db.split(","):
-        rate = TARGETS.get(kind) if args.scale >= 1 else None
+        rate = args.sustain or (TARGETS.get(kind) if args.scale >= 1 else None)
         result = run_one(kind, devices, flood, rate, 20.0 * args.scale)
         result.print()
         results.append(result)
