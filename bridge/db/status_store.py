@@ -76,6 +76,10 @@ _ROW = (
     *METRICS,
     "last_seen_at",
 )
+# The parts of a row the per-row UPDATEs (PostgreSQL) take: connectivity's values, and
+# remotes' (the metrics and last_seen_at).
+_CONN_VALUES = slice(_ROW.index("session"), _ROW.index(METRICS[0]))
+_REMOTE_VALUES = slice(_ROW.index(METRICS[0]), None)
 # Where each row value is stored, so it is bound through that column's own type.
 _ROW_TYPES = [
     CONN.c.device_id,
@@ -335,7 +339,6 @@ class StatusStore:
         remotes = {row[0]: row for row in cursor.fetchall()}
         remote_rows: list[tuple[Any, ...]] = []
         conn_rows: list[tuple[Any, ...]] = []
-        n_conn = 7
         for item in items:
             remote = remotes.get(item.device_id)
             fence = fences.get(item.device_id)
@@ -357,8 +360,8 @@ class StatusStore:
             row = sql.row(item)
             # The UPDATEs take the values first and the key last; the remotes UPDATE
             # takes last_seen_at twice (it is also updated_at).
-            remote_rows.append((*row[n_conn:], row[-1], row[0]))
-            conn_rows.append((*row[1:n_conn], row[0]))
+            remote_rows.append((*row[_REMOTE_VALUES], row[-1], row[0]))
+            conn_rows.append((*row[_CONN_VALUES], row[0]))
         if remote_rows:
             cursor.executemany(sql.remote_update, remote_rows)
             cursor.executemany(sql.conn_update, conn_rows)
