@@ -3,7 +3,9 @@ land exactly as the ORM would store them, the fence holds, and skips have reason
 
 from __future__ import annotations
 
+import random
 import sqlite3
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 
@@ -168,3 +170,58 @@ def test_a_batch_larger_than_one_statement_is_written_whole(engine: Engine) -> N
     with engine.connect() as conn:
         stored = dict(conn.execute(select(Remote.device_identifier, Remote.ram_usage_mb)).all())
     assert [stored[d] for d in ids] == list(range(len(ids)))
+
+
+def test_two_writers_racing_never_move_a_device_backwards(db_url: str) -> None:
+    """Two stores on their own connections write interleaved batches for the same
+    devices, with seqs in random order: each device ends at the highest seq either
+    wrote, and its metrics are that message's (the fence and the values move together)."""
+    engines = [make_engine(db_url), make_engine(db_url)]
+    create_schema(engines[0])
+    devices = [f"race-{n:02d}" for n in range(20)]
+    _born(engines[0], *devices)
+    errors: list[BaseException] = []
+
+    def writer(engine: Engine, parity: int) -> None:
+        store = StatusStore(engine, writer=f"w{parity}")
+        seqs = [seq for seq in range(1, 120) if seq % 2 == parity]
+        random.Random(parity).shuffle(seqs)
+        try:
+            for batch_seqs in (seqs[k : k + 5] for k in range(0, len(seqs), 5)):
+                for seq in batch_seqs:
+                    store.apply_status(
+                        [
+                            StatusItem(d, _status(seq, ram_usage_mb=seq), 1_764_000_000_000 + seq)
+                            for d in devices
+                        ]
+                    )
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(e, p)) for p, e in enumerate(engines)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors
+        with engines[0].connect() as conn:
+            links = dict(
+                conn.execute(
+                    select(Connectivity.device_id, Connectivity.last_seq).where(
+                        Connectivity.device_id.in_(devices)
+                    )
+                ).all()
+            )
+            rams = dict(
+                conn.execute(
+                    select(Remote.device_identifier, Remote.ram_usage_mb).where(
+                        Remote.device_identifier.in_(devices)
+                    )
+                ).all()
+            )
+    finally:
+        for engine in engines:
+            engine.dispose()
+    assert links == dict.fromkeys(devices, 119)
+    assert rams == dict.fromkeys(devices, 119)

@@ -152,10 +152,10 @@ class _StatusSql:
     def in_list(self, count: int) -> str:
         return ", ".join([self.mark] * count)
 
-    def fences(self, count: int) -> str:
+    def fences(self, count: int, *, lock: bool = True) -> str:
         return (
             f"SELECT device_id, session, status_session, last_seq FROM {CONN.name} "
-            f"WHERE device_id IN ({self.in_list(count)}){self.lock}"
+            f"WHERE device_id IN ({self.in_list(count)}){self.lock if lock else ''}"
         )
 
     def remotes(self, count: int) -> str:
@@ -181,8 +181,7 @@ class _StatusSql:
     def fenced_conn_update(self, count: int) -> str:
         """Advance each device's ``(status_session, last_seq)`` where the row is newer
         than both the stored telemetry and the presence session, for devices that exist
-        and are not soft-deleted. Row locks (MariaDB) are taken here, before ``remotes``,
-        in the order presence takes them."""
+        and are not soft-deleted."""
         sets = [
             ("status_session", "v.session"),
             ("last_seq", "v.seq"),
@@ -192,12 +191,10 @@ class _StatusSql:
             ("config_version", "COALESCE(v.config_version, c.config_version)"),
         ]
         where = (
-            "v.session >= c.session AND (v.session > c.status_session OR "
-            "(v.session = c.status_session AND v.seq > c.last_seq)) AND EXISTS (SELECT 1 "
-            f"FROM {REMOTES.name} AS r WHERE r.device_identifier = v.device_id "
-            "AND r.deleted_at IS NULL)"
+            "r.deleted_at IS NULL AND v.session >= c.session AND (v.session > "
+            "c.status_session OR (v.session = c.status_session AND v.seq > c.last_seq))"
         )
-        return self._update(CONN.name, "c", "device_id", sets, None, where, self._derived(count))
+        return self._update("c", sets, where, self._derived(count))
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one per store, lives as long
     def fenced_remote_update(self, count: int) -> str:
@@ -206,37 +203,47 @@ class _StatusSql:
         ``(session, seq)`` and receive time."""
         sets = [(name, f"COALESCE(v.{name}, r.{name})") for name in METRICS]
         sets += [("last_seen_at", "v.last_seen_at"), ("updated_at", "v.last_seen_at")]
-        join = f"{CONN.name} AS c ON c.device_id = v.device_id"
         where = (
             "r.deleted_at IS NULL AND c.status_session = v.session AND c.last_seq = v.seq "
             "AND c.last_status_ms = v.received_ms"
         )
-        derived = self._derived(count)
-        return self._update(REMOTES.name, "r", "device_identifier", sets, join, where, derived)
+        return self._update("r", sets, where, self._derived(count))
 
-    def _update(
-        self,
-        table: str,
-        alias: str,
-        key: str,
-        sets: list[tuple[str, str]],
-        join: str | None,
-        where: str,
-        derived: str,
-    ) -> str:
+    def _update(self, target: str, sets: list[tuple[str, str]], where: str, derived: str) -> str:
+        """An UPDATE of ``c`` (connectivity) or ``r`` (remotes), joined to the batch
+        ``v`` and to the other table on the device id."""
+        conn_on = "c.device_id = v.device_id"
+        remote_on = "r.device_identifier = v.device_id"
         if self.dialect == "sqlite":
             # SQLite's UPDATE ... FROM: assignments name bare columns of the target.
             assigned = ", ".join(f"{name} = {value}" for name, value in sets)
-            joined = f" JOIN {join}" if join else ""
+            if target == "c":
+                table, other, own_on, other_on = (
+                    CONN.name,
+                    f"{REMOTES.name} AS r",
+                    conn_on,
+                    remote_on,
+                )
+            else:
+                table, other, own_on, other_on = (
+                    REMOTES.name,
+                    f"{CONN.name} AS c",
+                    remote_on,
+                    conn_on,
+                )
             return (
-                f"UPDATE {table} AS {alias} SET {assigned} FROM {derived} AS v{joined} "
-                f"WHERE {alias}.{key} = v.device_id AND {where}"
+                f"UPDATE {table} AS {target} SET {assigned} FROM {derived} AS v "
+                f"JOIN {other} ON {other_on} WHERE {own_on} AND {where}"
             )
-        assigned = ", ".join(f"{alias}.{name} = {value}" for name, value in sets)
-        joined = f" JOIN {join}" if join else ""
+        # MariaDB locks the rows of a multi-table UPDATE as its join reaches them.
+        # STRAIGHT_JOIN fixes the order for both statements: the batch (sorted by device),
+        # then each device's connectivity row, then its remotes row, which is the order
+        # presence locks them in. Left to the optimizer, the first statement could take
+        # its locks on remotes first, and two writers deadlocked.
+        assigned = ", ".join(f"{target}.{name} = {value}" for name, value in sets)
         return (
-            f"UPDATE {table} AS {alias} JOIN {derived} AS v ON {alias}.{key} = v.device_id"
-            f"{joined} SET {assigned} WHERE {where}"
+            f"UPDATE {derived} AS v STRAIGHT_JOIN {CONN.name} AS c ON {conn_on} "
+            f"STRAIGHT_JOIN {REMOTES.name} AS r ON {remote_on} SET {assigned} WHERE {where}"
         )
 
 
@@ -313,7 +320,9 @@ class StatusStore:
         batch had skips; what is neither unknown nor deleted was stale."""
         sql = self._sql
         ids = [item.device_id for item in items]
-        cursor.execute(sql.fences(len(ids)), ids)
+        # A plain read: the rows that matter are locked already, and locking the
+        # skipped ones too, after the UPDATEs, deadlocked two writers on MariaDB.
+        cursor.execute(sql.fences(len(ids), lock=False), ids)
         fenced = {row[0] for row in cursor.fetchall()}
         cursor.execute(sql.remotes(len(ids)), ids)
         remotes = {row[0]: row for row in cursor.fetchall()}
