@@ -63,10 +63,12 @@ async def test_register_new_then_existing_device(api: Served, db: Db) -> None:
     assert len(token) == 64 and all(ch in "0123456789abcdef" for ch in token)
     assert first["remote_control_enabled"] is False
     mqtt = first["mqtt"]
-    assert (mqtt["client_id"], mqtt["username"], mqtt["password"]) == (
+    # The test broker is open: the token is the MQTT password.
+    assert (mqtt["client_id"], mqtt["username"], mqtt["password"], mqtt["credentials"]) == (
         "a1b2c3d4e5f60718",
         "a1b2c3d4e5f60718",
         token,
+        "token",
     )
     assert mqtt["topics"]["cmd"] == device_topic("a1b2c3d4e5f60718", TopicKind.CMD)
     assert mqtt["url"] == api.bridge.settings.broker_address.url

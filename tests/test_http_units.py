@@ -9,10 +9,12 @@ import pytest
 from bridge.http.bodies import HeartbeatBody
 from bridge.http.limits import RateLimiter, retry_after_header
 from bridge.http.refresh import refresh_id
+from bridge.http.routes_devices import broker_takes_device_tokens
 from bridge.http.settings import HttpSettings, parse_listen
 from bridge.http.telemetry import telemetry
 from bridge.http.tokens import new_token, token_hash
 from bridge.http.uptime import Change, uptime
+from bridge.settings import Settings
 
 
 class FakeClock:
@@ -116,3 +118,18 @@ def test_listen_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ("8080", "host:", "host:http", "host:70000"):
         with pytest.raises(ValueError, match="HOST:PORT"):
             parse_listen(bad)
+
+
+@pytest.mark.parametrize(
+    ("values", "takes_tokens"),
+    [
+        ({"broker": "mqtt://127.0.0.1:1883"}, True),
+        ({"broker": "mqtt://_bridge:secret@127.0.0.1:1883"}, False),
+        ({}, False),  # the embedded broker is secure by default
+        ({"embedded_open": True}, True),
+    ],
+)
+def test_the_http_token_is_an_mqtt_password_only_on_an_open_broker(
+    values: dict[str, object], takes_tokens: bool
+) -> None:
+    assert broker_takes_device_tokens(Settings(**values)) is takes_tokens  # type: ignore[arg-type]

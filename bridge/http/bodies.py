@@ -67,7 +67,15 @@ class MqttDetails(_Body):
     url: str | None = Field(description="Broker URL for kiosks; null when not configured")
     client_id: str
     username: str
-    password: str = Field(description="The device token, as the MQTT password")
+    password: str | None = Field(
+        description="The device token, as the MQTT password, when the broker takes device "
+        "tokens (an open broker); null when it does not"
+    )
+    credentials: Literal["token", "claim"] = Field(
+        description="token: connect with the password above. claim: the broker requires a "
+        "credential of its own; get one with the claim flow (docs/CONTRACT.md, "
+        "provisioning). Registering over HTTP never creates one: it is unauthenticated"
+    )
     keepalive_s: int
     session_expiry_s: int
     prefix: str

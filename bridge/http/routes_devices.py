@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Body, Path
 
@@ -32,6 +32,9 @@ from bridge.http.responses import errors
 from bridge.http.telemetry import status_for, telemetry
 from schemas import Ack, AckState, TopicKind, bridge_presence_topic, device_topic
 
+if TYPE_CHECKING:
+    from bridge.settings import Settings
+
 router = APIRouter(tags=["devices"])
 
 #: MQTT settings handed to a kiosk switching over (docs/CONTRACT.md, "Connecting").
@@ -49,13 +52,25 @@ def epoch_ms(value: datetime) -> int:
     return int(value.replace(tzinfo=UTC).timestamp() * 1000)
 
 
+def broker_takes_device_tokens(settings: Settings) -> bool:
+    """Whether a kiosk can connect with its HTTP token as the MQTT password: only when
+    the broker is open. The bridge's own connection tells: it connects anonymously to an
+    open broker, and the embedded broker is secure unless ``--embedded-open``."""
+    address = settings.broker_address
+    if address is None:
+        return settings.embedded_open
+    return address.username is None
+
+
 def mqtt_details(ctx: HttpContext, device_id: str, token: str) -> MqttDetails:
     prefix = ctx.bridge.settings.prefix
+    open_broker = broker_takes_device_tokens(ctx.bridge.settings)
     return MqttDetails(
         url=ctx.settings.http_mqtt_url or _default_mqtt_url(ctx),
         client_id=device_id,
         username=device_id,
-        password=token,
+        password=token if open_broker else None,
+        credentials="token" if open_broker else "claim",
         keepalive_s=KEEPALIVE_S,
         session_expiry_s=SESSION_EXPIRY_S,
         prefix=prefix,
