@@ -180,6 +180,41 @@ async def test_agent_claims_then_follows_a_rotation(
     assert await restarted.stop() == 0, restarted.output()
 
 
+async def test_an_agent_whose_token_is_refused_claims_a_new_one(
+    broker: SecureBroker,
+    running: tuple[Bridge, SecurityRuntime],
+    db: Db,
+    tmp_path: Path,
+    kiosks: list[KioskProcess],
+) -> None:
+    device = "agent-stale"
+    _, security = running
+    await security.admin().enroll(device, new_token(), requested_by="test")
+    # The kiosk holds a token the broker does not know, as after a forced rotation it
+    # missed while away.
+    state_dir = tmp_path / device
+    stale = new_token()
+    TokenFile(state_dir).save(stale)
+    kiosk = KioskProcess(tmp_path / "stale.log")
+    kiosks.append(kiosk)
+    await kiosk.start(
+        "--device-id",
+        device,
+        "--broker",
+        broker.url(),
+        "--state-dir",
+        str(state_dir),
+        env={"KB_CLAIM_PASSWORD": broker.secrets.claim_password},
+    )
+    await online_session(db, device)
+    fresh = TokenFile(state_dir).load()
+    assert fresh is not None and fresh != stale
+    assert "refused its credential; claiming a new one" in kiosk.output()
+    assert await asyncio.to_thread(can_connect, broker, device, fresh)
+    assert "provisioned" in actions(db, device)
+    assert await kiosk.stop() == 0, kiosk.output()
+
+
 async def test_a_refused_claim_is_a_clear_error(
     broker: SecureBroker,
     running: tuple[Bridge, SecurityRuntime],

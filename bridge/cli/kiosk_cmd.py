@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from bridge.backoff import Backoff
 from bridge.broker_url import parse_broker_url
 from bridge.kiosk.agent import KioskAgent
 from bridge.kiosk.credentials import ClaimError, ClaimRefused, TokenFile, claim_until_accepted
@@ -58,7 +59,8 @@ def kiosk(
     claim_password: Annotated[
         str | None,
         typer.Option(
-            help="Shared claim credential: with no token yet, provision one from the bridge",
+            help="Shared claim credential: with no token yet, or when the broker refuses "
+            "the one it has, provision one from the bridge",
             envvar="KB_CLAIM_PASSWORD",
         ),
     ] = None,
@@ -80,8 +82,10 @@ def kiosk(
 
     Its credential, in this order: the token stored in the state dir (credential.json,
     written by a claim or a rotate_token command), --password or the URL's password, or
-    a claim with --claim-password (the token is then stored). rotate_token commands are
-    handled: the new token is stored, acknowledged, and used from the next connection.
+    a claim with --claim-password (the token is then stored). With --claim-password, a
+    credential the broker refuses (a rotation the kiosk missed) is replaced by a new
+    claim. rotate_token commands are handled: the new token is stored, acknowledged,
+    and used from the next connection.
     """
     try:
         validate_device_id(device_id)
@@ -145,6 +149,12 @@ def _ensure_token(run: KioskRun, quit_requested: threading.Event) -> None:
         )
         return
     typer.echo(f"kiosk {run.device_id}: no token yet; claiming one", err=True)
+    _claim(run, quit_requested)
+
+
+def _claim(run: KioskRun, quit_requested: threading.Event) -> None:
+    assert run.claim_password is not None
+    tokens = TokenFile(run.state_dir)
     try:
         answer = claim_until_accepted(
             run.broker,
@@ -171,6 +181,24 @@ def _ensure_token(run: KioskRun, quit_requested: threading.Event) -> None:
 
 def _run_agent(run: KioskRun, quit_requested: threading.Event) -> None:
     _ensure_token(run, quit_requested)
+    # Claims that keep being followed by refusals must not become a tight loop.
+    pause = Backoff(base=1.0, cap=60.0)
+    while _run_until_refused(run, quit_requested):
+        # The broker refused the credential (a rotation the kiosk missed, a reinstall
+        # over an old state dir): with the claim credential, get a new one. A revoked
+        # or deleted device's claim is refused, and that ends the agent with the reason.
+        typer.echo(
+            f"kiosk {run.device_id}: the broker refused its credential; claiming a new one",
+            err=True,
+        )
+        if quit_requested.wait(pause.next_delay()):
+            return
+        _claim(run, quit_requested)
+
+
+def _run_until_refused(run: KioskRun, quit_requested: threading.Event) -> bool:
+    """Run the agent until a quit, a wipe, or (when it may claim) a refused credential;
+    True for the last."""
     agent = KioskAgent(
         run.device_id,
         run.broker,
@@ -182,6 +210,7 @@ def _run_agent(run: KioskRun, quit_requested: threading.Event) -> None:
         app_version=run.app_version,
     )
     device_id, broker = run.device_id, run.broker
+    refused = False
     try:
         # No wait: an unreachable broker is retried with backoff, not a startup error.
         agent.start(timeout=None)
@@ -189,10 +218,14 @@ def _run_agent(run: KioskRun, quit_requested: threading.Event) -> None:
         while not quit_requested.wait(0.5):
             if agent.stopped.is_set():
                 break
+            if run.claim_password is not None and agent.counters["credentials_refused"]:
+                refused = True
+                break
         if agent.wiped:
             typer.echo(f"kiosk {device_id} was wiped; state and credentials cleared", err=True)
     finally:
         agent.stop(OfflineReason.SHUTDOWN)
+    return refused
 
 
 def simulate(

@@ -63,6 +63,9 @@ from schemas import (
 logger = logging.getLogger(__name__)
 
 #: CONNACK reason "Unsupported Protocol Version" (MQTT 5; paho maps 3.1.1's code 1 to it).
+#: CONNACK reasons meaning "this credential will not do" (MQTT 5 codes; paho reports
+#: 3.1.1's return codes 4 and 5 as the same two).
+_CREDENTIALS_REFUSED = frozenset({134, 135})
 _UNSUPPORTED_PROTOCOL = 0x84
 #: More re-births than this within the window means another client fights for the
 #: presence topic (same id twice?): stop answering instead of looping with it.
@@ -431,6 +434,9 @@ class KioskCore:
         if reason.is_failure:
             conn.refused = reason.value
             self.counters["connack_refused"] += 1
+            if reason.value in _CREDENTIALS_REFUSED:
+                # Told apart from the rest: a kiosk that may claim can get a new one.
+                self.counters["credentials_refused"] += 1
             if conn.v5 and not self._protocol_settled and reason.value == _UNSUPPORTED_PROTOCOL:
                 logger.info("%s: broker refuses MQTT 5; retrying with 3.1.1", self.device_id)
             else:
