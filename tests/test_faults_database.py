@@ -112,7 +112,11 @@ async def test_database_outage_loses_no_transition(
                         held = max(held, len(bridge.ingest.presence))
                         await asyncio.sleep(0.05)
                     during = storm.events - started
-                failed_writes = bridge.metrics.db_errors.labels("presence")._value.get()
+                # Whichever batch met the lock first failed: presence, or telemetry.
+                failed_writes = sum(
+                    bridge.metrics.db_errors.labels(op)._value.get()
+                    for op in ("presence", "status")
+                )
             await fleet_settled(fleet, storm.knocked)
             await table_matches(engine, fleet_truth(fleet))
             seen = witness.collect()

@@ -158,6 +158,13 @@ class _StatusSql:
             f"WHERE device_id IN ({self.in_list(count)}){self.lock if lock else ''}"
         )
 
+    def lock_connectivity(self, count: int) -> str:
+        return (
+            # One row back, not one per device: pymysql parses rows in Python.
+            f"SELECT COUNT(*) FROM {CONN.name} WHERE device_id IN ({self.in_list(count)})"
+            f"{self.lock}"
+        )
+
     def remotes(self, count: int) -> str:
         return (
             f"SELECT device_identifier, id, deleted_at FROM {REMOTES.name} "
@@ -238,8 +245,7 @@ class _StatusSql:
         # MariaDB locks the rows of a multi-table UPDATE as its join reaches them.
         # STRAIGHT_JOIN fixes the order for both statements: the batch (sorted by device),
         # then each device's connectivity row, then its remotes row, which is the order
-        # presence locks them in. Left to the optimizer, the first statement could take
-        # its locks on remotes first, and two writers deadlocked.
+        # presence locks them in (the optimizer is free to start from remotes).
         assigned = ", ".join(f"{target}.{name} = {value}" for name, value in sets)
         return (
             f"UPDATE {derived} AS v STRAIGHT_JOIN {CONN.name} AS c ON {conn_on} "
@@ -299,8 +305,15 @@ class StatusStore:
         self, cursor: Any, items: Sequence[StatusItem], result: StatusResult
     ) -> None:
         sql = self._sql
-        # Sorted: two writers lock rows in the same order (MariaDB), as presence does.
         rows = sorted((sql.row(item) for item in items), key=lambda row: row[0])
+        if sql.lock:
+            # Lock every connectivity row of the batch first, in key order, as presence
+            # does. The UPDATEs alone lock only the rows they change, and the remotes
+            # UPDATE reads (share-locks) connectivity rows of devices whose status was
+            # stale here: another writer may hold those, and two writers deadlocked.
+            ids = [row[0] for row in rows]
+            cursor.execute(sql.lock_connectivity(len(ids)), ids)
+            cursor.fetchall()
         written = 0
         for piece in _power_of_two_pieces(rows):
             params = [value for row in piece for value in row]
