@@ -112,10 +112,12 @@ async def test_database_outage_loses_no_transition(
                         held = max(held, len(bridge.ingest.presence))
                         await asyncio.sleep(0.05)
                     during = storm.events - started
-                # Whichever batch met the lock first failed: presence, or telemetry.
+                # Whichever work met the lock first failed (presence, telemetry, or the
+                # command pass: they share the database thread); what came after it
+                # may then only have waited out the rest of the outage.
                 failed_writes = sum(
                     bridge.metrics.db_errors.labels(op)._value.get()
-                    for op in ("presence", "status")
+                    for op in ("presence", "status", "commands")
                 )
             await fleet_settled(fleet, storm.knocked)
             await table_matches(engine, fleet_truth(fleet))
