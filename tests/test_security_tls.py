@@ -16,6 +16,7 @@ import ipaddress
 import socket
 import ssl
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from bridge.kiosk.agent import KioskAgent
 from bridge.kiosk.credentials import claim_credentials
 from bridge.security.admin_link import open_admin_link
 from bridge.security.testkit import AuthClient, SecureBroker, running_secure_bridge, secure_broker
+from bridge.service.buffered_socket import BufferedSocket
 from bridge.testing.mosquitto import MosquittoNotFound
 from schemas.provisioning import ProvisionAccepted
 from tests.support.bridge_harness import Db, eventually
@@ -199,3 +201,39 @@ async def test_clients_refuse_a_certificate_from_another_ca(
         async with open_admin_link(broker.bridge_url, ca_file=str(stranger.ca)):
             pass
     gc.collect()
+
+
+def test_buffered_reads_over_tls_count_what_the_tls_layer_holds(tmp_path: Path) -> None:
+    """The bridge's buffered socket over a real TLS session (what ``mqtts://`` gives
+    paho): small reads are served from one TLS read, and the stream arrives whole."""
+    pki = make_pki(tmp_path / "pki")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(pki.cert, pki.key)
+    client_ctx = ssl.create_default_context(cafile=str(pki.ca))
+    left, right = socket.socketpair()
+    payload = bytes(range(256)) * 400  # 100 KiB, many TLS records
+    with ThreadPoolExecutor(1) as pool:
+
+        def serve() -> None:
+            with server_ctx.wrap_socket(left, server_side=True) as server:
+                for start in range(0, len(payload), 700):
+                    server.sendall(payload[start : start + 700])
+
+        sent = pool.submit(serve)
+        client = client_ctx.wrap_socket(right, server_hostname="localhost")
+        try:
+            reader = BufferedSocket(client)
+            got = bytearray()
+            most_pending = 0
+            while len(got) < len(payload):
+                chunk = reader.recv(1 if len(got) % 3 else 4_000)
+                assert chunk, "stream ended early"
+                got += chunk
+                most_pending = max(most_pending, reader.pending())
+            sent.result(timeout=30)
+        finally:
+            client.close()
+    assert bytes(got) == payload
+    # Small reads were served from what one TLS read brought in, and it all drained.
+    assert most_pending > 0
+    assert reader.pending() == 0
