@@ -83,7 +83,7 @@ def buffer_reads(
     create = paho._create_socket
 
     def create_buffered() -> Any:
-        sock = create()
+        sock: Any = create()  # a socket.socket or ssl.SSLSocket; paho types it loosely
         for option in socket_options:
             sock.setsockopt(*option)
         return BufferedSocket(sock)
