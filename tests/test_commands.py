@@ -381,6 +381,51 @@ def test_ack_before_puback_is_recorded_and_never_moves_back(sqlite_db: Db) -> No
     assert row.state == "succeeded"
 
 
+def test_acks_arriving_together_apply_in_order_as_one(sqlite_db: Db) -> None:
+    store = CommandStore(sqlite_db.engine, clock=now_ms)
+    cids = store.enqueue(
+        [NewCommand("both-1", "refresh", {}, 60), NewCommand("both-2", "reconnect", {}, 60)]
+    )
+    with sqlite_db.engine.begin() as conn:
+        conn.execute(
+            CommandRecord.__table__.update()
+            .where(CommandRecord.__table__.c.id.in_(cids))
+            .values(state="sent", sent_at=utc_naive(now_ms()), attempts=1)
+        )
+    first, second = uuid.UUID(cids[0]), uuid.UUID(cids[1])
+    t0 = 1_764_000_000_000
+    outcomes = store.apply_acks(
+        [
+            ("both-1", Ack(id=first, state=AckState.RECEIVED, ts=1), t0),
+            ("both-2", Ack(id=second, state=AckState.RECEIVED, ts=1), t0 + 1),
+            # A redelivered "received" after the first: a duplicate, not a new time.
+            ("both-1", Ack(id=first, state=AckState.RECEIVED, ts=2), t0 + 2),
+            ("both-1", Ack(id=first, state=AckState.SUCCEEDED, ts=3), t0 + 3),
+            ("both-2", Ack(id=second, state=AckState.FAILED, ts=3, detail="no route"), t0 + 4),
+        ]
+    )
+    assert [(o.verdict, o.state) for o in outcomes] == [
+        ("applied", "received"),
+        ("applied", "received"),
+        ("duplicate", "received"),
+        ("applied", "succeeded"),
+        ("applied", "failed"),
+    ]
+    by_id = {row.id: row for row in store.get(cids)}
+    ok, failed = by_id[cids[0]], by_id[cids[1]]
+    assert (ok.state, ok.acked_at, ok.finished_at) == (
+        "succeeded",
+        utc_naive(t0),
+        utc_naive(t0 + 3),
+    )
+    assert (failed.state, failed.acked_at, failed.finished_at, failed.last_error) == (
+        "failed",
+        utc_naive(t0 + 1),
+        utc_naive(t0 + 4),
+        "no route",
+    )
+
+
 async def test_set_config_publishes_retained_config_and_device_reports_it(
     mosquitto: MosquittoProcess, sqlite_url: str, sqlite_db: Db, agents: Agents
 ) -> None:

@@ -366,6 +366,10 @@ class CommandStore:
                 for row in conn.execute(select(CMD).where(CMD.c.id.in_(part)))
             }
             states = {cid: CommandState(row.state) for cid, row in rows.items()}
+            # A command's acks in one batch (``received`` and ``succeeded`` usually come
+            # together) become one UPDATE, fenced on the state read above, carrying the
+            # values of every transition in order; the first ``acked_at`` wins.
+            transitions: dict[str, tuple[CommandState, dict[str, Any]]] = {}
             for device_id, ack, received_ms in acks:
                 cid = str(ack.id)
                 row = rows.get(cid)
@@ -382,7 +386,8 @@ class CommandStore:
                 if target is CommandState.RECEIVED or new is not None:
                     values["acked_at"] = func.coalesce(CMD.c.acked_at, at)
                 if new is None:
-                    if values:
+                    # A pending transition of this command already sets acked_at first.
+                    if values and cid not in transitions:
                         conn.execute(update(CMD).where(CMD.c.id == cid).values(**values))
                     outcomes.append(AckOutcome(cid, "duplicate", states[cid].value, device_id))
                     continue
@@ -393,11 +398,11 @@ class CommandStore:
                     values["retry_at"] = None
                     if new is CommandState.FAILED or new is CommandState.REJECTED:
                         values["last_error"] = ack.detail or new.value
-                conn.execute(
-                    update(CMD)
-                    .where(CMD.c.id == cid, CMD.c.state == states[cid].value)
-                    .values(**values)
-                )
+                fence, merged = transitions.get(cid, (states[cid], {}))
+                if "acked_at" in merged:
+                    del values["acked_at"]
+                merged.update(values)
+                transitions[cid] = (fence, merged)
                 states[cid] = new
                 outcomes.append(AckOutcome(cid, "applied", new.value, device_id))
                 if new is CommandState.SUCCEEDED and row.type == "wipe":
@@ -406,6 +411,10 @@ class CommandStore:
                         .where(CONN.c.device_id == device_id)
                         .values(needs_provisioning=True)
                     )
+            for cid, (fence, values) in transitions.items():
+                conn.execute(
+                    update(CMD).where(CMD.c.id == cid, CMD.c.state == fence.value).values(**values)
+                )
         return outcomes
 
     def observe(self, device_id: str, command: Command, received_ms: int) -> bool:
