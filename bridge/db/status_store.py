@@ -103,7 +103,8 @@ class _StatusSql:
     processors, so values are stored exactly as the ORM stores them.
 
     On SQLite and MariaDB/MySQL a batch is two set-based UPDATEs that carry the fence in
-    their WHERE clause; nothing is read first. Two reasons, both measured on the bridge
+    their WHERE clause; nothing is read first (MariaDB only takes the batch's connectivity
+    row locks, with a one-row answer). Two reasons, both measured on the bridge
     under load: SQLite's driver gives up the GIL around every step of a statement, so an
     ``executemany`` of 2,000 rows (plus the SELECTs that fetched the fence row by row)
     meant thousands of GIL hand-offs with the receive loop, and the database thread got
