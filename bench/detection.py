@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
@@ -170,30 +172,25 @@ async def run(kind: str, scale: float) -> list[Result]:
     out = []
     with workdir() as tmp:
         work = Path(tmp)
-        with mosquitto(work) as broker, database(kind, work) as db_url:
-            bridge = BridgeProcess(broker.url, db_url, work)
-            try:
-                engine = create_engine(db_url)
-                wait_until(lambda: _ready(engine), 60, what="bridge schema")
-                engine.dispose()
-                poller = StatusPoller(db_url)
-                death = Result(f"detection: process death ({kind}, {devices} kiosks)")
-                death.figures["kill -> Disconnected ms"] = await process_death(
-                    broker.url, poller, devices, kills
-                )
-                death.figures["target p99 ms"] = 20
-                out.append(death)
-                silent = Result(f"detection: silent network ({kind}, keepalive {keepalive}s)")
-                silent.figures["black hole -> Disconnected s"] = await silent_network(
-                    broker.host, broker.port, poller, 20, keepalive
-                )
-                silent.figures[
-                    "false offline on slow links (latency 0.4 x keepalive)"
-                ] = await slow_links(broker.host, broker.port, poller, 20, keepalive)
-                out.append(silent)
-                poller.close()
-            finally:
-                bridge.stop()
+        with (
+            mosquitto(work) as broker,
+            database(kind, work) as db_url,
+            _bridge_polled(broker.url, db_url, work) as poller,
+        ):
+            death = Result(f"detection: process death ({kind}, {devices} kiosks)")
+            death.figures["kill -> Disconnected ms"] = await process_death(
+                broker.url, poller, devices, kills
+            )
+            death.figures["target p99 ms"] = 20
+            out.append(death)
+            silent = Result(f"detection: silent network ({kind}, keepalive {keepalive}s)")
+            silent.figures["black hole -> Disconnected s"] = await silent_network(
+                broker.host, broker.port, poller, 20, keepalive
+            )
+            silent.figures[
+                "false offline on slow links (latency 0.4 x keepalive)"
+            ] = await slow_links(broker.host, broker.port, poller, 20, keepalive)
+            out.append(silent)
         out.append(await _silent_network_embedded(kind, work, keepalive))
     return out
 
@@ -205,25 +202,37 @@ async def _silent_network_embedded(kind: str, work: Path, keepalive: int) -> Res
     port = free_port()
     here = work / "embedded"
     here.mkdir()
-    with database(kind, here) as db_url:
-        bridge = BridgeProcess(
-            None, db_url, here, "--listen", f"127.0.0.1:{port}", "--embedded-open"
+    embedded = ("--listen", f"127.0.0.1:{port}", "--embedded-open")
+    with (
+        database(kind, here) as db_url,
+        _bridge_polled(None, db_url, here, *embedded) as poller,
+    ):
+        result = Result(
+            f"detection: silent network ({kind}, embedded amqtt, keepalive {keepalive}s)"
         )
-        try:
-            engine = create_engine(db_url)
-            wait_until(lambda: _ready(engine), 60, what="bridge schema")
-            engine.dispose()
-            poller = StatusPoller(db_url)
-            result = Result(
-                f"detection: silent network ({kind}, embedded amqtt, keepalive {keepalive}s)"
-            )
-            result.figures["black hole -> Disconnected s"] = await silent_network(
-                "127.0.0.1", port, poller, 20, keepalive
-            )
-            poller.close()
-        finally:
-            bridge.stop()
+        result.figures["black hole -> Disconnected s"] = await silent_network(
+            "127.0.0.1", port, poller, 20, keepalive
+        )
     return result
+
+
+@contextlib.contextmanager
+def _bridge_polled(
+    broker_url: str | None, db_url: str, work: Path, *extra: str
+) -> Iterator[StatusPoller]:
+    """A ``kiosk-bridge run`` whose schema is in place, and a poller on its database."""
+    bridge = BridgeProcess(broker_url, db_url, work, *extra)
+    try:
+        engine = create_engine(db_url)
+        wait_until(lambda: _ready(engine), 60, what="bridge schema")
+        engine.dispose()
+        poller = StatusPoller(db_url)
+        try:
+            yield poller
+        finally:
+            poller.close()
+    finally:
+        bridge.stop()
 
 
 def _ready(engine) -> bool:  # type: ignore[no-untyped-def]

@@ -217,10 +217,14 @@ def _sample_lag(engine, ids, lags, stop, bridge) -> None:  # type: ignore[no-unt
 def collect(scale: float, dbs: tuple[str, ...] = ("sqlite", "mariadb", "postgres")) -> list[Result]:
     out = []
     for kind in dbs:
-        # Below full scale (the smoke test) the targets mean nothing: 80% of the flood.
-        rate = TARGETS.get(kind) if scale >= 1 else None
+        rate = _sustain_rate(kind, scale)
         out.append(run_one(kind, int(10_000 * scale), int(60_000 * scale), rate, 20.0 * scale))
     return out
+
+
+def _sustain_rate(kind: str, scale: float) -> float | None:
+    # Below full scale (the smoke test) the targets mean nothing: 80% of the flood.
+    return TARGETS.get(kind) if scale >= 1 else None
 
 
 def main() -> None:
@@ -238,7 +242,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     results = []
     for kind in args.db.split(","):
-        rate = args.sustain or (TARGETS.get(kind) if args.scale >= 1 else None)
+        rate = args.sustain or _sustain_rate(kind, args.scale)
         result = run_one(kind, devices, flood, rate, 20.0 * args.scale)
         result.print()
         results.append(result)

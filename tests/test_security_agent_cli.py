@@ -82,11 +82,31 @@ class KioskProcess:
             await self.proc.wait()
 
 
+class Kiosks:
+    """Starts ``kiosk-bridge kiosk`` processes against the secure broker; the fixture
+    kills whatever is still running at the end."""
+
+    def __init__(self, broker: SecureBroker, tmp_path: Path) -> None:
+        self._broker = broker
+        self._tmp_path = tmp_path
+        self.made: list[KioskProcess] = []
+
+    async def start(
+        self, device_id: str, state_dir: Path, log: str, *, claim: bool = False
+    ) -> KioskProcess:
+        """``claim``: with the shared claim credential (``KB_CLAIM_PASSWORD``)."""
+        kiosk = KioskProcess(self._tmp_path / log)
+        self.made.append(kiosk)
+        env = {"KB_CLAIM_PASSWORD": self._broker.secrets.claim_password} if claim else None
+        args = ("--device-id", device_id, "--broker", self._broker.url())
+        return await kiosk.start(*args, "--state-dir", str(state_dir), env=env)
+
+
 @pytest.fixture
-async def kiosks(tmp_path: Path) -> AsyncIterator[list[KioskProcess]]:
-    made: list[KioskProcess] = []
+async def kiosks(broker: SecureBroker, tmp_path: Path) -> AsyncIterator[Kiosks]:
+    made = Kiosks(broker, tmp_path)
     yield made
-    for kiosk in made:
+    for kiosk in made.made:
         await kiosk.kill()
 
 
@@ -126,16 +146,13 @@ async def test_agent_claims_then_follows_a_rotation(
     db: Db,
     sqlite_url: str,
     tmp_path: Path,
-    kiosks: list[KioskProcess],
+    kiosks: Kiosks,
 ) -> None:
     device = "agent-1"
     state_dir = tmp_path / device
     tokens = TokenFile(state_dir)
-    args = ("--device-id", device, "--broker", broker.url(), "--state-dir", str(state_dir))
-    claimant = KioskProcess(tmp_path / "kiosk-1.log")
-    kiosks.append(claimant)
     # Only the shared claim credential: no token, no password.
-    await claimant.start(*args, env={"KB_CLAIM_PASSWORD": broker.secrets.claim_password})
+    claimant = await kiosks.start(device, state_dir, "kiosk-1.log", claim=True)
 
     first_session = await online_session(db, device)
     claimed = tokens.load()
@@ -172,9 +189,7 @@ async def test_agent_claims_then_follows_a_rotation(
 
     assert await claimant.stop() == 0, claimant.output()
     # A restart (no claim credential this time) uses the stored, rotated token.
-    restarted = KioskProcess(tmp_path / "kiosk-2.log")
-    kiosks.append(restarted)
-    await restarted.start(*args)
+    restarted = await kiosks.start(device, state_dir, "kiosk-2.log")
     await online_session(db, device, above=second_session)
     assert tokens.load() == rotated
     assert await restarted.stop() == 0, restarted.output()
@@ -185,7 +200,7 @@ async def test_an_agent_whose_token_is_refused_claims_a_new_one(
     running: tuple[Bridge, SecurityRuntime],
     db: Db,
     tmp_path: Path,
-    kiosks: list[KioskProcess],
+    kiosks: Kiosks,
 ) -> None:
     device = "agent-stale"
     _, security = running
@@ -195,17 +210,7 @@ async def test_an_agent_whose_token_is_refused_claims_a_new_one(
     state_dir = tmp_path / device
     stale = new_token()
     TokenFile(state_dir).save(stale)
-    kiosk = KioskProcess(tmp_path / "stale.log")
-    kiosks.append(kiosk)
-    await kiosk.start(
-        "--device-id",
-        device,
-        "--broker",
-        broker.url(),
-        "--state-dir",
-        str(state_dir),
-        env={"KB_CLAIM_PASSWORD": broker.secrets.claim_password},
-    )
+    kiosk = await kiosks.start(device, state_dir, "stale.log", claim=True)
     await online_session(db, device)
     fresh = TokenFile(state_dir).load()
     assert fresh is not None and fresh != stale
@@ -220,23 +225,13 @@ async def test_a_refused_claim_is_a_clear_error(
     running: tuple[Bridge, SecurityRuntime],
     db: Db,
     tmp_path: Path,
-    kiosks: list[KioskProcess],
+    kiosks: Kiosks,
 ) -> None:
     _, security = running
     admin = security.admin()
     await admin.enroll("agent-gone", new_token(), requested_by="test")
     await admin.revoke("agent-gone", requested_by="test", reason="stolen")
-    kiosk = KioskProcess(tmp_path / "gone.log")
-    kiosks.append(kiosk)
-    await kiosk.start(
-        "--device-id",
-        "agent-gone",
-        "--broker",
-        broker.url(),
-        "--state-dir",
-        str(tmp_path / "gone"),
-        env={"KB_CLAIM_PASSWORD": broker.secrets.claim_password},
-    )
+    kiosk = await kiosks.start("agent-gone", tmp_path / "gone", "gone.log", claim=True)
     assert kiosk.proc is not None
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(30):

@@ -254,6 +254,16 @@ class _StatusSql:
         )
 
 
+def _missing(remote: Any | None, fence: Any | None) -> str | None:
+    """Why a device's status cannot be written at all, whatever its seq: soft-deleted in
+    the CMS, or no birth seen yet (a device is created by its birth, not by telemetry)."""
+    if remote is not None and remote[2] is not None:
+        return "deleted"
+    if remote is None or fence is None:
+        return "unknown_device"
+    return None
+
+
 def _power_of_two_pieces(rows: list[T]) -> Iterable[list[T]]:
     """``rows`` in pieces whose sizes are powers of two, largest first. A statement's
     text depends on its row count, and SQLite's driver keeps each text's compiled
@@ -332,47 +342,43 @@ class StatusStore:
     ) -> None:
         """Attribute the rows the fenced UPDATEs left out to a reason. Only runs when a
         batch had skips; what is neither unknown nor deleted was stale."""
-        sql = self._sql
-        ids = [item.device_id for item in items]
         # A plain read: the rows that matter are locked already, and locking the
         # skipped ones too, after the UPDATEs, deadlocked two writers on MariaDB.
-        cursor.execute(sql.fences(len(ids), lock=False), ids)
-        fenced = {row[0] for row in cursor.fetchall()}
-        cursor.execute(sql.remotes(len(ids)), ids)
-        remotes = {row[0]: row for row in cursor.fetchall()}
-        for device_id in ids:
-            remote = remotes.get(device_id)
-            if remote is not None and remote[2] is not None:
-                result.skip("deleted")
-                skipped -= 1
-            elif remote is None or device_id not in fenced:
-                result.skip("unknown_device")
+        fences, remotes = self._read_rows(cursor, [item.device_id for item in items], lock=False)
+        for item in items:
+            reason = _missing(remotes.get(item.device_id), fences.get(item.device_id))
+            if reason is not None:
+                result.skip(reason)
                 skipped -= 1
         for _ in range(skipped):
             result.skip("stale")
+
+    def _read_rows(
+        self, cursor: Any, ids: list[str], *, lock: bool
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The batch's connectivity fences and remotes rows, by device id."""
+        sql = self._sql
+        cursor.execute(sql.fences(len(ids), lock=lock), ids)
+        fences = {row[0]: row for row in cursor.fetchall()}
+        cursor.execute(sql.remotes(len(ids)), ids)
+        return fences, {row[0]: row for row in cursor.fetchall()}
 
     def _apply_row_by_row(
         self, cursor: Any, items: Sequence[StatusItem], result: StatusResult
     ) -> None:
         sql = self._sql
         ids = sorted({item.device_id for item in items})
-        cursor.execute(sql.fences(len(ids)), ids)
-        fences = {row[0]: row for row in cursor.fetchall()}
-        cursor.execute(sql.remotes(len(ids)), ids)
-        remotes = {row[0]: row for row in cursor.fetchall()}
+        fences, remotes = self._read_rows(cursor, ids, lock=True)
         remote_rows: list[tuple[Any, ...]] = []
         conn_rows: list[tuple[Any, ...]] = []
         for item in items:
-            remote = remotes.get(item.device_id)
             fence = fences.get(item.device_id)
             status = item.status
-            if remote is not None and remote[2] is not None:
-                result.skip("deleted")
+            reason = _missing(remotes.get(item.device_id), fence)
+            if reason is not None:
+                result.skip(reason)
                 continue
-            if remote is None or fence is None:
-                # No birth seen yet: the device is created by its birth, not by telemetry.
-                result.skip("unknown_device")
-                continue
+            assert fence is not None
             _, session, status_session, last_seq = fence
             if status.session < session or (status.session, status.seq) <= (
                 status_session,
