@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
+import amqtt.broker
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.broker import Broker
-from amqtt.errors import BrokerError
+from amqtt.errors import BrokerError, MQTTError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
@@ -64,6 +66,35 @@ class OpenAuthPlugin(BaseAuthPlugin):
     async def authenticate(self, *, session: Session) -> bool:
         del session
         return True
+
+
+class _AuthenticateFirst(BrokerProtocolHandler):
+    """Authenticate a CONNECT before the broker looks at its client id.
+
+    amqtt 0.12.1 deletes (clean session) or takes over (persistent session) the session
+    of the CONNECT's client id first and authenticates afterwards, so anybody who can
+    reach the port could disconnect any kiosk by using its client id, and the claim
+    credential could kick a device before the plugin refuses its client id. Here a
+    CONNECT the plugins refuse gets CONNACK "not authorized" and touches no session, as
+    in Mosquitto. The broker authenticates again afterwards (the plugins are cheap).
+    """
+
+    @classmethod
+    async def init_from_connect(  # type: ignore[override]
+        cls, reader: ReaderAdapter, writer: WriterAdapter, plugins_manager: Any, loop: Any = None
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        handler, session = await super().init_from_connect(reader, writer, plugins_manager, loop)
+        returns = await plugins_manager.map_plugin_auth(session=session)
+        results = [r for r in (returns or {}).values() if r is not None]
+        if not results or not all(results):
+            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+            raise MQTTError(f"client {session.client_id!r} not authorized")
+        return handler, session
+
+
+# amqtt.broker calls the handler class by this module-level name; every amqtt broker in
+# this process is one of ours and wants the order above.
+amqtt.broker.BrokerProtocolHandler = _AuthenticateFirst  # type: ignore[misc]
 
 
 class _AbortableWriter(StreamWriterAdapter):

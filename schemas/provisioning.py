@@ -33,6 +33,19 @@ NONCE_PATTERN: Final = r"^[A-Za-z0-9_-]{22,128}$"
 
 Nonce = Annotated[str, Field(pattern=NONCE_PATTERN, description="Random, fresh per request")]
 
+#: The only client ids a claim connection may use: ``claim-`` and at least 8 random
+#: characters. No device id may start with ``claim-``, so a claimant can never take over
+#: (and disconnect) a device's session under its client id, and a request on a device's
+#: own ``provision/{id}/request`` topic is never a claim.
+CLAIM_CLIENT_ID_PREFIX: Final = "claim-"
+CLAIM_CLIENT_ID_PATTERN: Final = r"^claim-[A-Za-z0-9_-]{8,58}$"
+_CLAIM_CLIENT_ID_RE: Final = re.compile(CLAIM_CLIENT_ID_PATTERN)
+
+
+def is_claim_client_id(client_id: str | None) -> bool:
+    """Whether ``client_id`` has the reserved shape of a claim connection."""
+    return client_id is not None and _CLAIM_CLIENT_ID_RE.fullmatch(client_id) is not None
+
 
 class ProvisionRequest(_Wire):
     """Published by a kiosk with the claim credential."""
@@ -59,6 +72,13 @@ class ProvisionRequest(_Wire):
     android_version: ShortText | None = None
     ip_address: Annotated[str, Field(max_length=45, pattern=_NO_NUL)] | None = None
     mac_address: Annotated[str, Field(max_length=17, pattern=_NO_NUL)] | None = None
+    #: Contract 1.1: the token the device holds (current, or the one a rotation replaced),
+    #: as proof that it is the device. Needed to re-provision a device whose credential
+    #: is active, unless an operator opened a claim window for it.
+    proof_token: Annotated[
+        Token | None,
+        Field(description="The device's current or previous token: proof of identity"),
+    ] = None
 
 
 class ProvisionResult(StrEnum):
@@ -82,6 +102,12 @@ class RefusalReason(StrEnum):
     RESERVED_ID = "reserved_id"
     #: The bridge could not complete the request (database or broker); retry later.
     UNAVAILABLE = "unavailable"
+    #: Contract 1.1: the claim connection's client id is not ``claim-<random>``.
+    INVALID_CLIENT_ID = "invalid_client_id"
+    #: Contract 1.1: the device holds an active credential; the request must carry its
+    #: current or previous token (``proof_token``), or an operator must open a claim
+    #: window (``kiosk-bridge device allow-claim ID``). Retry after ``retry_after_s``.
+    PROOF_REQUIRED = "proof_required"
 
 
 class ProvisionAccepted(_Wire):
@@ -204,6 +230,8 @@ PROVISIONING_MODELS: Final[Mapping[str, type[BaseModel]]] = MappingProxyType(
 )
 
 __all__ = [
+    "CLAIM_CLIENT_ID_PATTERN",
+    "CLAIM_CLIENT_ID_PREFIX",
     "NONCE_PATTERN",
     "PROVISIONING_MODELS",
     "TOKEN_PATTERN",
@@ -215,6 +243,7 @@ __all__ = [
     "RefusalReason",
     "decode_provision_request",
     "decode_provision_response",
+    "is_claim_client_id",
     "parse_provision_topic",
     "provision_request_filter",
 ]

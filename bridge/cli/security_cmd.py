@@ -1,5 +1,5 @@
-"""Credential commands: ``device rotate-token|revoke|delete|restore|enroll`` and
-``broker init|acl``.
+"""Credential commands: ``device rotate-token|revoke|delete|restore|enroll|allow-claim``
+and ``broker init|acl``.
 
 ``rotate-token`` only writes the database (the running bridge delivers the command and
 finishes the rotation); the others talk to the broker directly with the bridge's
@@ -19,6 +19,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,6 +42,7 @@ from bridge.security.settings import SecuritySettings
 from bridge.security.store import SecurityStore
 from bridge.settings import Settings
 from schemas import ContractError
+from schemas.device_id import validate_device_id
 
 BrokerOpt = Annotated[
     str | None,
@@ -105,7 +107,7 @@ async def _admin(settings: Settings, security: SecuritySettings) -> AsyncIterato
             v5=security.credential_backend == "dynsec",
         ) as link:
             backend: CredentialBackend = (
-                DynsecBackend(link.dynsec)
+                DynsecBackend(link.dynsec, prefix=settings.prefix)
                 if security.credential_backend == "dynsec"
                 else DatabaseBackend()
             )
@@ -166,6 +168,57 @@ def rotate_token_cmd(
     typer.echo(
         f"rotation of {device_id} queued as command {ticket.command_id}; "
         f"the old token stops working once the device confirms, at the latest in {deadline}"
+    )
+
+
+#: Longest claim window: it lets anyone with the claim secret take the device's identity.
+MAX_CLAIM_WINDOW_S = 24 * 3600
+
+
+def allow_claim_cmd(
+    device_id: DeviceArg,
+    for_: Annotated[
+        str, typer.Option("--for", help="How long the window stays open (at most 24h)")
+    ] = "15m",
+    db: DbOpt = None,
+    requested_by: ByOpt = None,
+) -> None:
+    """Let a device that holds a credential be claimed once more without proof: a kiosk
+    that lost its token (factory reset, new storage) recovers by claiming again.
+
+    The window is used up by the first accepted claim and audited; until then anybody
+    with the claim secret could claim the id, so keep it short.
+    """
+    settings = settings_or_exit(db=db)
+    try:
+        for_ms = parse_duration(for_)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    if not 0 < for_ms <= MAX_CLAIM_WINDOW_S * 1000:
+        raise _fail(f"--for must be more than 0 and at most 24h, not {for_}", 2)
+    try:
+        validate_device_id(device_id)
+    except ContractError as exc:
+        raise _fail(str(exc), 2) from None
+    store = _store(settings, SecuritySettings())
+    try:
+        facts = store.facts(device_id)
+        if facts.deleted or facts.credential == "revoked":
+            what = "deleted" if facts.deleted else "revoked"
+            raise _fail(f"{device_id} is {what}: run 'kiosk-bridge device restore {device_id}'")
+        if facts.credential != "active":
+            typer.echo(
+                f"{device_id} holds no credential: it can claim one without a window; "
+                "nothing changed"
+            )
+            return
+        until_ms = store.open_claim_window(device_id, for_ms, _who(requested_by))
+    finally:
+        store.engine.dispose()
+    until = datetime.fromtimestamp(until_ms / 1000, tz=UTC).isoformat(timespec="seconds")
+    typer.echo(
+        f"{device_id} may be claimed once without proof until {until}; its current token "
+        "keeps working until a claim is accepted"
     )
 
 
@@ -358,6 +411,7 @@ def register(app: typer.Typer) -> None:
         ("delete", delete_cmd),
         ("restore", restore_cmd),
         ("enroll", enroll_cmd),
+        ("allow-claim", allow_claim_cmd),
     ):
         device.command(name, help=_help(command))(command)
     broker = typer.Typer(help="The broker's credentials and ACL model.", no_args_is_help=True)

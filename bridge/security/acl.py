@@ -21,20 +21,24 @@ from typing import Any, Final
 
 from schemas import DEFAULT_PREFIX, ContractError, TopicKind, device_topic, parse_topic
 from schemas.constants import BRIDGE_SEGMENT, PROVISION_SEGMENT
-from schemas.provisioning import parse_provision_topic
+from schemas.provisioning import CLAIM_CLIENT_ID_PREFIX, is_claim_client_id, parse_provision_topic
 from schemas.topics import provision_topic
 
 ROLE_BRIDGE: Final = "kb-bridge"
 ROLE_DYNSEC_ADMIN: Final = "kb-dynsec-admin"
 ROLE_OPS: Final = "kb-ops"
 ROLE_CLAIM: Final = "kb-claim"
+ROLE_DEVICE: Final = "kb-device"
+#: Every device's dynsec client is in this group (created so at provisioning and
+#: enrolment; ``kiosk-bridge broker upgrade`` adds clients made before it existed).
+GROUP_DEVICES: Final = "kb-devices"
 CONTROL_FILTER: Final = "$CONTROL/dynamic-security/#"
 
 #: What a device may publish on its own topics, and what it may read of its own.
 DEVICE_PUBLISHES: Final = (TopicKind.PRESENCE, TopicKind.STATUS, TopicKind.ACK)
 DEVICE_READS: Final = (TopicKind.PRESENCE, TopicKind.CMD, TopicKind.CONFIG)
-#: Ids a device may not take: the bridge's own client ids start with this.
-RESERVED_ID_PREFIXES: Final = ("kiosk-bridge-",)
+#: Ids a device may not take: the bridge's own client ids, and the claim connections'.
+RESERVED_ID_PREFIXES: Final = ("kiosk-bridge-", CLAIM_CLIENT_ID_PREFIX)
 
 
 class Role(StrEnum):
@@ -96,7 +100,9 @@ def acl_file_text(prefix: str = DEFAULT_PREFIX) -> str:
     lines += [
         "",
         "# Provisioning by claim: every connection of the shared claim credential has its",
-        "# own client id, and may only ask and be answered under it.",
+        "# own client id (claim-<random>), and may only ask and be answered under it.",
+        "# These two lines also match a device's own id; its dynsec group (kb-devices)",
+        "# denies it provisioning topics explicitly, which does not defer to this file.",
         f"pattern write {prefix}/{PROVISION_SEGMENT}/%c/request",
         f"pattern read {prefix}/{PROVISION_SEGMENT}/%c/response",
     ]
@@ -164,6 +170,16 @@ def static_roles(prefix: str = DEFAULT_PREFIX) -> list[dict[str, Any]]:
             ],
         },
         {
+            "rolename": ROLE_DEVICE,
+            "textname": "every kiosk (group kb-devices): no provisioning rights at all",
+            "acls": [
+                # Explicit denies do not defer to the pattern file, whose provisioning
+                # lines ("%c") would otherwise match a device's own client id too.
+                _acl("publishClientSend", f"{prefix}/{PROVISION_SEGMENT}/#", allow=False),
+                *_readable(f"{prefix}/{PROVISION_SEGMENT}/#", allow=False),
+            ],
+        },
+        {
             "rolename": ROLE_CLAIM,
             "textname": "shared first-boot credential: provisioning requests only",
             "acls": [
@@ -173,6 +189,17 @@ def static_roles(prefix: str = DEFAULT_PREFIX) -> list[dict[str, Any]]:
                 _acl("publishClientReceive", device_shaped, allow=False),
             ],
         },
+    ]
+
+
+def static_groups() -> list[dict[str, Any]]:
+    """dynsec groups (``createGroup`` payloads, also the ``groups`` of the bootstrap file)."""
+    return [
+        {
+            "groupname": GROUP_DEVICES,
+            "textname": "kiosks: their own topics only (pattern file), no provisioning",
+            "roles": [{"rolename": ROLE_DEVICE}],
+        }
     ]
 
 
@@ -212,14 +239,14 @@ def _provision(client_id: str | None, leaf: str, prefix: str) -> str | None:
 def _device_allowed(
     access: Access, topic: str, username: str, client_id: str | None, prefix: str
 ) -> bool:
+    # No provisioning topics at all: a kiosk's own token is not a claim credential.
+    del client_id
     kinds = DEVICE_PUBLISHES if access is Access.PUBLISH else DEVICE_READS
     try:
         own = {device_topic(username, kind, prefix) for kind in kinds}
     except ContractError:
         return False
-    if access is Access.PUBLISH:
-        return topic in own or topic == _provision(client_id, "request", prefix)
-    return topic in own or topic == _provision(client_id, "response", prefix)
+    return topic in own
 
 
 def _bridge_allowed(access: Access, topic: str, prefix: str) -> bool:
@@ -268,6 +295,8 @@ def allowed(
         return _bridge_allowed(access, topic, prefix)
     if role is Role.OPS:
         return _ops_allowed(access, topic, prefix)
+    if not is_claim_client_id(client_id):
+        return False
     if access is Access.PUBLISH:
         return topic == _provision(client_id, "request", prefix)
     return topic == _provision(client_id, "response", prefix)

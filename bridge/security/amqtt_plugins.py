@@ -40,6 +40,7 @@ from bridge.security.acl import Access, Role, StaticUsers, allowed
 from bridge.security.models import CredentialState, DeviceCredential
 from bridge.security.passwords import PasswordHash, hash_password, verify_password
 from schemas import DEFAULT_PREFIX, is_valid_device_id
+from schemas.provisioning import is_claim_client_id
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,10 @@ class DatabaseSecurityPlugin(BaseAuthPlugin, BaseTopicPlugin):
                 return False
             generation = int(row.generation)
         else:
+            if role is Role.CLAIM and not is_claim_client_id(client_id):
+                # Never under a device's client id: the takeover would kick the device.
+                log.warning("refused claim connection %r: its client id is not claim-*", client_id)
+                return False
             stored = self._static.get(username)
             if stored is None or not await asyncio.to_thread(verify_password, password, stored):
                 return False

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Literal, Protocol
 
+from bridge.security.acl import GROUP_DEVICES, ROLE_DEVICE, static_groups, static_roles
 from bridge.security.dynsec import DynsecClient
+from schemas import DEFAULT_PREFIX
 
 BackendName = Literal["dynsec", "database"]
 
@@ -35,15 +37,29 @@ class CredentialBackend(Protocol):
 class DynsecBackend:
     name: BackendName = "dynsec"
 
-    def __init__(self, dynsec: DynsecClient) -> None:
+    def __init__(self, dynsec: DynsecClient, *, prefix: str = DEFAULT_PREFIX) -> None:
         self.dynsec = dynsec
+        self._prefix = prefix
+        self._group_ready = False
+
+    async def ensure_device_group(self) -> None:
+        """The ``kb-device`` role and ``kb-devices`` group, for a broker bootstrapped
+        before they existed (idempotent; once per backend)."""
+        if self._group_ready:
+            return
+        (role,) = (r for r in static_roles(self._prefix) if r["rolename"] == ROLE_DEVICE)
+        await self.dynsec.ensure_role(role)
+        for group in static_groups():
+            await self.dynsec.ensure_group(group)
+        self._group_ready = True
 
     async def upsert(self, username: str, token: str) -> bool:
         # clientid = username: the credential cannot be used under another client id,
-        # which is what makes the "%u" patterns equal to the device's own topics and
-        # keeps a device from reading provisioning answers meant for another client id.
+        # which is what makes the "%u" patterns equal to the device's own topics. The
+        # group denies it the provisioning topics, which the "%c" patterns would grant.
+        await self.ensure_device_group()
         created = await self.dynsec.create_client(
-            username, token, clientid=username, textname="kiosk"
+            username, token, clientid=username, groups=(GROUP_DEVICES,), textname="kiosk"
         )
         if not created:
             await self.dynsec.execute(
@@ -52,6 +68,8 @@ class DynsecBackend:
                     {"command": "enableClient", "username": username},
                 ]
             )
+            # A client made before the group existed joins it now.
+            await self.dynsec.add_group_client(GROUP_DEVICES, username)
         return created
 
     async def set_password(self, username: str, token: str) -> None:

@@ -20,6 +20,7 @@ from bridge.security.acl import (
     ROLE_DYNSEC_ADMIN,
     ROLE_OPS,
     StaticUsers,
+    static_groups,
     static_roles,
 )
 from bridge.security.passwords import hash_password
@@ -62,7 +63,7 @@ def dynsec_config(secrets: BootstrapSecrets, prefix: str = DEFAULT_PREFIX) -> di
             _client(users.claim, secrets.claim_password, [ROLE_CLAIM]),
         ],
         "roles": static_roles(prefix),
-        "groups": [],
+        "groups": static_groups(),
         "defaultACLAccess": dict(DEFAULT_ACL_ACCESS),
     }
 

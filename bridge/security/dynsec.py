@@ -34,6 +34,9 @@ CLIENT_EXISTS: Final = "Client already exists"
 CLIENT_NOT_FOUND: Final = "Client not found"
 ROLE_EXISTS: Final = "Role already exists"
 ROLE_NOT_FOUND: Final = "Role not found"
+GROUP_EXISTS: Final = "Group already exists"
+#: ``addGroupClient`` for a client that is in the group already.
+CLIENT_IN_GROUP: Final = "Client is already in this group"
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 
@@ -129,6 +132,7 @@ class DynsecClient:
         *,
         clientid: str | None = None,
         roles: Collection[str] = (),
+        groups: Collection[str] = (),
         textname: str | None = None,
     ) -> bool:
         """``False`` if the username exists already (nothing is changed then)."""
@@ -141,6 +145,8 @@ class DynsecClient:
             command["clientid"] = clientid
         if roles:
             command["roles"] = [{"rolename": role} for role in roles]
+        if groups:
+            command["groups"] = [{"groupname": group} for group in groups]
         if textname:
             command["textname"] = textname
         return await self._one(command, tolerate=(CLIENT_EXISTS,)) is None
@@ -189,6 +195,16 @@ class DynsecClient:
         """Create ``role`` (``rolename``, ``acls``...); ``False`` if it existed."""
         command = {"command": "createRole", **role}
         return await self._one(command, tolerate=(ROLE_EXISTS,)) is None
+
+    async def ensure_group(self, group: dict[str, Any]) -> bool:
+        """Create ``group`` (``groupname``, ``roles``...); ``False`` if it existed."""
+        command = {"command": "createGroup", **group}
+        return await self._one(command, tolerate=(GROUP_EXISTS,)) is None
+
+    async def add_group_client(self, groupname: str, username: str) -> bool:
+        """``False`` if the client was in the group already."""
+        command = {"command": "addGroupClient", "groupname": groupname, "username": username}
+        return await self._one(command, tolerate=(CLIENT_IN_GROUP,)) is None
 
     async def add_client_role(self, username: str, rolename: str) -> None:
         await self._one({"command": "addClientRole", "username": username, "rolename": rolename})

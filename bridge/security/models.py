@@ -55,6 +55,32 @@ class DeviceCredential(SQLModel, table=True):
     revoked_by: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
 
 
+class PreviousCredential(SQLModel, table=True):
+    """The password a device had before its last change (re-provisioning, rotation):
+    still accepted as *proof* in a provisioning request for a while (a kiosk that missed
+    a forced rotation while switched off), never as a broker password."""
+
+    __tablename__ = "kb_previous_credentials"
+
+    device_id: str = Field(sa_column=Column(String(64), primary_key=True))
+    password_hash: str = Field(sa_column=Column(String(128), nullable=False))
+    password_salt: str = Field(sa_column=Column(String(32), nullable=False))
+    iterations: int = Field(sa_column=Column(Integer, nullable=False))
+    replaced_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class ClaimWindow(SQLModel, table=True):
+    """An operator's permission (``kiosk-bridge device allow-claim``) for one claim of a
+    device that holds an active credential, without proof; used up by that claim."""
+
+    __tablename__ = "kb_claim_windows"
+
+    device_id: str = Field(sa_column=Column(String(64), primary_key=True))
+    opened_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+    expires_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+    opened_by: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
+
+
 class ProvisionNonce(SQLModel, table=True):
     """Nonces of answered provisioning requests: a replay is recognised across restarts
     and bridge instances."""
@@ -80,13 +106,19 @@ class SecurityAudit(SQLModel, table=True):
     at_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
     device_id: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
     #: provisioned | provision_refused | rotate_requested | rotated | rotate_forced |
-    #: rotate_aborted | revoked | deleted | restored | enrolled
+    #: rotate_aborted | revoked | deleted | restored | enrolled | claim_allowed
     action: str = Field(sa_column=Column(String(32), nullable=False))
     requested_by: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
     detail: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
-SECURITY_TABLES = (DeviceCredential, ProvisionNonce, SecurityAudit)
+SECURITY_TABLES = (
+    DeviceCredential,
+    PreviousCredential,
+    ClaimWindow,
+    ProvisionNonce,
+    SecurityAudit,
+)
 
 
 def create_security_schema(engine: Engine) -> list[str]:

@@ -1,11 +1,24 @@
 """Provisioning by claim, the bridge's side: answer each request exactly once.
 
-A request is refused with a reason when the device is soft-deleted or revoked (until an
-operator restores it), when its id is reserved, when it is online right now with a valid
-credential, or when the payload is not a valid request. Otherwise the bridge issues a
-fresh token: the broker credential (``upsert``: a re-provisioned device keeps one
-credential, with a new password) and the ``remotes`` row (created, or updated: never a
-second row for one ``device_identifier``).
+The rules, in the order they are checked (``mosquitto/README.md`` has them with the
+attacker each one stops):
+
+1. The request must come from a claim connection: its client id (the topic's, which the
+   broker's ``%c`` pattern ties to the publisher) is ``claim-<random>``; a device's own
+   client id never is (``invalid_client_id``).
+2. A valid request (``invalid_request``) for an id that is not reserved (``reserved_id``)
+   with a fresh nonce (``nonce_reused``).
+3. Not soft-deleted (``deleted``) or revoked (``revoked``) until an operator restores it,
+   and not online right now with a valid credential (``online``).
+4. A device with an active credential is claimed again only with proof: the request
+   carries its current token, the one a rotation is delivering, or the one replaced last
+   (for ``previous_proof_s``), or an operator opened a claim window for it (``device
+   allow-claim``, used up by the claim). Otherwise ``proof_required``. A device never
+   provisioned (no credential) is claimed without proof.
+
+Then the bridge issues a fresh token: the broker credential (``upsert``: a re-provisioned
+device keeps one credential, with a new password) and the ``remotes`` row (created, or
+updated: never a second row for one ``device_identifier``).
 
 Replays: the answer to ``(client id, nonce)`` is kept in memory for ``replay_ttl_s`` and
 sent again unchanged; a nonce seen before but not in memory (another instance answered
@@ -16,6 +29,7 @@ token.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -25,7 +39,7 @@ from bridge.security.acl import is_reserved_id
 from bridge.security.backend import CredentialBackend
 from bridge.security.dynsec import DynsecError
 from bridge.security.metrics import SecurityMetrics
-from bridge.security.passwords import hash_password, new_token, nonce_sha256
+from bridge.security.passwords import hash_password, new_token, nonce_sha256, verify_password
 from bridge.security.store import DeviceGone, SecurityStore, is_online
 from schemas import DEFAULT_PREFIX, ContractError, encode
 from schemas.provisioning import (
@@ -35,6 +49,7 @@ from schemas.provisioning import (
     RefusalReason,
     decode_provision_request,
     decode_provision_response,
+    is_claim_client_id,
 )
 from schemas.topics import provision_topic
 
@@ -43,9 +58,16 @@ log = logging.getLogger(__name__)
 Publish = Callable[[str, bytes], Awaitable[None]]
 _RETRY_ONLINE_S = 30
 _RETRY_UNAVAILABLE_S = 10
+#: A kiosk that lost its token retries this often until an operator opens a window.
+_RETRY_PROOF_S = 60
 #: Refusals that another try may turn into an acceptance: not kept for replays.
 _TRANSIENT = frozenset(
-    {RefusalReason.UNAVAILABLE, RefusalReason.NONCE_REUSED, RefusalReason.ONLINE}
+    {
+        RefusalReason.UNAVAILABLE,
+        RefusalReason.NONCE_REUSED,
+        RefusalReason.ONLINE,
+        RefusalReason.PROOF_REQUIRED,
+    }
 )
 
 
@@ -68,6 +90,8 @@ class ProvisioningService:
         prefix: str = DEFAULT_PREFIX,
         replay_ttl_s: float = 3600.0,
         replay_max: int = 10_000,
+        previous_proof_s: float = 30 * 24 * 3600.0,
+        clock_ms: Callable[[], int] | None = None,
     ) -> None:
         self._store = store
         self._backend = backend
@@ -76,11 +100,31 @@ class ProvisioningService:
         self._prefix = prefix
         self._replay_ttl_s = replay_ttl_s
         self._replay_max = replay_max
+        self._previous_proof_ms = int(previous_proof_s * 1000)
+        self._clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         self._answers: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
 
     async def handle(self, client_id: str, payload: bytes) -> ProvisionAccepted | ProvisionRefused:
         """Answer one request on ``{prefix}/provision/{client_id}/response``."""
         topic = provision_topic(client_id, "response", self._prefix)
+        if not is_claim_client_id(client_id):
+            # A device's own credential (its client id is its device id), or the claim
+            # credential under a device's client id: never a claim. Not remembered: the
+            # answer is the same every time and must not fill the replay cache.
+            refused = ProvisionRefused(
+                reason=RefusalReason.INVALID_CLIENT_ID,
+                detail="provisioning requests come from a claim connection, whose client "
+                "id is claim-<8 to 58 random characters>",
+            )
+            self._metrics.provision.labels("refused", RefusalReason.INVALID_CLIENT_ID.value).inc()
+            log.warning(
+                "refused provisioning request on the topic of client id %r: not a claim "
+                "connection (a kiosk's own credential, or the claim credential under a "
+                "device's client id)",
+                client_id,
+            )
+            await self._publish(topic, encode(refused))
+            return refused
         try:
             request = decode_provision_request(payload)
         except ContractError as exc:
@@ -160,6 +204,9 @@ class ProvisioningService:
                 f"{device_id} is connected with a valid credential; retry once it is not",
                 _RETRY_ONLINE_S,
             )
+        granted_by = None
+        if facts.credential == "active":
+            granted_by = await self._proven(request, facts.claim_window)
         try:
             claimed = await asyncio.to_thread(
                 self._store.claim_nonce, nonce_hash, client_id, device_id
@@ -177,7 +224,14 @@ class ProvisioningService:
             raise self._unavailable(exc) from exc
         try:
             done = await asyncio.to_thread(
-                self._store.record_provisioned, request, token, hash_password(token), client_id
+                functools.partial(
+                    self._store.record_provisioned,
+                    request,
+                    token,
+                    hash_password(token),
+                    client_id,
+                    granted_by=granted_by,
+                )
             )
         except DeviceGone:
             await self._backend.disable(device_id)
@@ -200,6 +254,29 @@ class ProvisioningService:
             token=token,
             mqtt_username=device_id,
             config=done.config,
+        )
+
+    async def _proven(self, request: ProvisionRequest, claim_window: bool) -> str:
+        """Why a device with an active credential may be claimed again, or refuse."""
+        device_id = request.device_id
+        detail = "send its current or previous token as proof_token"
+        if request.proof_token is not None:
+            since_ms = self._clock_ms() - self._previous_proof_ms
+            try:
+                hashes = await asyncio.to_thread(self._store.proofs, device_id, since_ms)
+            except Exception as exc:
+                raise self._unavailable(exc) from exc
+            proof = request.proof_token
+            if any(verify_password(proof, stored) for stored in hashes):
+                return "proof"
+            detail = "its proof_token matches none of the device's tokens"
+        if claim_window:
+            return "claim_window"
+        raise _Refusal(
+            RefusalReason.PROOF_REQUIRED,
+            f"{device_id} already has a credential: {detail}, or ask an operator to run "
+            f"'kiosk-bridge device allow-claim {device_id}'",
+            _RETRY_PROOF_S,
         )
 
     def _unavailable(self, exc: BaseException) -> _Refusal:

@@ -137,13 +137,19 @@ class SecurityRuntime:
         backend: CredentialBackend
         if settings.credential_backend == "dynsec":
             self.dynsec = DynsecClient(self._publish)
-            backend = DynsecBackend(self.dynsec)
+            backend = DynsecBackend(self.dynsec, prefix=prefix)
         else:
             backend = DatabaseBackend()
         self.backend = backend
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(QUEUE_MAX)
         self.provisioning = ProvisioningService(
-            self.store, backend, self._publish, metrics, prefix=prefix
+            self.store,
+            backend,
+            self._publish,
+            metrics,
+            prefix=prefix,
+            previous_proof_s=settings.previous_token_proof_s,
+            clock_ms=now_ms,
         )
         self.rotations = RotationFinisher(self.store, backend, metrics, clock=now_ms)
         self._reject = reject or (lambda _reason: None)

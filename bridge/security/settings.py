@@ -31,6 +31,10 @@ class SecuritySettings(BaseSettings):
     #: by the device or not.
     rotation_deadline_s: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600)
     rotation_poll_s: float = Field(default=0.5, gt=0, le=60)
+    #: How long after a device's password was replaced (re-provisioning, rotation) the
+    #: old token still proves, in a provisioning request, that the claimant is the
+    #: device: a kiosk switched off across a forced rotation recovers by itself.
+    previous_token_proof_s: float = Field(default=30 * 24 * 3600.0, ge=0, le=365 * 24 * 3600)
     bridge_username: str = "_bridge"
     ops_username: str = "_ops"
     claim_username: str = "_claim"

@@ -1,8 +1,9 @@
 """Blocking SQL of credential management: provisioning, rotation, revocation, audit.
 
 Callers run these on a worker thread. Lock order is ``remotes`` then
-``kb_device_credentials`` (like the HTTP face's registration), so no two of them wait on
-each other in a cycle with the presence store (``kb_connectivity`` then ``remotes``).
+``kb_device_credentials`` (like the HTTP face's registration), then
+``kb_previous_credentials`` and ``kb_claim_windows``, so no two of them wait on each
+other in a cycle with the presence store (``kb_connectivity`` then ``remotes``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from bridge.db.models import CommandRecord, Connectivity, DeviceConfigRecord, Re
 from bridge.db.rows import utc_naive
 from bridge.presence import ConnState
 from bridge.security.models import (
+    ClaimWindow,
     CredentialState,
     DeviceCredential,
+    PreviousCredential,
     ProvisionNonce,
     SecurityAudit,
 )
@@ -37,6 +40,8 @@ CONN = Connectivity.__table__
 CFG = DeviceConfigRecord.__table__
 CMD = CommandRecord.__table__
 CRED = DeviceCredential.__table__
+PREVIOUS = PreviousCredential.__table__
+WINDOWS = ClaimWindow.__table__
 NONCES = ProvisionNonce.__table__
 AUDIT = SecurityAudit.__table__
 
@@ -55,6 +60,8 @@ class DeviceFacts:
     credential: str | None
     state: str | None
     session: int
+    #: An operator's claim window is open (``device allow-claim``): no proof needed.
+    claim_window: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +131,11 @@ class SecurityStore:
             state = conn.execute(
                 select(CONN.c.state, CONN.c.session).where(CONN.c.device_id == device_id)
             ).first()
+            window = conn.execute(
+                select(WINDOWS.c.device_id).where(
+                    WINDOWS.c.device_id == device_id, WINDOWS.c.expires_ms > self._clock()
+                )
+            ).first()
         return DeviceFacts(
             device_id=device_id,
             remote_id=int(remote.id) if remote is not None else None,
@@ -131,7 +143,29 @@ class SecurityStore:
             credential=cred.state if cred is not None else None,
             state=state.state if state is not None else None,
             session=int(state.session) if state is not None else 0,
+            claim_window=window is not None,
         )
+
+    def proofs(self, device_id: str, previous_since_ms: int) -> list[PasswordHash]:
+        """The hashes a provisioning request's ``proof_token`` may match: the current
+        password, one a rotation is delivering, and the one replaced last if that was
+        after ``previous_since_ms``."""
+        with self._engine.connect() as conn:
+            cred = conn.execute(select(CRED).where(CRED.c.device_id == device_id)).first()
+            previous = conn.execute(
+                select(PREVIOUS).where(
+                    PREVIOUS.c.device_id == device_id,
+                    PREVIOUS.c.replaced_ms >= previous_since_ms,
+                )
+            ).first()
+        found = []
+        if cred is not None and cred.password_hash:
+            found.append(_hash_of(cred))
+            if cred.pending_hash and cred.pending_salt:
+                found.append(_hash_of(cred, "pending"))
+        if previous is not None:
+            found.append(_hash_of(previous))
+        return found
 
     def nonce_owner(self, nonce_hash: str) -> tuple[str, str] | None:
         """``(client_id, device_id)`` of the request that used this nonce, if any."""
@@ -184,18 +218,46 @@ class SecurityStore:
             return False
         return True
 
+    def open_claim_window(self, device_id: str, for_ms: int, requested_by: str | None) -> int:
+        """Allow one claim of ``device_id`` without proof until now + ``for_ms``;
+        returns that deadline. Replaces a window that is open already."""
+        now_ms = self._clock()
+        expires_ms = now_ms + for_ms
+        with self._engine.begin() as conn:
+            conn.execute(delete(WINDOWS).where(WINDOWS.c.device_id == device_id))
+            conn.execute(
+                insert(WINDOWS).values(
+                    device_id=device_id,
+                    opened_ms=now_ms,
+                    expires_ms=expires_ms,
+                    opened_by=(requested_by or "")[:128] or None,
+                )
+            )
+            self._audit(
+                conn, device_id, "claim_allowed", requested_by, f"until {expires_ms} (epoch ms)"
+            )
+        return expires_ms
+
     def prune_nonces(self, older_than_ms: int) -> int:
         with self._engine.begin() as conn:
             result = conn.execute(delete(NONCES).where(NONCES.c.created_ms < older_than_ms))
         return int(result.rowcount or 0)
 
     def record_provisioned(
-        self, request: ProvisionRequest, token: str, hashed: PasswordHash, client_id: str
+        self,
+        request: ProvisionRequest,
+        token: str,
+        hashed: PasswordHash,
+        client_id: str,
+        *,
+        granted_by: str | None = None,
     ) -> Provisioned:
-        """Create or update the ``remotes`` row (never a second one) and the credential."""
+        """Create or update the ``remotes`` row (never a second one) and the credential.
+        ``granted_by`` says why a device with a credential could be claimed again
+        (``proof``, ``claim_window``); a claim window is used up here."""
         for attempt in range(_RETRIES):
             try:
-                return self._record_provisioned(request, token, hashed, client_id)
+                return self._record_provisioned(request, token, hashed, client_id, granted_by)
             except IntegrityError:
                 # Someone (the CMS, another bridge) inserted the row meanwhile: update it.
                 if attempt == _RETRIES - 1:
@@ -204,7 +266,12 @@ class SecurityStore:
         raise AssertionError("unreachable")
 
     def _record_provisioned(
-        self, request: ProvisionRequest, token: str, hashed: PasswordHash, client_id: str
+        self,
+        request: ProvisionRequest,
+        token: str,
+        hashed: PasswordHash,
+        client_id: str,
+        granted_by: str | None,
     ) -> Provisioned:
         now_ms = self._clock()
         now = utc_naive(now_ms)
@@ -251,12 +318,15 @@ class SecurityStore:
                     .values(token=self.stored_token(token), updated_at=now, **meta)
                 )
             self._set_credential(conn, device_id, hashed, now_ms)
+            if granted_by == "claim_window":
+                conn.execute(delete(WINDOWS).where(WINDOWS.c.device_id == device_id))
+            how = f", granted by {granted_by}" if granted_by else ""
             self._audit(
                 conn,
                 device_id,
                 "provisioned",
                 f"claim:{client_id}",
-                f"{'new' if created else 'existing'} remote {remote_id}",
+                f"{'new' if created else 'existing'} remote {remote_id}{how}",
             )
         return Provisioned(remote_id, created, self.device_config(device_id))
 
@@ -264,7 +334,15 @@ class SecurityStore:
         self, conn: Connection, device_id: str, hashed: PasswordHash, now_ms: int
     ) -> None:
         current = conn.execute(
-            self._locked(select(CRED.c.generation).where(CRED.c.device_id == device_id))
+            self._locked(
+                select(
+                    CRED.c.generation,
+                    CRED.c.state,
+                    CRED.c.password_hash,
+                    CRED.c.password_salt,
+                    CRED.c.iterations,
+                ).where(CRED.c.device_id == device_id)
+            )
         ).first()
         values: dict[str, Any] = {
             "state": CredentialState.ACTIVE.value,
@@ -291,11 +369,28 @@ class SecurityStore:
                 )
             )
         else:
+            if current.password_hash:
+                self._keep_previous(conn, device_id, _hash_of(current), now_ms)
             conn.execute(
                 update(CRED)
                 .where(CRED.c.device_id == device_id)
                 .values(generation=int(current.generation) + 1, **values)
             )
+
+    def _keep_previous(
+        self, conn: Connection, device_id: str, replaced: PasswordHash, now_ms: int
+    ) -> None:
+        """Remember the password being replaced (only the last one) as a proof."""
+        conn.execute(delete(PREVIOUS).where(PREVIOUS.c.device_id == device_id))
+        conn.execute(
+            insert(PREVIOUS).values(
+                device_id=device_id,
+                password_hash=replaced.hash_b64,
+                password_salt=replaced.salt_b64,
+                iterations=replaced.iterations,
+                replaced_ms=now_ms,
+            )
+        )
 
     def enroll(self, device_id: str, hashed: PasswordHash, requested_by: str | None) -> int:
         """An operator-made credential (labs, simulators): the row and credential as
@@ -422,8 +517,15 @@ class SecurityStore:
             }
             if applied and rotation.pending is not None:
                 cred = conn.execute(
-                    select(CRED.c.generation).where(CRED.c.device_id == rotation.device_id)
+                    select(
+                        CRED.c.generation,
+                        CRED.c.password_hash,
+                        CRED.c.password_salt,
+                        CRED.c.iterations,
+                    ).where(CRED.c.device_id == rotation.device_id)
                 ).first()
+                if cred is not None and cred.password_hash:
+                    self._keep_previous(conn, rotation.device_id, _hash_of(cred), now_ms)
                 values.update(
                     password_hash=rotation.pending.hash_b64,
                     password_salt=rotation.pending.salt_b64,
