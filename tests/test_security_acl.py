@@ -35,6 +35,11 @@ def _uid(stem: str) -> str:
     return f"{stem}-{next(_ids)}"
 
 
+def _claim_id() -> str:
+    """A client id of the shape claim connections must use (``claim-`` + 8 or more)."""
+    return f"claim-{next(_ids):08d}"
+
+
 async def _enroll(broker: SecureBroker, devices: dict[str, str]) -> None:
     async with open_admin_link(broker.bridge_url) as admin:
         backend = DynsecBackend(admin.dynsec)
@@ -286,7 +291,7 @@ def test_claim_credential_asks_and_hears_only_under_its_own_client_id(
 ) -> None:
     bridge = _connect(clients, broker.bridge_url, _uid("bridge"))
     bridge.subscribe("kiosk/v1/provision/+/request")
-    c1, c2 = _uid("claim"), _uid("claim")
+    c1, c2 = _claim_id(), _claim_id()
     claim = _connect(clients, broker.claim_url, c1)
     claim.subscribe(provision_topic(c1, "response"))
     claim.subscribe(provision_topic(c2, "response"))
@@ -314,7 +319,7 @@ def test_model_matches_the_broker_for_every_publish(
 ) -> None:
     """bridge.security.acl.allowed() is what the embedded broker enforces; here it must
     agree with Mosquitto on every publish of every principal."""
-    claimant = _uid("claim")
+    claimant = _claim_id()
     principals = {
         Role.DEVICE: (_device(broker, tokens, A), A, A),
         Role.BRIDGE: (broker.bridge_url, _uid("bridge"), broker.users.bridge),

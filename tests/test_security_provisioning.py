@@ -155,7 +155,9 @@ async def test_existing_row_is_updated_never_duplicated(
             )
         ).inserted_primary_key[0]
     first = await claim(broker, "prov-old")
-    second = await claim(broker, "prov-old")
+    # Claimed again (a reinstall that kept its token): the token it holds is the proof.
+    assert isinstance(first, ProvisionAccepted)
+    second = await claim(broker, "prov-old", proof_token=first.token)
     assert isinstance(first, ProvisionAccepted) and isinstance(second, ProvisionAccepted)
     assert first.remote_id == second.remote_id == remote_id
     (row,) = rows(db, "prov-old")
@@ -170,14 +172,15 @@ async def test_soft_deleted_device_is_refused_until_restored(
     broker: SecureBroker, running: tuple[Bridge, SecurityRuntime], db: Db
 ) -> None:
     bridge, _ = running
-    assert isinstance(await claim(broker, "prov-gone"), ProvisionAccepted)
+    first = await claim(broker, "prov-gone")
+    assert isinstance(first, ProvisionAccepted)
     with db.engine.begin() as conn:
         conn.execute(
             update(REMOTES)
             .where(REMOTES.c.device_identifier == "prov-gone")
             .values(deleted_at=datetime(2025, 1, 1))
         )
-    refused = await claim(broker, "prov-gone")
+    refused = await claim(broker, "prov-gone", proof_token=first.token)
     assert isinstance(refused, ProvisionRefused)
     assert refused.reason is RefusalReason.DELETED
     assert "kiosk-bridge device restore prov-gone" in refused.detail
@@ -190,7 +193,7 @@ async def test_soft_deleted_device_is_refused_until_restored(
             link.retained,
         )
         assert await admin.restore("prov-gone", requested_by="test") == (True, False)
-    again = await claim(broker, "prov-gone")
+    again = await claim(broker, "prov-gone", proof_token=first.token)
     assert isinstance(again, ProvisionAccepted)
     assert len(rows(db, "prov-gone")) == 1 and rows(db, "prov-gone")[0].deleted_at is None
 
@@ -213,7 +216,7 @@ async def test_malformed_requests_are_refused_and_counted(
         b"x" * 20_000,
     ]
     for index, payload in enumerate(bad):
-        answer = await raw_claim(broker, payload, f"junk-{index}")
+        answer = await raw_claim(broker, payload, f"claim-junk-{index:04d}")
         assert isinstance(answer, ProvisionRefused), payload[:40]
         assert answer.reason is RefusalReason.INVALID_REQUEST
     assert counted(bridge, "refused", "invalid_request") == len(bad)
@@ -227,15 +230,15 @@ async def test_replayed_request_gets_the_same_answer_and_no_second_credential(
 ) -> None:
     bridge, _ = running
     request = ProvisionRequest(device_id="prov-replay", nonce=secrets.token_urlsafe(24))
-    first = await raw_claim(broker, encode(request), "claimant-1")
-    again = await raw_claim(broker, encode(request), "claimant-1")
+    first = await raw_claim(broker, encode(request), "claim-claimant-1")
+    again = await raw_claim(broker, encode(request), "claim-claimant-1")
     assert isinstance(first, ProvisionAccepted)
     assert again == first
     assert counted(bridge, "replayed", "") == 1
     assert credential(db, "prov-replay").generation == 1
     assert await asyncio.to_thread(can_connect, broker, "prov-replay", first.token)
     # The same nonce from another client id is not a retry but a copy: refused.
-    copied = await raw_claim(broker, encode(request), "claimant-2")
+    copied = await raw_claim(broker, encode(request), "claim-claimant-2")
     assert isinstance(copied, ProvisionRefused)
     assert copied.reason is RefusalReason.NONCE_REUSED
     assert credential(db, "prov-replay").generation == 1
@@ -278,7 +281,9 @@ async def test_provisioning_on_server_databases(
 ) -> None:
     url = str(request.getfixturevalue(f"{backend}_url"))
     async with running_secure_bridge(broker.bridge_url, url):
-        answers = [await claim(broker, f"prov-{backend}") for _ in range(2)]
+        first = await claim(broker, f"prov-{backend}")
+        assert isinstance(first, ProvisionAccepted)
+        answers = [first, await claim(broker, f"prov-{backend}", proof_token=first.token)]
         handle = Db(url)
         try:
             assert all(isinstance(a, ProvisionAccepted) for a in answers)

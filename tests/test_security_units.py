@@ -171,12 +171,20 @@ def test_device_rules() -> None:
 
 
 def test_claim_ops_and_bridge_rules() -> None:
-    claim = Role.CLAIM
-    assert _ok(claim, Access.PUBLISH, "kiosk/v1/provision/c-1/request", "_claim", "c-1")
-    assert not _ok(claim, Access.PUBLISH, "kiosk/v1/provision/c-2/request", "_claim", "c-1")
-    assert _ok(claim, Access.RECEIVE, "kiosk/v1/provision/c-1/response", "_claim", "c-1")
-    assert not _ok(claim, Access.SUBSCRIBE, "kiosk/v1/provision/+/response", "_claim", "c-1")
+    claim, c1, c2 = Role.CLAIM, "claim-00000001", "claim-00000002"
+    assert _ok(claim, Access.PUBLISH, f"kiosk/v1/provision/{c1}/request", "_claim", c1)
+    assert not _ok(claim, Access.PUBLISH, f"kiosk/v1/provision/{c2}/request", "_claim", c1)
+    assert _ok(claim, Access.RECEIVE, f"kiosk/v1/provision/{c1}/response", "_claim", c1)
+    assert not _ok(claim, Access.SUBSCRIBE, "kiosk/v1/provision/+/response", "_claim", c1)
     assert not _ok(claim, Access.PUBLISH, "kiosk/v1/provision/a/b/request", "_claim", "a/b")
+    # Under any other client id (a device's above all) the claim credential may do nothing.
+    for other in ("kiosk-g", "c-1", "claim-short", "claim-", "claim-bad/slash"):
+        for access, leaf in ((Access.PUBLISH, "request"), (Access.RECEIVE, "response")):
+            assert not _ok(claim, access, f"kiosk/v1/provision/{other}/{leaf}", "_claim", other)
+    # A device's own credential gets no provisioning topic at all, not even its own id's.
+    device = Role.DEVICE
+    assert not _ok(device, Access.PUBLISH, "kiosk/v1/provision/k-1/request")
+    assert not _ok(device, Access.RECEIVE, "kiosk/v1/provision/k-1/response")
     ops = Role.OPS
     assert _ok(ops, Access.SUBSCRIBE, "kiosk/v1/#", "_ops", "o")
     assert _ok(ops, Access.RECEIVE, "kiosk/v1/k-1/status", "_ops", "o")
@@ -199,6 +207,8 @@ def test_static_users_and_reserved_ids() -> None:
     assert users.role_of("_claim") is Role.CLAIM and users.role_of("k-1") is Role.DEVICE
     assert users.role_of(None) is Role.DEVICE
     assert is_reserved_id("kiosk-bridge-a") and not is_reserved_id("kiosk-a")
+    # A device id never looks like a claim connection's client id.
+    assert is_reserved_id("claim-00000001") and not is_reserved_id("claims-1")
 
 
 # --- bootstrap -------------------------------------------------------------------------------

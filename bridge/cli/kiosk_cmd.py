@@ -155,6 +155,8 @@ def _ensure_token(run: KioskRun, quit_requested: threading.Event) -> None:
 def _claim(run: KioskRun, quit_requested: threading.Event) -> None:
     assert run.claim_password is not None
     tokens = TokenFile(run.state_dir)
+    # The token it holds (a rotation it missed made it stale) proves it is the device.
+    proof = tokens.load() or run.password or parse_broker_url(run.broker).password
     try:
         answer = claim_until_accepted(
             run.broker,
@@ -163,6 +165,7 @@ def _claim(run: KioskRun, quit_requested: threading.Event) -> None:
             run.device_id,
             stop=quit_requested,
             app_version=run.app_version,
+            proof_token=proof,
         )
     except ClaimRefused as exc:
         raise _fail(f"kiosk {run.device_id}: {exc}", 1) from None

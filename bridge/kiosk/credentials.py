@@ -47,8 +47,15 @@ logger = logging.getLogger(__name__)
 TOKEN_FILE: Final = "credential.json"
 _TOKEN_RE: Final = re.compile(TOKEN_PATTERN)
 #: Refusals that another request may turn into an acceptance; the others need an operator.
+#: ``proof_required`` is retried too (slowly, as the bridge asks): an operator's ``device
+#: allow-claim`` lets the next try in, with no change to the kiosk.
 RETRYABLE: Final = frozenset(
-    {RefusalReason.ONLINE, RefusalReason.UNAVAILABLE, RefusalReason.NONCE_REUSED}
+    {
+        RefusalReason.ONLINE,
+        RefusalReason.UNAVAILABLE,
+        RefusalReason.NONCE_REUSED,
+        RefusalReason.PROOF_REQUIRED,
+    }
 )
 
 
@@ -113,14 +120,17 @@ def claim_credentials(
     android_version: str | None = None,
     ip_address: str | None = None,
     mac_address: str | None = None,
+    proof_token: str | None = None,
     ca_file: str | None = None,
     prefix: str = DEFAULT_PREFIX,
     timeout_s: float = 15.0,
 ) -> ProvisionAccepted | ProvisionRefused:
     """Blocking: ask the bridge for a credential with the shared claim credential.
 
-    The claim connection uses its own client id (never the device id: taking over the
-    device's persistent session would discard its queued commands).
+    The claim connection uses a client id of its own, ``claim-<random>`` (the only shape
+    the broker and the bridge accept for it; never the device id, whose session it would
+    take over). ``proof_token`` is the token the device holds, if any: a device that has
+    a credential is claimed again only with it (or in an operator's claim window).
     """
     request = ProvisionRequest(
         device_id=device_id,
@@ -129,6 +139,7 @@ def claim_credentials(
         android_version=android_version,
         ip_address=ip_address,
         mac_address=mac_address,
+        proof_token=proof_token if is_token(proof_token) else None,
     )
     return send_claim(
         broker_url,
@@ -253,10 +264,13 @@ def claim_until_accepted(
             if answer.reason not in RETRYABLE:
                 raise ClaimRefused(answer)
             delay = float(answer.retry_after_s or backoff.next_delay())
-            logger.info(
-                "%s: claim refused for now (%s); retrying in %.1fs",
+            # proof_required waits for an operator: say what they must do, loudly.
+            say = logger.warning if answer.reason is RefusalReason.PROOF_REQUIRED else logger.info
+            say(
+                "%s: claim refused for now (%s: %s); retrying in %.1fs",
                 device_id,
                 answer.reason.value,
+                answer.detail,
                 delay,
             )
         stop.wait(delay)

@@ -205,7 +205,7 @@ class ProvisioningService:
                 _RETRY_ONLINE_S,
             )
         granted_by = None
-        if facts.credential == "active":
+        if facts.credential == "active" and facts.holds_token:
             granted_by = await self._proven(request, facts.claim_window)
         try:
             claimed = await asyncio.to_thread(

@@ -62,6 +62,9 @@ class DeviceFacts:
     session: int
     #: An operator's claim window is open (``device allow-claim``): no proof needed.
     claim_window: bool = False
+    #: The credential has a password: a row made only to revoke a CMS-only device (and
+    #: then restored) has none, and such a device claims without proof.
+    holds_token: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +130,9 @@ class SecurityStore:
                     REMOTES.c.device_identifier == device_id
                 )
             ).first()
-            cred = conn.execute(select(CRED.c.state).where(CRED.c.device_id == device_id)).first()
+            cred = conn.execute(
+                select(CRED.c.state, CRED.c.password_hash).where(CRED.c.device_id == device_id)
+            ).first()
             state = conn.execute(
                 select(CONN.c.state, CONN.c.session).where(CONN.c.device_id == device_id)
             ).first()
@@ -144,6 +149,7 @@ class SecurityStore:
             state=state.state if state is not None else None,
             session=int(state.session) if state is not None else 0,
             claim_window=window is not None,
+            holds_token=cred is not None and bool(cred.password_hash),
         )
 
     def proofs(self, device_id: str, previous_since_ms: int) -> list[PasswordHash]:
