@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from bridge.http import HttpFace, HttpSettings
+from bridge.http.device_store import DeviceStore
 from bridge.service.app import Bridge
 from tests.support.bridge_harness import running_bridge
 
@@ -30,6 +31,11 @@ class Served:
     bridge: Bridge
     face: HttpFace
     client: httpx.AsyncClient
+
+    @property
+    def devices(self) -> DeviceStore:
+        assert self.face.ctx is not None
+        return self.face.ctx.devices
 
     @property
     def cms(self) -> dict[str, str]:

@@ -6,15 +6,15 @@ import uuid
 
 import pytest
 
-from bridge.http.bodies import HeartbeatBody
 from bridge.http.limits import RateLimiter, retry_after_header
 from bridge.http.refresh import refresh_id
 from bridge.http.routes_devices import broker_takes_device_tokens
 from bridge.http.settings import HttpSettings, parse_listen
-from bridge.http.telemetry import telemetry
+from bridge.http.telemetry import METRICS, telemetry
 from bridge.http.tokens import new_token, token_hash
 from bridge.http.uptime import Change, uptime
 from bridge.settings import Settings
+from schemas import Status
 
 
 class FakeClock:
@@ -72,17 +72,34 @@ def test_uptime_counts_only_known_time() -> None:
 
 def test_telemetry_drops_values_out_of_range_and_keeps_the_rest() -> None:
     values, ignored = telemetry(
-        HeartbeatBody(battery_level=101, wifi_strength=-40, cpu_temp=500.0, network_type="wifi")
+        {"battery_level": 101, "wifi_strength": -40, "cpu_temp": 500.0, "network_type": "wifi"}
     )
     assert values == {"wifi_strength": -40, "network_type": "wifi"}
     assert ignored == ["battery_level", "cpu_temp"]
     assert telemetry(None) == ({}, [])
-    assert telemetry(HeartbeatBody(current_url="a\x00b")) == ({}, ["current_url"])
+    assert telemetry({"current_url": "a\x00b"}) == ({}, ["current_url"])
 
 
 def test_lax_legacy_types_are_accepted() -> None:
-    body = HeartbeatBody.model_validate({"battery_level": "85", "screen_on": "true"})
-    assert telemetry(body) == ({"battery_level": 85, "screen_on": True}, [])
+    assert telemetry({"battery_level": "85", "screen_on": "true"}) == (
+        {"battery_level": 85, "screen_on": True},
+        [],
+    )
+
+
+def test_wrong_types_are_ignored_not_coerced() -> None:
+    body = {"cpu_temp": False, "battery_level": True, "wifi_strength": "strong", "x": [1]}
+    values, ignored = telemetry({**body, "network_type": 4, "screen_on": False})
+    assert values == {"screen_on": False}
+    assert ignored == ["battery_level", "wifi_strength", "cpu_temp", "network_type"]
+    assert telemetry({"battery_level": None}) == ({}, [])
+
+
+def test_telemetry_ranges_are_the_mqtt_status_ranges() -> None:
+    # No copy of the ranges: the HTTP metrics are exactly the Status fields, judged by it.
+    assert set(METRICS) <= set(Status.model_fields)
+    for value, ok in ((0, True), (100, True), (-1, False), (101, False)):
+        assert ("battery_level" in telemetry({"battery_level": value})[0]) is ok
 
 
 def test_refresh_ids_are_stable_per_device_and_key() -> None:

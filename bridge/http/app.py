@@ -6,10 +6,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from bridge.http import routes_cms, routes_devices, routes_legacy
-from bridge.http.context import HttpContext
+from bridge.http.context import AUTH_FAILURES, HttpContext
 from bridge.http.device_store import AuthFailure, DeviceGone
-from bridge.http.errors import ApiError, error_response, install_error_handlers, too_large
-from bridge.http.limits import BodySizeLimit
+from bridge.http.errors import (
+    ApiError,
+    auth_blocked,
+    error_response,
+    install_error_handlers,
+    too_large,
+    too_slow,
+)
+from bridge.http.limits import BodySizeLimit, BodyTimeout, FailedAuthLimit
 from bridge.http.settings import HttpSettings
 
 TITLE = "kiosk-bridge HTTP API"
@@ -25,7 +32,7 @@ DESCRIPTION = (
 
 def create_app(ctx: HttpContext | None, settings: HttpSettings | None = None) -> FastAPI:
     """The app; ``ctx`` is ``None`` only to render the OpenAPI spec."""
-    limit = (settings or (ctx.settings if ctx else HttpSettings())).http_max_body_bytes
+    settings = settings or (ctx.settings if ctx else HttpSettings())
     app = FastAPI(
         title=TITLE,
         version=API_VERSION,
@@ -55,5 +62,22 @@ def create_app(ctx: HttpContext | None, settings: HttpSettings | None = None) ->
 
     app.add_exception_handler(AuthFailure, on_auth)
     app.add_exception_handler(DeviceGone, on_gone)
-    app.add_middleware(BodySizeLimit, limit=limit, respond=too_large)
+    # The last added runs first: the failed-authentication block, then the body's time
+    # and size limits, then the app.
+    app.add_middleware(BodySizeLimit, limit=settings.http_max_body_bytes, respond=too_large)
+    app.add_middleware(
+        BodyTimeout,
+        timeout_s=settings.http_body_timeout_s,
+        respond=too_slow,
+        on_cut=(lambda: ctx.metrics.slow_clients.labels("body").inc()) if ctx else lambda: None,
+    )
+    if ctx is not None:
+        refused = ctx.metrics.refused
+        app.add_middleware(
+            FailedAuthLimit,
+            limiter=ctx.limiters[AUTH_FAILURES],
+            proxies=settings.trusted_proxy_networks,
+            respond=auth_blocked,
+            on_limited=lambda: refused.labels("auth_rate_limited").inc(),
+        )
     return app

@@ -91,9 +91,10 @@ class RegisterResponse(_Body):
 
 
 class HeartbeatBody(_Body):
-    """Today's heartbeat metrics. Values out of the contract's range are ignored (and
-    named in the response) rather than failing the heartbeat: a bad sensor must not make
-    a live kiosk look dead."""
+    """Today's heartbeat metrics, all optional. A value of the wrong type or out of the
+    range the MQTT status allows is ignored, named in the response's `ignored_fields`
+    and counted, rather than failing the heartbeat: a bad sensor must not make a live
+    kiosk look dead. A body that is not a JSON object is a 400."""
 
     battery_level: int | None = None
     wifi_strength: int | None = None

@@ -25,6 +25,9 @@ T = TypeVar("T")
 #: Acks come in pairs per command (received, then the outcome): a bigger burst.
 _BURST_FACTOR = {"ack": 4}
 LIMITED = ("register", "heartbeat", "ack", "refresh")
+AUTH_FAILURES = "auth_failures"
+REGISTER_ADDRESS = "register_address"
+REGISTER_GLOBAL = "register_global"
 
 
 @dataclass
@@ -43,11 +46,22 @@ class HttpContext:
     limiters: dict[str, RateLimiter] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        settings = self.settings
         for group in LIMITED:
             self.limiters[group] = RateLimiter(
-                self.settings.http_rate_burst * _BURST_FACTOR.get(group, 1),
-                self.settings.http_rate_per_s,
+                settings.http_rate_burst * _BURST_FACTOR.get(group, 1), settings.http_rate_per_s
             )
+        #: Per client address: failed authentication (``limits.FailedAuthLimit``) ...
+        self.limiters[AUTH_FAILURES] = RateLimiter(
+            settings.http_auth_fail_burst, settings.http_auth_fail_per_s
+        )
+        #: ... and registrations; plus one bucket for all registrations together.
+        self.limiters[REGISTER_ADDRESS] = RateLimiter(
+            settings.http_register_address_burst, settings.http_register_address_per_s
+        )
+        self.limiters[REGISTER_GLOBAL] = RateLimiter(
+            settings.http_register_global_burst, settings.http_register_global_per_s, max_keys=1
+        )
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -57,10 +71,22 @@ class HttpContext:
         """Take a token from ``secret``'s bucket (kept by hash, never in clear)."""
         wait = self.limiters[group].check(token_hash(secret))
         if wait is not None:
-            self.metrics.refused.labels("rate_limited").inc()
-            raise ApiError(
-                429,
-                "rate_limited",
-                f"too many {group} requests; retry after the Retry-After delay",
-                headers={"Retry-After": retry_after_header(wait)},
-            )
+            self._refuse("rate_limited", f"too many {group} requests", wait)
+
+    def limit_registration(self, address: str) -> None:
+        """The per-address, then the global registration bucket."""
+        wait = self.limiters[REGISTER_ADDRESS].check(address)
+        if wait is not None:
+            self._refuse("register_rate_limited", "too many registrations from this address", wait)
+        wait = self.limiters[REGISTER_GLOBAL].check("*")
+        if wait is not None:
+            self._refuse("register_global_limit", "too many registrations right now", wait)
+
+    def _refuse(self, code: str, what: str, wait: float) -> None:
+        self.metrics.refused.labels(code).inc()
+        raise ApiError(
+            429,
+            code,
+            f"{what}; retry after the Retry-After delay",
+            headers={"Retry-After": retry_after_header(wait)},
+        )

@@ -1,13 +1,15 @@
-"""Request dependencies: the shared context and the two credentials."""
+"""Request dependencies: the shared context, the credentials, the client address."""
 
 from __future__ import annotations
 
 import hmac
+import logging
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from bridge.http.clients import scope_client
 from bridge.http.context import HttpContext
 from bridge.http.errors import ApiError
 
@@ -22,6 +24,16 @@ _api_key = APIKeyHeader(
     scheme_name="ApiKey",
     description="One of the keys in KB_API_KEYS",
 )
+
+
+_registration_secret = APIKeyHeader(
+    name="X-Registration-Secret",
+    auto_error=False,
+    scheme_name="RegistrationSecret",
+    description="KB_HTTP_REGISTRATION_SECRET, when the bridge is configured with one",
+)
+
+log = logging.getLogger(__name__)
 
 
 def get_ctx(request: Request) -> HttpContext:
@@ -67,3 +79,41 @@ def api_key(ctx: Ctx, key: Annotated[str | None, Security(_api_key)]) -> str:
 
 
 ApiKey = Annotated[str, Depends(api_key)]
+
+
+def client_address(request: Request) -> str:
+    """The address the request is limited by (resolved by ``limits.FailedAuthLimit``)."""
+    return scope_client(request.scope)
+
+
+ClientAddress = Annotated[str, Depends(client_address)]
+
+
+def registration_secret(
+    ctx: Ctx,
+    address: ClientAddress,
+    secret: Annotated[str | None, Security(_registration_secret)],
+) -> None:
+    """With ``KB_HTTP_REGISTRATION_SECRET`` set, registration needs it: missing (in
+    ``require`` mode) or wrong is a 401, and so counts as a failed authentication."""
+    expected = ctx.settings.http_registration_secret
+    if expected is None:
+        return
+    if not secret:
+        if ctx.settings.http_registration_secret_mode == "warn":
+            ctx.metrics.registrations_without_secret.inc()
+            log.warning("registration from %s without X-Registration-Secret accepted", address)
+            return
+        ctx.metrics.refused.labels("registration_secret_required").inc()
+        raise ApiError(
+            401,
+            "registration_secret_required",
+            "send the registration secret in the X-Registration-Secret header",
+        )
+    presented = secret.encode("utf-8", "surrogatepass")
+    if not hmac.compare_digest(presented, expected.get_secret_value().encode()):
+        ctx.metrics.refused.labels("invalid_registration_secret").inc()
+        raise ApiError(401, "invalid_registration_secret", "the registration secret is not valid")
+
+
+RegistrationSecret = Annotated[None, Depends(registration_secret)]

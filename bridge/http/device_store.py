@@ -26,6 +26,7 @@ from bridge.db.models import CommandRecord, Connectivity, Remote
 from bridge.db.rows import utc_naive
 from bridge.http.models import HttpDevice
 from bridge.http.settings import TokenStorage
+from bridge.http.token_index import CmsTokenIndex
 from bridge.http.tokens import new_token, token_hash
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,8 @@ class DeviceStore:
     ) -> None:
         self._engine = engine
         self._token_storage = token_storage
+        #: Tokens in ``remotes.token`` by hash; the face loads and refreshes it.
+        self.tokens = CmsTokenIndex(engine, token_storage)
         self._lock_rows = engine.dialect.name != "sqlite"
 
     def _locked(self, stmt: Any) -> Any:
@@ -216,16 +219,18 @@ class DeviceStore:
                     "the token was revoked or replaced; register again to get a new one",
                 )
             return _auth(remote), hashed
-        # A token the CMS issued before the bridge: found once by scanning remotes.token,
-        # then by its hash (the heartbeat records it in kb_http_devices).
-        candidates = [hashed] if self._token_storage == "sha256" else [token, hashed]
-        rows = conn.execute(select(*cols).where(REMOTES.c.token.in_(candidates))).all()
-        live = [row for row in rows if row.deleted_at is None]
-        if live:
-            return _auth(live[0]), hashed
-        if rows:
-            raise DeviceGone(rows[0].device_identifier)
-        raise AuthFailure("invalid_token", "the token is not valid")
+        # A token the CMS issued: its device is found in the in-memory map of
+        # remotes.token (never by scanning that unindexed column), then its row is read by
+        # the unique device id and compared; the heartbeat records it in kb_http_devices.
+        candidate = self.tokens.lookup(hashed)
+        if candidate is None:
+            raise AuthFailure("invalid_token", "the token is not valid")
+        remote = conn.execute(select(*cols).where(REMOTES.c.device_identifier == candidate)).first()
+        if remote is None or not self._matches(remote.token, token, hashed):
+            raise AuthFailure("invalid_token", "the token is not valid")
+        if remote.deleted_at is not None:
+            raise DeviceGone(remote.device_identifier)
+        return _auth(remote), hashed
 
     def authenticate(self, token: str) -> DeviceAuth:
         with self._engine.connect() as conn:
@@ -274,6 +279,7 @@ class DeviceStore:
                 remote_id, enabled = int(row.id), bool(row.remote_control_enabled)
                 created = False
             self._upsert_http(conn, request.device_id, token_hash(token), now_ms, registered=True)
+        self.tokens.put(request.device_id, self._stored(token))
         return Registered(remote_id, request.device_id, token, enabled, created)
 
     def _upsert_http(

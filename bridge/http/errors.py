@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from bridge.http.limits import retry_after_header
+
 log = logging.getLogger(__name__)
 
 _STATUS_CODES = {
@@ -25,6 +27,7 @@ _STATUS_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "request_timeout",
     409: "conflict",
     410: "gone",
     413: "payload_too_large",
@@ -70,17 +73,66 @@ def error_response(exc: ApiError) -> JSONResponse:
     )
 
 
-def too_large(limit: int) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """The raw 413 the body-size middleware sends before the app runs."""
-    body = json.dumps(
-        error_body("payload_too_large", f"request body is over the {limit}-byte limit")
-    ).encode()
-    headers = [
+def raw_error(
+    status: int, code: str, message: str, *, close: bool, headers: dict[str, str] | None = None
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """A structured error as raw ASGI parts, for middleware answering before the app."""
+    body = json.dumps(error_body(code, message)).encode()
+    raw = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
     ]
-    return 413, headers, body
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    if close:
+        raw.append((b"connection", b"close"))
+    return status, raw, body
+
+
+def too_large(limit: int) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The raw 413 the body-size middleware sends before the app runs."""
+    return raw_error(
+        413, "payload_too_large", f"request body is over the {limit}-byte limit", close=True
+    )
+
+
+def too_slow(timeout_s: float) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The raw 408 for a body that did not arrive in time; the connection is closed."""
+    return raw_error(
+        408,
+        "request_timeout",
+        f"the request body did not arrive within {timeout_s:g} s",
+        close=True,
+    )
+
+
+def auth_blocked(wait_s: float) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The raw 429 for an address over its failed-authentication budget."""
+    return raw_error(
+        429,
+        "auth_rate_limited",
+        "too many failed authentications from this address; retry after Retry-After",
+        close=False,
+        headers={"Retry-After": retry_after_header(wait_s)},
+    )
+
+
+class MalformedBody(Exception):
+    """The body is not JSON, or not a JSON object: 400, not a field-by-field 422."""
+
+
+#: Validation errors about the body as a whole (not one of its fields): a malformed body.
+_MALFORMED = {"json_invalid", "model_attributes_type", "dict_type", "model_type"}
+
+
+def _malformed(exc: RequestValidationError) -> bool:
+    return any(
+        tuple(err.get("loc", ())) == ("body",) and err.get("type") in _MALFORMED
+        for err in exc.errors()
+    )
+
+
+def malformed_response() -> JSONResponse:
+    return error_response(ApiError(400, "malformed_body", "the request body must be a JSON object"))
 
 
 def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
@@ -103,6 +155,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        if _malformed(exc):
+            return malformed_response()
         details = _validation_details(exc)
         first = details[0] if details else {"field": "", "message": "invalid request"}
         where = first["field"] or "request"
@@ -142,7 +196,11 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         return error_response(ApiError(500, "internal_error", "internal error; see bridge logs"))
 
+    async def on_malformed(_request: Request, _exc: Exception) -> JSONResponse:
+        return malformed_response()
+
     app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(MalformedBody, on_malformed)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(SQLAlchemyError, on_database)

@@ -3,8 +3,9 @@
     async with Bridge(settings) as bridge, HttpFace(bridge, "0.0.0.0", 8080):
         await bridge.serve_forever()
 
-Entering binds the port (so a port in use fails at once), starts uvicorn's ``serve()``
-as an owned task, the HTTP-only timeout sweeper and the command-event poller, and hooks
+Entering binds the port (so a port in use fails at once), loads the map of CMS tokens,
+starts uvicorn's ``serve()`` as an owned task, the HTTP-only timeout sweeper, the
+command-event poller and the token map's refresher, and hooks
 into the bridge: a presence listener on the writer, and an exemption of HTTP-managed
 devices from reconciliation. Leaving ends event streams, stops the server (in-flight
 requests get a few seconds), cancels the tasks and undoes the hooks.
@@ -32,8 +33,10 @@ from bridge.http.device_store import DeviceStore
 from bridge.http.events import CommandPoller, EventHub
 from bridge.http.metrics import HttpMetrics
 from bridge.http.models import create_http_schema
+from bridge.http.protocol import header_deadline_protocol
 from bridge.http.settings import HttpSettings
 from bridge.http.sweeper import TimeoutSweeper
+from bridge.http.token_index import TokenRefresher
 
 if TYPE_CHECKING:
     from bridge.service.app import Bridge
@@ -95,6 +98,7 @@ class HttpFace:
         self._exempt: Callable[[], set[str]] = set
         self.ctx: HttpContext | None = None
         self.sweeper: TimeoutSweeper | None = None
+        self.refresher: TokenRefresher | None = None
 
     @property
     def url(self) -> str:
@@ -127,6 +131,10 @@ class HttpFace:
                 metrics=HttpMetrics(bridge.metrics.registry),
             )
             ctx.managed = await loop.run_in_executor(self._executor, devices.http_managed)
+            self.refresher = TokenRefresher(
+                devices.tokens, self._run_db, interval_s=self.settings.http_token_refresh_s
+            )
+            await self.refresher.start()
             self.ctx = ctx
             await self._start_server(ctx)
         except BaseException:
@@ -135,6 +143,9 @@ class HttpFace:
         self.sweeper = TimeoutSweeper(ctx)
         self._tasks.append(asyncio.create_task(self.sweeper.run(), name="kb-http-sweeper"))
         self._tasks.append(asyncio.create_task(ctx.poller.run(), name="kb-http-events"))
+        refresher = self.refresher
+        assert refresher is not None
+        self._tasks.append(asyncio.create_task(refresher.run(), name="kb-http-tokens"))
         bridge.writer.listeners.append(ctx.hub.on_presence)
         self._hook_reconcile(ctx)
         log.info("HTTP API listening on %s", self.url)
@@ -153,7 +164,14 @@ class HttpFace:
             access_log=False,
             lifespan="off",
             ws="none",
-            http="h11",
+            # h11 with a deadline for request headers (uvicorn has none of its own).
+            http=header_deadline_protocol(
+                self.settings.http_header_timeout_s,
+                lambda: ctx.metrics.slow_clients.labels("headers").inc(),
+            ),
+            # X-Forwarded-For is honoured only from KB_HTTP_TRUSTED_PROXIES, by the app
+            # (bridge.http.clients); uvicorn's own handling trusts loopback by default.
+            proxy_headers=False,
             server_header=False,
             timeout_graceful_shutdown=_GRACEFUL_S,
         )

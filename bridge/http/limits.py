@@ -1,4 +1,5 @@
-"""Per-key token buckets (rate limits) and the request body size limit.
+"""Per-key token buckets (rate limits), the failed-authentication limit per client
+address, and the request body's size and time limits.
 
 The buckets live in memory, in the process serving the request: with several bridge
 instances behind a balancer each enforces its own share, which is enough to stop a
@@ -7,6 +8,7 @@ kiosk stuck in a tight loop. The map is bounded (least recently used keys go fir
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import OrderedDict
@@ -14,6 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bridge.http.clients import STATE_KEY, client_address
+from bridge.http.settings import Network
 
 
 @dataclass(slots=True)
@@ -37,11 +42,12 @@ class RateLimiter:
         self._max_keys = max_keys
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
 
-    def check(self, key: str) -> float | None:
-        """Take one token for ``key``: ``None`` when allowed, else seconds to wait."""
+    def _refilled(self, key: str, *, create: bool) -> _Bucket | None:
         now = self._clock()
         bucket = self._buckets.get(key)
         if bucket is None:
+            if not create:
+                return None
             bucket = _Bucket(self._burst, now)
             self._buckets[key] = bucket
             while len(self._buckets) > self._max_keys:
@@ -50,10 +56,34 @@ class RateLimiter:
             self._buckets.move_to_end(key)
             bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.at) * self._per_s)
             bucket.at = now
+        return bucket
+
+    def _wait(self, bucket: _Bucket) -> float:
+        return (1.0 - bucket.tokens) / self._per_s
+
+    def check(self, key: str) -> float | None:
+        """Take one token for ``key``: ``None`` when allowed, else seconds to wait."""
+        bucket = self._refilled(key, create=True)
+        assert bucket is not None
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return None
-        return (1.0 - bucket.tokens) / self._per_s
+        return self._wait(bucket)
+
+    def peek(self, key: str) -> float | None:
+        """Like ``check`` without taking a token (and without creating a bucket)."""
+        bucket = self._refilled(key, create=False)
+        if bucket is None or bucket.tokens >= 1.0:
+            return None
+        return self._wait(bucket)
+
+    def charge(self, key: str) -> None:
+        """Take one token after the fact, into debt if need be (down to minus the
+        burst): requests let in together by ``peek`` are all paid for, so concurrency
+        does not buy an address more attempts than the sustained rate."""
+        bucket = self._refilled(key, create=True)
+        assert bucket is not None
+        bucket.tokens = max(-self._burst, bucket.tokens - 1.0)
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -64,7 +94,116 @@ def retry_after_header(wait_s: float) -> str:
     return str(max(1, math.ceil(wait_s)))
 
 
-TooLargeResponder = Callable[[int], tuple[int, list[tuple[bytes, bytes]], bytes]]
+RawResponse = tuple[int, list[tuple[bytes, bytes]], bytes]
+TooLargeResponder = Callable[[int], RawResponse]
+
+
+async def send_raw(send: Send, response: RawResponse) -> None:
+    status, headers, body = response
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class FailedAuthLimit:
+    """A token bucket per client address for failed authentication, on every endpoint.
+
+    Each 401 the app answers is charged to the address it came from (see
+    ``bridge.http.clients``). An address whose bucket is empty gets 429 with
+    ``Retry-After`` for every request, before its credential is looked at, its body read
+    or the database asked: a correct credential does not help while it is blocked.
+    The resolved address is left in the scope's state for the app's own limits.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limiter: RateLimiter,
+        proxies: tuple[Network, ...],
+        respond: Callable[[float], RawResponse],
+        on_limited: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.proxies = proxies
+        self.respond = respond
+        self.on_limited = on_limited
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        address = client_address(scope, self.proxies)
+        scope.setdefault("state", {})[STATE_KEY] = address
+        wait = self.limiter.peek(address)
+        if wait is not None:
+            self.on_limited()
+            await send_raw(send, self.respond(wait))
+            return
+
+        async def watching_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 401:
+                self.limiter.charge(address)
+            await send(message)
+
+        await self.app(scope, receive, watching_send)
+
+
+class BodyTimeout:
+    """The whole request body must arrive within ``timeout_s`` of the headers.
+
+    ``receive`` is wrapped in a deadline; when it passes, the client gets 408 with
+    ``Connection: close`` (uvicorn then closes the socket) and the app a disconnect.
+    (Slow headers are cut in the protocol: ``bridge.http.protocol``.)
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        timeout_s: float,
+        respond: Callable[[float], RawResponse],
+        on_cut: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+        self.respond = respond
+        self.on_cut = on_cut
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        state = {"complete": False, "cut": False, "started": False}
+
+        async def timed_receive() -> Message:
+            if state["cut"]:
+                return {"type": "http.disconnect"}
+            if state["complete"]:
+                return await receive()  # the body is in; only a disconnect is left
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                state["cut"] = True
+                self.on_cut()
+                if not state["started"]:
+                    state["started"] = True
+                    await send_raw(send, self.respond(self.timeout_s))
+                return {"type": "http.disconnect"}
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                state["complete"] = True
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if state["cut"]:
+                return  # the 408 went out; what the app answers to the disconnect is moot
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        await self.app(scope, timed_receive, guarded_send)
 
 
 class BodySizeLimit:
@@ -118,9 +257,7 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, guarded_send)
 
     async def _refuse(self, send: Send) -> None:
-        status, headers, body = self.respond(self.limit)
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_raw(send, self.respond(self.limit))
 
 
 async def _discard(receive: Receive, budget: int) -> None:

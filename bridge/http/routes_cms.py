@@ -44,7 +44,9 @@ _CATCH_UP_S = 5.0
 DeviceId = Annotated[str, Path(pattern=DEVICE_ID_PATTERN, description="The device id")]
 
 
-@router.get("/devices", summary="Devices with their connectivity", responses=errors(401, 403, 422))
+@router.get(
+    "/devices", summary="Devices with their connectivity", responses=errors(401, 403, 422, 429)
+)
 async def list_devices(
     ctx: Ctx,
     _key: ApiKey,
@@ -69,7 +71,7 @@ async def list_devices(
 @router.get(
     "/devices/{device_id}",
     summary="One device: connectivity, history, uptime, recent commands",
-    responses=errors(401, 403, 404, 410, 422),
+    responses=errors(401, 403, 404, 410, 422, 429),
 )
 async def get_device(
     ctx: Ctx,
@@ -91,7 +93,7 @@ async def get_device(
     "/commands",
     status_code=202,
     summary="Queue a command for one or many devices",
-    responses=errors(401, 403, 413, 422),
+    responses=errors(400, 401, 403, 413, 422, 429),
 )
 async def create_commands(ctx: Ctx, _key: ApiKey, body: CommandRequest) -> CommandsResponse:
     devices = list(dict.fromkeys(body.device_ids))
@@ -121,7 +123,9 @@ async def create_commands(ctx: Ctx, _key: ApiKey, body: CommandRequest) -> Comma
 
 
 @router.get(
-    "/commands/{command_id}", summary="One command's state", responses=errors(401, 403, 404, 422)
+    "/commands/{command_id}",
+    summary="One command's state",
+    responses=errors(401, 403, 404, 422, 429),
 )
 async def get_command(
     ctx: Ctx, _key: ApiKey, command_id: Annotated[uuid.UUID, Path()]
@@ -145,7 +149,7 @@ async def get_command(
     response_class=StreamingResponse,
     responses={
         200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
-        **errors(401, 403, 422),
+        **errors(401, 403, 422, 429),
     },
 )
 async def events(

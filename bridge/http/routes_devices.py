@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Body, Path
+from fastapi import APIRouter, Path, Request
 
 from bridge.commands.lifecycle import CommandState
 from bridge.db.command_store import AckOutcome
@@ -24,9 +25,9 @@ from bridge.http.bodies import (
     RegisterResponse,
 )
 from bridge.http.context import HttpContext
-from bridge.http.deps import Ctx, DeviceToken
+from bridge.http.deps import ClientAddress, Ctx, DeviceToken, RegistrationSecret
 from bridge.http.device_store import Registration, Transport
-from bridge.http.errors import ApiError
+from bridge.http.errors import ApiError, MalformedBody
 from bridge.http.feed import online_event
 from bridge.http.responses import errors
 from bridge.http.telemetry import status_for, telemetry
@@ -46,6 +47,24 @@ class AckBody(Ack):
     """The contract's ``Ack``, lax about JSON types like the other legacy bodies."""
 
     model_config = {"strict": False, "frozen": True, "extra": "ignore"}
+
+
+async def heartbeat_body(request: Request) -> dict[str, Any] | None:
+    """The heartbeat's JSON object (``None`` when empty); anything else is a 400. Read
+    by hand rather than as a model: one wrong-typed metric must not fail the others,
+    as a 422 would, so that an old APK with a bad sensor still gets its 200."""
+    raw = await request.body()
+    if not raw.strip():
+        return None
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise MalformedBody from None
+    if parsed is None:
+        return None
+    if not isinstance(parsed, dict):
+        raise MalformedBody
+    return parsed
 
 
 def epoch_ms(value: datetime) -> int:
@@ -100,9 +119,12 @@ def _default_mqtt_url(ctx: HttpContext) -> str | None:
 @router.post(
     "/api/devices/register",
     summary="Register a kiosk (or re-register it): a new token and the MQTT details",
-    responses=errors(410, 413, 422, 429),
+    responses=errors(400, 401, 410, 413, 422, 429),
 )
-async def register(ctx: Ctx, body: RegisterBody) -> RegisterResponse:
+async def register(
+    ctx: Ctx, address: ClientAddress, _secret: RegistrationSecret, body: RegisterBody
+) -> RegisterResponse:
+    ctx.limit_registration(address)
     ctx.limit("register", body.device_id)
     request = Registration(
         device_id=body.device_id,
@@ -126,18 +148,24 @@ async def register(ctx: Ctx, body: RegisterBody) -> RegisterResponse:
     summary="Heartbeat with metrics; answers with pending commands",
     # Today's shape: the optional reconnect fields appear only when they apply.
     response_model_exclude_none=True,
-    responses=errors(401, 410, 413, 422, 429),
+    responses=errors(400, 401, 410, 413, 422, 429),
+    # The body is read by hand (see heartbeat_body); the spec still shows its fields.
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": HeartbeatBody.model_json_schema()}},
+        }
+    },
 )
-async def heartbeat(
-    ctx: Ctx,
-    token: DeviceToken,
-    body: Annotated[HeartbeatBody | None, Body()] = None,
-) -> HeartbeatResponse:
+async def heartbeat(ctx: Ctx, token: DeviceToken, request: Request) -> HeartbeatResponse:
+    metrics = await heartbeat_body(request)
     ctx.limit("heartbeat", token)
     now = ctx.clock()
     plan = await ctx.db(ctx.devices.plan_heartbeat, token, now)
     device_id = plan.device.device_id
-    values, ignored = telemetry(body)
+    values, ignored = telemetry(metrics)
+    for name in ignored:
+        ctx.metrics.ignored_fields.labels(name).inc()
     ingest = ctx.bridge.ingest
     if plan.transport is Transport.HTTP:
         ctx.managed.add(device_id)
@@ -182,7 +210,7 @@ async def heartbeat(
 @router.post(
     "/api/devices/commands/{command_id}/ack",
     summary="Acknowledge a command received in a heartbeat response",
-    responses=errors(401, 404, 410, 413, 422, 429),
+    responses=errors(400, 401, 404, 410, 413, 422, 429),
 )
 async def ack_command(
     ctx: Ctx,
