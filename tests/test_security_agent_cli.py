@@ -24,8 +24,9 @@ from bridge.kiosk.credentials import TokenFile
 from bridge.security.models import DeviceCredential
 from bridge.security.passwords import new_token, token_sha256
 from bridge.security.runtime import SecurityRuntime
+from bridge.security.settings import SecuritySettings
 from bridge.security.store import REDACTED, SecurityStore
-from bridge.security.testkit import AuthClient, SecureBroker
+from bridge.security.testkit import AuthClient, SecureBroker, running_secure_bridge
 from bridge.service.app import Bridge
 from tests.support.bridge_harness import Db, eventually
 from tests.support.faults.bridge_process import bridge_command, run_cli
@@ -204,12 +205,13 @@ async def test_an_agent_whose_token_is_refused_claims_a_new_one(
 ) -> None:
     device = "agent-stale"
     _, security = running
-    await security.admin().enroll(device, new_token(), requested_by="test")
-    # The kiosk holds a token the broker does not know, as after a forced rotation it
-    # missed while away.
-    state_dir = tmp_path / device
     stale = new_token()
+    await security.admin().enroll(device, stale, requested_by="test")
+    state_dir = tmp_path / device
     TokenFile(state_dir).save(stale)
+    # The password changed while the kiosk was away (a forced rotation it missed): the
+    # broker refuses the token it holds, which still proves to the bridge who it is.
+    await security.admin().enroll(device, new_token(), requested_by="test")
     kiosk = await kiosks.start(device, state_dir, "stale.log", claim=True)
     await online_session(db, device)
     fresh = TokenFile(state_dir).load()
@@ -218,6 +220,44 @@ async def test_an_agent_whose_token_is_refused_claims_a_new_one(
     assert await asyncio.to_thread(can_connect, broker, device, fresh)
     assert "provisioned" in actions(db, device)
     assert await kiosk.stop() == 0, kiosk.output()
+
+
+async def test_a_kiosk_that_lost_its_token_gets_in_once_an_operator_allows_a_claim(
+    broker: SecureBroker, db: Db, sqlite_url: str, tmp_path: Path, kiosks: Kiosks
+) -> None:
+    """A factory reset: the kiosk has no token, the bridge knows a credential for its
+    id. Without proof it is refused (``proof_required``) and keeps asking; the
+    operator's ``device allow-claim`` lets its next claim in, with no change to it."""
+    device = "agent-reset"
+    fast = SecuritySettings(rotation_poll_s=0.1, proof_required_retry_s=1)
+    async with running_secure_bridge(broker.bridge_url, sqlite_url, security=fast) as pair:
+        _, security = pair
+        await security.admin().enroll(device, new_token(), requested_by="test")
+        kiosk = await kiosks.start(device, tmp_path / device, "reset.log", claim=True)
+        await eventually(
+            lambda: "proof_required" in kiosk.output(), lambda seen: seen, what="refusal"
+        )
+        assert kiosk.proc is not None and kiosk.proc.returncode is None  # still asking
+        assert f"kiosk-bridge device allow-claim {device}" in kiosk.output()
+        code, out = await run_cli(
+            "device",
+            "allow-claim",
+            device,
+            "--for",
+            "5m",
+            "--db",
+            sqlite_url,
+            "--requested-by",
+            "ops-test",
+        )
+        assert code == 0 and "once without proof" in out, out
+        await online_session(db, device)
+        assert TokenFile(tmp_path / device).load() is not None
+        log = SecurityStore(db.engine, clock=now_ms).audit_log(device)
+        assert [row.action for row in log][-2:] == ["claim_allowed", "provisioned"]
+        assert log[-2].requested_by == "ops-test"
+        assert "granted by claim_window" in (log[-1].detail or "")
+        assert await kiosk.stop() == 0, kiosk.output()
 
 
 async def test_a_refused_claim_is_a_clear_error(

@@ -155,12 +155,13 @@ async def test_ops_and_claim(
     ops = await clients.connect(url(broker, "_ops", PASSWORDS["ops_password"]), "ops-1")
     await asyncio.to_thread(ops.subscribe, "kiosk/v1/#")
     await asyncio.to_thread(bridge.publish, device_topic("amq-a", TopicKind.CMD), b"secret")
-    await asyncio.to_thread(bridge.publish, provision_topic("c-1", "response"), b"token")
+    c1, c2 = "claim-00000001", "claim-00000002"
+    await asyncio.to_thread(bridge.publish, provision_topic(c1, "response"), b"token")
     assert await marker_then(bridge, ops, device_topic("amq-a", TopicKind.CONFIG)) == []
-    claim = await clients.connect(url(broker, "_claim", PASSWORDS["claim_password"]), "c-1")
-    mine = provision_topic("c-1", "response")
+    claim = await clients.connect(url(broker, "_claim", PASSWORDS["claim_password"]), c1)
+    mine = provision_topic(c1, "response")
     assert [r.value for r in await asyncio.to_thread(claim.subscribe, mine)] == [1]
-    theirs = provision_topic("c-2", "response")
+    theirs = provision_topic(c2, "response")
     assert [r.value for r in await asyncio.to_thread(claim.subscribe, theirs)] == [0x80]
     await asyncio.to_thread(bridge.publish, mine, b"yours")
     assert (await asyncio.to_thread(claim.expect, mine))[1] == b"yours"

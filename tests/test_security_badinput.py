@@ -276,7 +276,7 @@ async def test_hostile_messages_are_rejected_counted_and_change_nothing(
                     expected_rejections += 1
             provisioning = _provision_payloads()
             for index, payload in enumerate(provisioning):
-                topic = provision_topic(f"hostile-{index}", "request")
+                topic = provision_topic(f"claim-hostile-{index:03d}", "request")
                 await asyncio.to_thread(attacker.publish, topic, payload, 1, False)
                 sent += 1
             refusals = [

@@ -58,8 +58,6 @@ log = logging.getLogger(__name__)
 Publish = Callable[[str, bytes], Awaitable[None]]
 _RETRY_ONLINE_S = 30
 _RETRY_UNAVAILABLE_S = 10
-#: A kiosk that lost its token retries this often until an operator opens a window.
-_RETRY_PROOF_S = 60
 #: Refusals that another try may turn into an acceptance: not kept for replays.
 _TRANSIENT = frozenset(
     {
@@ -91,6 +89,7 @@ class ProvisioningService:
         replay_ttl_s: float = 3600.0,
         replay_max: int = 10_000,
         previous_proof_s: float = 30 * 24 * 3600.0,
+        proof_retry_s: int = 60,
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
         self._store = store
@@ -101,6 +100,9 @@ class ProvisioningService:
         self._replay_ttl_s = replay_ttl_s
         self._replay_max = replay_max
         self._previous_proof_ms = int(previous_proof_s * 1000)
+        #: A kiosk that lost its token asks again this often, until an operator opens
+        #: a claim window for it.
+        self._proof_retry_s = proof_retry_s
         self._clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         self._answers: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
 
@@ -276,7 +278,7 @@ class ProvisioningService:
             RefusalReason.PROOF_REQUIRED,
             f"{device_id} already has a credential: {detail}, or ask an operator to run "
             f"'kiosk-bridge device allow-claim {device_id}'",
-            _RETRY_PROOF_S,
+            self._proof_retry_s,
         )
 
     def _unavailable(self, exc: BaseException) -> _Refusal:

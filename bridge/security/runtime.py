@@ -149,6 +149,7 @@ class SecurityRuntime:
             metrics,
             prefix=prefix,
             previous_proof_s=settings.previous_token_proof_s,
+            proof_retry_s=settings.proof_required_retry_s,
             clock_ms=now_ms,
         )
         self.rotations = RotationFinisher(self.store, backend, metrics, clock=now_ms)

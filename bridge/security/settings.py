@@ -35,6 +35,9 @@ class SecuritySettings(BaseSettings):
     #: old token still proves, in a provisioning request, that the claimant is the
     #: device: a kiosk switched off across a forced rotation recovers by itself.
     previous_token_proof_s: float = Field(default=30 * 24 * 3600.0, ge=0, le=365 * 24 * 3600)
+    #: ``retry_after_s`` of a ``proof_required`` refusal: how soon a kiosk that lost its
+    #: token asks again, so an operator's ``device allow-claim`` lets it in this soon.
+    proof_required_retry_s: int = Field(default=60, ge=1, le=3600)
     bridge_username: str = "_bridge"
     ops_username: str = "_ops"
     claim_username: str = "_claim"
