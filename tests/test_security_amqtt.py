@@ -274,3 +274,40 @@ async def test_no_message_is_lost_while_others_subscribe(
         return {int(observer.expect(status)[1]) for _ in range(count)}
 
     assert await asyncio.to_thread(received) == set(range(count))
+
+
+@pytest.mark.parametrize("clean", [True, False], ids=["clean", "persistent"])
+async def test_nobody_takes_over_a_device_session_without_its_credential(
+    broker: EmbeddedBroker, store: SecurityStore, clients: Clients, clean: bool
+) -> None:
+    """amqtt 0.12.1 on its own deletes or takes over the session of a CONNECT's client id
+    before it authenticates; the embedded broker authenticates first, so neither the
+    claim credential (client ids other than claim-*) nor a wrong password disconnects
+    the device that holds the id."""
+    token = await enroll(store, "amq-g")
+    observer = await clients.connect(url(broker, "_bridge", PASSWORDS["bridge_password"]), "o-g")
+    await asyncio.to_thread(observer.subscribe, "kiosk/v1/#")
+    kiosk = await clients.connect(url(broker, "amq-g", token), "amq-g", clean=False)
+    claim = url(broker, "_claim", PASSWORDS["claim_password"])
+    assert await clients.refused(claim, "amq-g", clean=clean)
+    assert await clients.refused(url(broker, "amq-g", new_token()), "amq-g", clean=clean)
+    assert await clients.refused(url(broker), "amq-g", clean=clean)
+    # Still connected: what it publishes arrives, and nothing cut it in between.
+    assert await marker_then(kiosk, observer, device_topic("amq-g", TopicKind.STATUS)) == []
+    assert not kiosk.disconnected.is_set()
+    # A claim connection of the reserved shape is let in.
+    await clients.connect(claim, "claim-00000009")
+
+
+async def test_a_device_credential_has_no_provisioning_rights(
+    broker: EmbeddedBroker, store: SecurityStore, clients: Clients
+) -> None:
+    token = await enroll(store, "amq-p")
+    observer = await clients.connect(url(broker, "_bridge", PASSWORDS["bridge_password"]), "o-p")
+    await asyncio.to_thread(observer.subscribe, "kiosk/v1/provision/+/request")
+    await asyncio.to_thread(observer.subscribe, device_topic("amq-p", TopicKind.STATUS))
+    kiosk = await clients.connect(url(broker, "amq-p", token), "amq-p")
+    response = provision_topic("amq-p", "response")
+    assert [r.value for r in await asyncio.to_thread(kiosk.subscribe, response)] == [0x80]
+    await asyncio.to_thread(kiosk.publish, provision_topic("amq-p", "request"), b"{}")
+    assert await marker_then(kiosk, observer, device_topic("amq-p", TopicKind.STATUS)) == []
