@@ -1,10 +1,13 @@
 """Batched, fenced writes of status telemetry into ``remotes``.
 
 The service coalesces telemetry per device before it gets here (last value wins), so a
-batch holds at most one status per device. The fence is the same session rule as
-presence: a status from a session older than the newest presence session, or not newer
-than the last stored ``(session, seq)``, is dropped. The rows are locked as in
-:mod:`bridge.db.presence_store`, so two writers cannot move a device backwards.
+batch holds at most one status per device. The fence (:mod:`bridge.presence.fence`): a
+status is written only within the device's current presence session and only if it is
+newer than the stored ``(session, seq)`` of that session. A status of an older session
+is stale; one of a newer session (no birth written for it yet) is not written and is
+handed back in :attr:`StatusResult.waiting`, so that the service can hold it until its
+birth arrives. The rows are locked as in :mod:`bridge.db.presence_store`, so two
+writers cannot move a device backwards.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from sqlalchemy.engine import Dialect
 from bridge.db.models import Connectivity, Remote
 from bridge.db.presence_store import CHUNK, chunks
 from bridge.db.rows import utc_naive
+from bridge.presence.fence import StatusVerdict, status_verdict
 from schemas import Status
 
 T = TypeVar("T")
@@ -54,14 +58,24 @@ class StatusItem:
     noisy: bool = False
 
 
+#: Skip reasons of a status whose birth has not been written (yet): the caller may hold
+#: it and try again (:attr:`StatusResult.waiting`).
+WAITING_REASONS = frozenset({"session_ahead", "unknown_device"})
+
+
 @dataclass(slots=True)
 class StatusResult:
     written: int = 0
-    #: reason -> count: stale, unknown_device, deleted
+    #: reason -> count: stale, deleted, unknown_device (no birth of the device at all),
+    #: session_ahead (a session newer than the device's presence session)
     skipped: dict[str, int] = field(default_factory=dict)
+    #: The items skipped for a reason in :data:`WAITING_REASONS`, with that reason.
+    waiting: list[tuple[StatusItem, str]] = field(default_factory=list)
 
-    def skip(self, reason: str) -> None:
+    def skip(self, reason: str, item: StatusItem | None = None) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if item is not None and reason in WAITING_REASONS:
+            self.waiting.append((item, reason))
 
 
 #: The columns of one status row as the set-based statements see it (``v``).
@@ -187,9 +201,11 @@ class _StatusSql:
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one per store, lives as long
     def fenced_conn_update(self, count: int) -> str:
-        """Advance each device's ``(status_session, last_seq)`` where the row is newer
-        than both the stored telemetry and the presence session, for devices that exist
-        and are not soft-deleted."""
+        """Advance each device's ``(status_session, last_seq)`` where the row is of the
+        presence session and newer than the stored telemetry of that session, for
+        devices that exist and are not soft-deleted. Stored telemetry of another session
+        (older, or higher after a reset or a forged status) never blocks the current one:
+        that is what kept a device's telemetry frozen at a forged session's values."""
         sets = [
             ("status_session", "v.session"),
             ("last_seq", "v.seq"),
@@ -199,8 +215,8 @@ class _StatusSql:
             ("config_version", "COALESCE(v.config_version, c.config_version)"),
         ]
         where = (
-            "r.deleted_at IS NULL AND v.session >= c.session AND (v.session > "
-            "c.status_session OR (v.session = c.status_session AND v.seq > c.last_seq))"
+            "r.deleted_at IS NULL AND v.session = c.session AND (v.session <> "
+            "c.status_session OR v.seq > c.last_seq)"
         )
         return self._update("c", sets, where, self._derived(count))
 
@@ -341,14 +357,19 @@ class StatusStore:
         self, cursor: Any, items: Sequence[StatusItem], skipped: int, result: StatusResult
     ) -> None:
         """Attribute the rows the fenced UPDATEs left out to a reason. Only runs when a
-        batch had skips; what is neither unknown nor deleted was stale."""
+        batch had skips; what is neither unknown, deleted nor ahead was stale."""
         # A plain read: the rows that matter are locked already, and locking the
-        # skipped ones too, after the UPDATEs, deadlocked two writers on MariaDB.
+        # skipped ones too, after the UPDATEs, deadlocked two writers on MariaDB. The
+        # presence session read here is the one the UPDATEs saw: this transaction holds
+        # the batch's connectivity rows (SQLite: the database) since before them.
         fences, remotes = self._read_rows(cursor, [item.device_id for item in items], lock=False)
         for item in items:
-            reason = _missing(remotes.get(item.device_id), fences.get(item.device_id))
+            fence = fences.get(item.device_id)
+            reason = _missing(remotes.get(item.device_id), fence)
+            if reason is None and fence is not None and item.status.session > int(fence[1]):
+                reason = "session_ahead"
             if reason is not None:
-                result.skip(reason)
+                result.skip(reason, item)
                 skipped -= 1
         for _ in range(skipped):
             result.skip("stale")
@@ -376,15 +397,15 @@ class StatusStore:
             status = item.status
             reason = _missing(remotes.get(item.device_id), fence)
             if reason is not None:
-                result.skip(reason)
+                result.skip(reason, item)
                 continue
             assert fence is not None
             _, session, status_session, last_seq = fence
-            if status.session < session or (status.session, status.seq) <= (
-                status_session,
-                last_seq,
-            ):
-                result.skip("stale")
+            verdict = status_verdict(
+                session, (status_session, last_seq), status.session, status.seq
+            )
+            if verdict is not StatusVerdict.APPLY:
+                result.skip(verdict.value, item)
                 continue
             row = sql.row(item)
             # The UPDATEs take the values first and the key last; the remotes UPDATE

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from bridge.db.presence_store import BirthInfo, PresenceItem
 from bridge.db.status_store import StatusItem
 from bridge.presence import ConnState, PresenceEvent
+from bridge.presence.fence import Offer, StatusHold
 from bridge.service.metrics import BridgeMetrics
 from schemas import (
     Ack,
@@ -57,6 +58,10 @@ class Ingest:
     #: When each device's telemetry was last handed to the writer.
     status_taken_ms: dict[str, int] = field(default_factory=dict)
     noisy: set[str] = field(default_factory=set)
+    #: Telemetry of a session whose birth has not been written (yet), kept apart from
+    #: :attr:`status` so that it never displaces a status of the current session there
+    #: (see :mod:`bridge.presence.fence`); the writer re-checks and finally rejects it.
+    held: StatusHold[StatusItem] = field(default_factory=StatusHold)
     #: Receivers for command traffic: ``(device, ack, received_ms)``.
     on_ack: Callable[[str, Ack, int], None] | None = None
     on_command: Callable[[str, Command, int], None] | None = None
@@ -154,6 +159,17 @@ class Ingest:
 
     def _status(self, device_id: str, status: Status, received_ms: int) -> None:
         pending = self.status.get(device_id)
+        if pending is not None and pending.status.session != status.session:
+            # Two sessions: only the database knows which is the presence session, and
+            # letting the higher one win here would let a status of a forged session
+            # displace the real one before the fence ever sees it. The higher session
+            # waits in the hold, which the writer re-checks.
+            if status.session > pending.status.session:
+                self.hold_status(StatusItem(device_id, status, received_ms), received_ms)
+                return
+            self.hold_status(pending, received_ms)
+            del self.status[device_id]
+            pending = None
         if pending is not None:
             if (status.session, status.seq) <= (pending.status.session, pending.status.seq):
                 self.metrics.status_skipped.labels("stale").inc()
@@ -173,6 +189,30 @@ class Ingest:
             device_id, status, received_ms, noisy=device_id in self.noisy
         )
         self.wake.set()
+
+    def hold_status(self, item: StatusItem, now_ms: int, *, deadline_ms: int | None = None) -> None:
+        """Hold telemetry that waits for its session's birth; rejected (counted,
+        logged) when the hold is full."""
+        order = (item.status.session, item.status.seq)
+        offer = self.held.offer(item.device_id, item, order, now_ms, deadline_ms=deadline_ms)
+        if offer is Offer.COALESCED:
+            self.metrics.status_coalesced.inc()
+        elif offer is Offer.REFUSED:
+            self.reject_status(item, "session_ahead", f"{len(self.held)} statuses held already")
+        self.metrics.status_held.set(len(self.held))
+        self.wake.set()
+
+    def reject_status(self, item: StatusItem, reason: str, why: str) -> None:
+        """A status that is never applied, counted as a rejected message."""
+        self.metrics.rejected.labels(reason).inc()
+        log.warning(
+            "rejected status reason=%s device=%s session=%d seq=%d: %s",
+            reason,
+            item.device_id,
+            item.status.session,
+            item.status.seq,
+            why,
+        )
 
     def take_presence(self, limit: int) -> list[PresenceItem]:
         batch = [self.presence.popleft() for _ in range(min(limit, len(self.presence)))]

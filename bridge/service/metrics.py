@@ -28,6 +28,11 @@ class BridgeMetrics:
         self.status_skipped = Counter(
             "kb_status_skipped", "Status not written, by reason", ["reason"], registry=r
         )
+        self.status_held = Gauge(
+            "kb_status_held",
+            "Devices whose status waits for its session's birth (telemetry fence)",
+            registry=r,
+        )
         self.status_coalesced = Counter(
             "kb_status_coalesced", "Status replaced in memory by a newer one", registry=r
         )

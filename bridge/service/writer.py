@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from bridge.backoff import Backoff
 from bridge.clock import now_ms
 from bridge.db.presence_store import PresenceResult, PresenceStore
-from bridge.db.status_store import StatusStore
+from bridge.db.status_store import WAITING_REASONS, StatusResult, StatusStore
 from bridge.service.ingest import Ingest
 from bridge.service.metrics import BridgeMetrics
 from bridge.settings import Settings
@@ -131,6 +131,9 @@ class DbWriter:
             deadlines.append(0)
         if self._rechecks:
             deadlines.append(max(0.0, (self._rechecks[0][0] - now_ms()) / 1000))
+        held = self._ingest.held.due_at()
+        if held is not None:
+            deadlines.append(max(0.0, (held - now_ms()) / 1000))
         return min(deadlines) if deadlines else None
 
     async def _step(self) -> None:
@@ -148,6 +151,10 @@ class DbWriter:
             or len(ingest.status) >= self._settings.status_batch_max
         ):
             await self._write_status()
+        # After the pending telemetry: a held status is then checked against whatever
+        # that batch wrote, and never delays the current session's.
+        if ingest.held.is_due(now_ms()):
+            await self._retry_held()
 
     async def _write_presence(self) -> None:
         batch = self._ingest.take_presence(self._settings.presence_batch_max)
@@ -183,6 +190,11 @@ class DbWriter:
                 log.info("presence ignored device=%s verdict=%s", result.device_id, result.verdict)
             if result.recheck_at_ms is not None:
                 heapq.heappush(self._rechecks, (result.recheck_at_ms, result.device_id))
+        # A birth (or any presence of a newer session) may be what a held status waits
+        # for: re-check those at once instead of at the next retry.
+        self._ingest.held.release(
+            {result.device_id for result in results if result.verdict in ("applied", "reset")}
+        )
         for listener in self.listeners:
             listener(results)
 
@@ -198,10 +210,52 @@ class DbWriter:
         self._last_status_flush = time.monotonic()
         self._metrics.batch_seconds.labels("status").observe(time.perf_counter() - started)
         self._metrics.batch_size.labels("status").observe(len(batch))
+        self._count_status(result)
+        now = now_ms()
+        for item, _reason in result.waiting:
+            self._ingest.hold_status(item, now)
+
+    def _count_status(self, result: StatusResult) -> None:
+        """Count what a status batch wrote and skipped for good; statuses that wait for
+        a birth are counted when their wait ends."""
         self._metrics.status_written.inc(result.written)
         for reason, count in result.skipped.items():
+            if reason in WAITING_REASONS:
+                continue
             self._metrics.status_skipped.labels(reason).inc(count)
             log.debug("status skipped reason=%s count=%d", reason, count)
+
+    async def _retry_held(self) -> None:
+        """Re-check the statuses that wait for their session's birth: written if it has
+        come, given back if there is time left, rejected at their deadline."""
+        ingest = self._ingest
+        now = now_ms()
+        entries = ingest.held.take(now)
+        try:
+            result = await self._db(self._status.apply_status, [entry.item for entry in entries])
+        except BaseException:
+            # Held, not lost: the same deadlines apply once the database is back.
+            for entry in entries:
+                ingest.hold_status(entry.item, now, deadline_ms=entry.deadline_ms)
+            self._metrics.db_errors.labels("status").inc()
+            raise
+        self._count_status(result)
+        deadlines = {entry.device_id: entry.deadline_ms for entry in entries}
+        for item, reason in result.waiting:
+            deadline = deadlines[item.device_id]
+            if now < deadline:
+                ingest.hold_status(item, now, deadline_ms=deadline)
+            elif reason == "session_ahead":
+                ingest.reject_status(
+                    item,
+                    reason,
+                    f"no birth of its session within {ingest.held.hold_ms / 1000:g}s "
+                    "(presence is of an older session)",
+                )
+            else:
+                self._metrics.status_skipped.labels(reason).inc()
+                log.debug("status skipped reason=%s device=%s", reason, item.device_id)
+        self._metrics.status_held.set(len(ingest.held))
 
     async def _do_rechecks(self) -> None:
         now = now_ms()
