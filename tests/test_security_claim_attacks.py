@@ -42,6 +42,7 @@ from schemas.provisioning import (
 )
 from schemas.topics import provision_topic
 from tests.support.bridge_harness import Db, eventually
+from tests.support.faults.bridge_process import run_cli
 from tests.support.secure_fixtures import (
     secure_bridge_fixture,
     secure_broker_fixture,
@@ -217,7 +218,7 @@ async def test_a_kiosk_token_is_not_a_claim_credential(
 
 
 async def test_a_device_made_before_the_group_is_refused_by_the_bridge(
-    broker: SecureBroker, running: tuple[Bridge, SecurityRuntime], db: Db
+    broker: SecureBroker, running: tuple[Bridge, SecurityRuntime], db: Db, sqlite_url: str
 ) -> None:
     """A dynsec client created before ``kb-devices`` existed keeps the pattern file's
     provisioning lines for its own client id; the bridge refuses what it sends there."""
@@ -235,6 +236,26 @@ async def test_a_device_made_before_the_group_is_refused_by_the_bridge(
     assert refused.reason is RefusalReason.INVALID_CLIENT_ID
     assert generation(db, victim) == 1
     assert await asyncio.to_thread(can_connect, broker, victim, victim_token)
+    # `broker upgrade` puts it in the group: from then on the broker refuses it too.
+    code, out = await run_cli(
+        "broker", "upgrade", "--broker", broker.bridge_url, "--db", sqlite_url
+    )
+    assert code == 0 and "joined it now" in out, out
+    client = AuthClient(broker.url(legacy, legacy_token), client_id=legacy)
+    try:
+        await asyncio.to_thread(client.connect)
+        ack = await asyncio.to_thread(
+            client.publish,
+            provision_topic(legacy, "request"),
+            encode(ProvisionRequest(device_id=victim, nonce=_nonce())),
+        )
+    finally:
+        await asyncio.to_thread(client.close)
+    assert str(ack) == "Not authorized"
+    code, out = await run_cli(
+        "broker", "upgrade", "--broker", broker.bridge_url, "--db", sqlite_url
+    )
+    assert code == 0 and "0 device client(s) joined" in out, out
 
 
 async def test_previous_token_and_claim_window_are_the_ways_back(

@@ -1,5 +1,5 @@
 """Credential commands: ``device rotate-token|revoke|delete|restore|enroll|allow-claim``
-and ``broker init|acl``.
+and ``broker init|acl|upgrade``.
 
 ``rotate-token`` only writes the database (the running bridge delivers the command and
 finishes the rotation); the others talk to the broker directly with the bridge's
@@ -378,6 +378,24 @@ def broker_init_cmd(
             typer.echo(f"{name}={value}  (username {user})")
 
 
+def broker_upgrade_cmd(broker: BrokerOpt = None, db: DbOpt = None) -> None:
+    """Bring a Mosquitto bootstrapped by an older kiosk-bridge up to date: create the
+    kb-device role and the kb-devices group, and put every device client in it (devices
+    then have no provisioning rights at the broker). Safe to run again."""
+    settings = settings_or_exit(broker=broker, db=db)
+    if settings.broker is None:
+        raise _fail("the embedded broker needs no upgrade; pass --broker for Mosquitto", 2)
+
+    async def act() -> int:
+        async with open_admin_link(
+            settings.broker, prefix=settings.prefix, ca_file=SecuritySettings().tls_ca
+        ) as link:
+            return await DynsecBackend(link.dynsec, prefix=settings.prefix).adopt_devices()
+
+    joined = _run(act)
+    typer.echo(f"kb-devices group ready; {joined} device client(s) joined it now")
+
+
 def broker_acl_cmd(
     prefix: Annotated[str | None, typer.Option(help="Topic prefix (default kiosk/v1)")] = None,
 ) -> None:
@@ -417,4 +435,5 @@ def register(app: typer.Typer) -> None:
     broker = typer.Typer(help="The broker's credentials and ACL model.", no_args_is_help=True)
     broker.command("init", help=_help(broker_init_cmd))(broker_init_cmd)
     broker.command("acl", help=_help(broker_acl_cmd))(broker_acl_cmd)
+    broker.command("upgrade", help=_help(broker_upgrade_cmd))(broker_upgrade_cmd)
     app.add_typer(broker, name="broker")

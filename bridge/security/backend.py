@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal, Protocol
 
 from bridge.security.acl import GROUP_DEVICES, ROLE_DEVICE, static_groups, static_roles
-from bridge.security.dynsec import DynsecClient
+from bridge.security.dynsec import CLIENT_IN_GROUP, DynsecClient
 from schemas import DEFAULT_PREFIX
 
 BackendName = Literal["dynsec", "database"]
@@ -71,6 +71,22 @@ class DynsecBackend:
             # A client made before the group existed joins it now.
             await self.dynsec.add_group_client(GROUP_DEVICES, username)
         return created
+
+    async def adopt_devices(self, *, batch: int = 100) -> int:
+        """Put every device client (any username not starting with ``_``) into
+        ``kb-devices``: a broker whose clients were made before the group existed.
+        Returns how many joined it now."""
+        await self.ensure_device_group()
+        usernames = [u for u in await self.dynsec.list_clients() if not u.startswith("_")]
+        joined = 0
+        for start in range(0, len(usernames), batch):
+            commands = [
+                {"command": "addGroupClient", "groupname": GROUP_DEVICES, "username": name}
+                for name in usernames[start : start + batch]
+            ]
+            answers = await self.dynsec.execute(commands, tolerate=(CLIENT_IN_GROUP,))
+            joined += sum(1 for answer in answers if not answer.get("error"))
+        return joined
 
     async def set_password(self, username: str, token: str) -> None:
         await self.dynsec.set_client_password(username, token)
