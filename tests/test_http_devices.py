@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import update
 
 from bridge.db.models import Remote
+from bridge.http.tokens import token_hash
 from bridge.testing.mosquitto import MosquittoProcess
 from schemas import TopicKind, device_topic
 from tests.support.bridge_harness import Db, eventually
 from tests.support.devices import FakeKiosk
-from bridge.http.tokens import token_hash
 from tests.test_http_harness import HTTP_DBS, Served, served
 
 REMOTES = Remote.__table__

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from bridge.http.limits import retry_after_header
 
@@ -191,6 +192,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return await on_unexpected(request, exc)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, ClientDisconnect):
+            # The client went away, or its body was too slow (``limits.BodyTimeout``
+            # answered it already): nobody is left to read this.
+            return error_response(ApiError(400, "client_disconnected", "client disconnected"))
         log.error(
             "unhandled error in %s %s: %r", request.method, request.url.path, exc, exc_info=exc
         )
