@@ -6,10 +6,11 @@ import uuid
 
 import pytest
 
+from bridge.http.clients import client_address
 from bridge.http.limits import RateLimiter, retry_after_header
 from bridge.http.refresh import refresh_id
 from bridge.http.routes_devices import broker_takes_device_tokens
-from bridge.http.settings import HttpSettings, parse_listen
+from bridge.http.settings import HttpSettings, parse_listen, parse_networks
 from bridge.http.telemetry import METRICS, telemetry
 from bridge.http.tokens import new_token, token_hash
 from bridge.http.uptime import Change, uptime
@@ -150,3 +151,60 @@ def test_the_http_token_is_an_mqtt_password_only_on_an_open_broker(
     values: dict[str, object], takes_tokens: bool
 ) -> None:
     assert broker_takes_device_tokens(Settings(**values)) is takes_tokens  # type: ignore[arg-type]
+
+
+def test_failed_auth_bucket_peeks_and_charges_into_debt() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(3, 1.0, clock=clock)
+    assert limiter.peek("a") is None and len(limiter) == 0  # peeking creates nothing
+    for _ in range(5):  # five let in together, all charged: two into debt
+        limiter.charge("a")
+    assert limiter.peek("a") == pytest.approx(3.0)
+    clock.now += 2.9
+    assert limiter.peek("a") is not None
+    clock.now += 0.1
+    assert limiter.peek("a") is None
+    for _ in range(100):
+        limiter.charge("a")
+    assert limiter.peek("a") == pytest.approx(4.0)  # debt is capped at minus the burst
+
+
+def _scope(peer: str | None, *forwarded: str) -> dict[str, object]:
+    headers = [(b"x-forwarded-for", value.encode()) for value in forwarded]
+    return {"type": "http", "client": (peer, 5000) if peer else None, "headers": headers}
+
+
+def test_client_address_trusts_forwarded_for_only_from_proxies() -> None:
+    proxies = parse_networks("10.0.0.0/8, ::1")
+    assert client_address(_scope("192.0.2.1", "203.0.113.9"), proxies) == "192.0.2.1"
+    assert client_address(_scope("127.0.0.1", "203.0.113.9"), proxies) == "127.0.0.1"
+    assert client_address(_scope("10.1.1.1", "203.0.113.9"), proxies) == "203.0.113.9"
+    # The nearest untrusted hop wins; what the client wrote further left is never read.
+    assert client_address(_scope("10.1.1.1", "1.2.3.4, 203.0.113.9"), proxies) == "203.0.113.9"
+    assert client_address(_scope("10.1.1.1", "1.2.3.4", "203.0.113.9, 10.2.2.2"), proxies) == (
+        "203.0.113.9"
+    )
+    assert client_address(_scope("::1", "[2001:db8::7]:443"), proxies) == "2001:db8::7"
+    assert client_address(_scope("10.1.1.1", "garbage, 203.0.113.9"), proxies) == "203.0.113.9"
+    assert client_address(_scope("10.1.1.1", "203.0.113.9, garbage"), proxies) == "10.1.1.1"
+    assert client_address(_scope("::ffff:192.0.2.1"), proxies) == "192.0.2.1"
+    assert client_address(_scope(None), proxies) == "unknown"
+    assert client_address(_scope("10.1.1.1", "203.0.113.9"), ()) == "10.1.1.1"
+
+
+def test_abuse_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KB_HTTP_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/8")
+    monkeypatch.setenv("KB_HTTP_REGISTRATION_SECRET", "s3cret")
+    monkeypatch.setenv("KB_HTTP_BODY_TIMEOUT_S", "4")
+    settings = HttpSettings()
+    assert [str(n) for n in settings.trusted_proxy_networks] == ["127.0.0.1/32", "10.0.0.0/8"]
+    assert settings.http_registration_secret is not None
+    assert settings.http_registration_secret.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(settings)
+    assert (settings.http_auth_fail_burst, settings.http_auth_fail_per_s) == (60, 1.0)
+    assert settings.http_body_timeout_s == 4.0
+    monkeypatch.setenv("KB_HTTP_REGISTRATION_SECRET", "")
+    assert HttpSettings().http_registration_secret is None
+    monkeypatch.setenv("KB_HTTP_TRUSTED_PROXIES", "10.0.0.0/8, proxy.local")
+    with pytest.raises(ValueError, match=r"proxy\.local"):
+        HttpSettings()

@@ -11,9 +11,9 @@ token compared against it, so a stale entry can never authenticate anyone. A tok
 CMS writes between two passes is accepted from the next one; a miss brings the next
 pass forward (at most one pass per ``MISS_GAP_S``, however many misses), so such a
 token is refused for a few seconds at most. Registrations through the bridge are
-recorded at once. No token is kept in clear: only digests, and Python's
-``hash()`` of each stored value to tell which rows changed without hashing 100k tokens
-again at every pass.
+recorded at once. No token is kept in clear: only the first 64 bits of
+digests, and Python's ``hash()`` of each stored value to tell which rows changed without
+hashing 100k tokens again at every pass.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from bridge.db.models import Remote
 from bridge.http.settings import TokenStorage
@@ -40,53 +40,70 @@ MISS_GAP_S = 5.0
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
+#: Entries are keyed by the digest's first 64 bits: a collision only makes a candidate,
+#: which the row comparison then refuses, and an int key is half the size of the digest.
+Key = int
+
+
+def _key(digest_hex: str) -> Key:
+    return int(digest_hex[:16], 16)
+
+
 class CmsTokenIndex:
     def __init__(self, engine: Engine, storage: TokenStorage) -> None:
         self._engine = engine
         self._storage = storage
-        self._by_digest: dict[bytes, str] = {}
-        #: device -> (hash() of its stored token, the digests it is filed under)
-        self._rows: dict[str, tuple[int, tuple[bytes, ...]]] = {}
+        self._by_key: dict[Key, str] = {}
+        #: device -> (hash() of its stored token, the keys it is filed under)
+        self._rows: dict[str, tuple[int, tuple[Key, ...]]] = {}
         self._lock = threading.Lock()
         self.loaded_at: float | None = None
         self.last_load_s: float | None = None
         #: Called (from whichever thread looked) when a lookup finds nothing.
         self.on_miss: Callable[[], None] = lambda: None
 
-    def _digests(self, stored: str) -> tuple[bytes, ...]:
-        """What a presented token's SHA-256 must equal for ``stored`` to match it."""
+    def _keys(self, stored: str) -> tuple[Key, ...]:
+        """What a presented token's SHA-256 must start with for ``stored`` to match it."""
         if self._storage == "sha256":
             # The column holds the hash; the token itself (the hash presented) is refused.
-            return (bytes.fromhex(stored),) if _HEX64.fullmatch(stored) else ()
-        digest = hashlib.sha256(stored.encode("utf-8", "surrogatepass")).digest()
+            return (_key(stored),) if _HEX64.fullmatch(stored) else ()
+        digest = hashlib.sha256(stored.encode("utf-8", "surrogatepass")).hexdigest()
         if _HEX64.fullmatch(stored):
             # Plaintext mode still accepts a column that holds the token's hash.
-            return (digest, bytes.fromhex(stored))
-        return (digest,)
+            return (_key(digest), _key(stored))
+        return (_key(digest),)
+
+    def _read(self) -> list[tuple[str, str]]:
+        # The driver's cursor, not ORM rows: a third of the time at 100k rows, and this
+        # pass runs beside the requests (it holds the GIL while it builds rows).
+        query = f"SELECT device_identifier, token FROM {REMOTES.name} WHERE token IS NOT NULL"
+        with self._engine.connect() as conn:
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.execute(query)
+                return list(cursor.fetchall())
+            finally:
+                cursor.close()
 
     def load(self) -> int:
         """Rebuild from ``remotes`` (one pass); returns the number of tokens filed."""
         started = time.perf_counter()
-        stmt = select(REMOTES.c.device_identifier, REMOTES.c.token).where(
-            REMOTES.c.token.is_not(None)
-        )
-        with self._engine.connect() as conn:
-            rows = conn.execute(stmt).all()
+        rows = self._read()
         with self._lock:
             previous = self._rows
-        fresh: dict[str, tuple[int, tuple[bytes, ...]]] = {}
-        by_digest: dict[bytes, str] = {}
+        fresh: dict[str, tuple[int, tuple[Key, ...]]] = {}
+        by_key: dict[Key, str] = {}
         for device_id, stored in rows:
             if not stored:
                 continue
             seen = hash(stored)
             known = previous.get(device_id)
-            digests = known[1] if known is not None and known[0] == seen else self._digests(stored)
-            fresh[device_id] = (seen, digests)
-            for digest in digests:
-                by_digest[digest] = device_id
+            keys = known[1] if known is not None and known[0] == seen else self._keys(stored)
+            fresh[device_id] = (seen, keys)
+            for key in keys:
+                by_key[key] = device_id
         with self._lock:
-            self._rows, self._by_digest = fresh, by_digest
+            self._rows, self._by_key = fresh, by_key
         self.loaded_at = time.monotonic()
         self.last_load_s = time.perf_counter() - started
         log.debug("token index: %d tokens in %.3f s", len(fresh), self.last_load_s)
@@ -94,18 +111,15 @@ class CmsTokenIndex:
 
     def put(self, device_id: str, stored: str) -> None:
         """Record a token the bridge just wrote for ``device_id``."""
-        digests = self._digests(stored)
+        keys = self._keys(stored)
         with self._lock:
-            self._rows[device_id] = (hash(stored), digests)
-            for digest in digests:
-                self._by_digest[digest] = device_id
+            self._rows[device_id] = (hash(stored), keys)
+            for key in keys:
+                self._by_key[key] = device_id
 
     def lookup(self, hashed: str) -> str | None:
         """The device whose stored token may match a token with this SHA-256 (hex)."""
-        try:
-            found = self._by_digest.get(bytes.fromhex(hashed))
-        except ValueError:
-            found = None
+        found = self._by_key.get(_key(hashed)) if _HEX64.fullmatch(hashed) else None
         if found is None:
             self.on_miss()
         return found
