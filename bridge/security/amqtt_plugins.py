@@ -35,6 +35,7 @@ from amqtt.session import Session
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from bridge._compat.amqtt import session_entry
 from bridge.db.engine import make_engine
 from bridge.security.acl import Access, Role, StaticUsers, allowed
 from bridge.security.models import CredentialState, DeviceCredential
@@ -217,8 +218,7 @@ class DatabaseSecurityPlugin(BaseAuthPlugin, BaseTopicPlugin):
     def _kick(self, client_id: str) -> None:
         """Cut the connection without its Will, like Mosquitto's kick."""
         self._authed.pop(client_id, None)
-        broker = getattr(self.context, "_broker_instance", None)
-        entry = broker.sessions.get(client_id) if broker is not None else None
+        entry = session_entry(self.context, client_id)
         if entry is None:
             return
         session, handler = entry

@@ -15,8 +15,8 @@ non-zero, so one wake-up drains everything that has arrived. Measured here on a 
 status messages: 16,000 -> 24,500 QoS 1 msg/s and 22,000 -> 27,500 QoS 0 msg/s for a bare
 aiomqtt subscriber.
 
-paho builds its socket in ``Client._create_socket`` (TLS included) and aiomqtt keeps its
-paho client as ``Client._client``: :func:`buffer_reads` wraps the one on the other.
+paho builds its socket in a private method (TLS included) under aiomqtt's private paho
+client: :func:`buffer_reads` wraps it through :mod:`bridge._compat.aiomqtt`.
 Both names are private, so the versions are bounded in ``pyproject.toml`` and every
 integration test runs through this path.
 """
@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiomqtt
+
+from bridge._compat.aiomqtt import wrap_socket
 
 #: One read from the kernel: about 200 status messages.
 READ_SIZE = 65536
@@ -79,14 +81,12 @@ def buffer_reads(
     ``socket_options`` are set on the socket here: aiomqtt sets its own ``socket_options``
     only on a plain ``socket.socket`` and would skip the wrapper.
     """
-    paho = client._client
-    create = paho._create_socket
 
-    def create_buffered() -> Any:
-        sock: Any = create()  # a socket.socket or ssl.SSLSocket; paho types it loosely
+    def buffered(sock: Any) -> BufferedSocket:
+        # A socket.socket or ssl.SSLSocket; paho types it loosely.
         for option in socket_options:
             sock.setsockopt(*option)
         return BufferedSocket(sock)
 
-    paho._create_socket = create_buffered  # type: ignore[method-assign]
+    wrap_socket(client, buffered)
     return client
