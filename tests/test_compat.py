@@ -19,7 +19,7 @@ def test_installed_versions_are_the_supported_ones() -> None:
 def test_a_version_outside_the_range_names_the_range() -> None:
     with pytest.raises(UnsupportedLibrary, match=r"supports >=9\.0,<10 .*pip install"):
         require("aiomqtt", "9.0", "10")
-    with pytest.raises(UnsupportedLibrary, match="supports >=0,<2.5"):
+    with pytest.raises(UnsupportedLibrary, match=r"supports >=0,<2\.5"):
         require("aiomqtt", "0", "2.5")
 
 
