@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
+from sqlalchemy import insert
 
+from bridge.db.engine import create_schema, make_engine
+from bridge.db.models import Remote
+from bridge.http import token_index
 from bridge.http.clients import client_address
 from bridge.http.limits import RateLimiter, retry_after_header
 from bridge.http.refresh import refresh_id
 from bridge.http.routes_devices import broker_takes_device_tokens
 from bridge.http.settings import HttpSettings, parse_listen, parse_networks
 from bridge.http.telemetry import METRICS, telemetry
+from bridge.http.token_index import CmsTokenIndex
 from bridge.http.tokens import new_token, token_hash
 from bridge.http.uptime import Change, uptime
 from bridge.settings import Settings
@@ -208,3 +214,46 @@ def test_abuse_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("KB_HTTP_TRUSTED_PROXIES", "10.0.0.0/8, proxy.local")
     with pytest.raises(ValueError, match=r"proxy\.local"):
         HttpSettings()
+
+
+def test_token_map_files_digests_and_keeps_puts_made_during_a_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'tokens.db'}")
+    create_schema(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(Remote.__table__),
+            [
+                {"device_identifier": "cms-plain", "token": "L" * 64, "status": "Connected"},
+                {"device_identifier": "cms-none", "token": None, "status": "Connected"},
+            ],
+        )
+    index = CmsTokenIndex(engine, "plaintext")
+    misses: list[int] = []
+    index.on_miss = lambda: misses.append(1)
+    assert index.load() == 1
+    assert index.lookup(token_hash("L" * 64)) == "cms-plain"
+    assert index.lookup(token_hash("M" * 64)) is None and misses == [1]
+    assert index.lookup("not a hash") is None
+    index.put("bridge-made", "b" * 64)
+    assert index.lookup(token_hash("b" * 64)) == "bridge-made"
+    # The map mirrors the table: a pass drops what is not in it ...
+    index.load()
+    assert index.lookup(token_hash("b" * 64)) is None
+    # ... except what put() recorded while the pass ran (committed after its read).
+    monkeypatch.setattr(token_index.time, "sleep", lambda _s: index.put("mid-pass", "c" * 64))
+    index.load()
+    monkeypatch.undo()
+    assert index.lookup(token_hash("c" * 64)) == "mid-pass"
+    # ... and in sha256 mode the column holds the hash: the hash presented finds nothing.
+    hashed = CmsTokenIndex(engine, "sha256")
+    with engine.begin() as conn:
+        conn.execute(
+            insert(Remote.__table__),
+            [{"device_identifier": "cms-hash", "token": token_hash("T" * 64), "status": "x"}],
+        )
+    hashed.load()
+    assert hashed.lookup(token_hash("T" * 64)) == "cms-hash"
+    assert hashed.lookup(token_hash(token_hash("T" * 64))) is None
+    engine.dispose()
