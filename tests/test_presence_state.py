@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bridge.db.status_store import StatusItem
 from bridge.presence import (
     CONNECTED,
     DISCONNECTED,
@@ -20,7 +22,11 @@ from bridge.presence import (
     apply_presence,
     legacy_status,
 )
+from bridge.presence.fence import StatusVerdict, status_verdict
 from bridge.presence.flap import FlapState, record_transition, reuse_at_ms, settle
+from bridge.service.ingest import Ingest
+from bridge.service.metrics import BridgeMetrics
+from schemas import Status
 
 RULES = PresenceRules()
 ON, OFF, LOST = ConnState.ONLINE, ConnState.OFFLINE, ConnState.LOST
@@ -204,3 +210,136 @@ def test_blips_hidden_by_the_grace_do_not_count_towards_flapping() -> None:
         slow = apply_presence(slow, ev(LOST, session, at=session * 10_000 + 1), rules).after
     slow = apply_presence(slow, ev(ON, 99, at=60_000), rules).after
     assert slow.flap.flapping
+
+
+# --- telemetry in the same interleavings: the fence (issue 14, finding 3) ---------------
+
+
+@dataclass(frozen=True)
+class Tel:
+    """A status message of ``session``; ``forged``: no birth of that session exists."""
+
+    session: int
+    seq: int
+    forged: bool = False
+
+
+@dataclass
+class _Recording(Ingest):
+    """The real ingest (coalescing and hold), with rejections recorded."""
+
+    rejected_items: list[StatusItem] = field(default_factory=list)
+
+    def reject_status(self, item: StatusItem, reason: str, why: str) -> None:
+        self.rejected_items.append(item)
+
+
+HOLD_MS = 5_000
+
+
+@st.composite
+def telemetry_interleavings(
+    draw: st.DrawFn,
+) -> tuple[list[tuple[int, PresenceEvent | Tel, bool]], list[int]]:
+    """Births, ends and statuses of several sessions, plus statuses of a session nobody
+    was born in, in any order, with flushes of the pending telemetry anywhere; all
+    within the hold time (a birth always comes in time for its statuses)."""
+    count = draw(st.integers(min_value=1, max_value=3))
+    sessions = sorted(draw(st.sets(st.integers(1, 10**6), min_size=count, max_size=count)))
+    messages: list[PresenceEvent | Tel] = []
+    for session in sessions:
+        own = _session_events(session)
+        messages.extend(own if draw(st.booleans()) else own[:1])
+        messages.extend(Tel(session, seq) for seq in range(draw(st.integers(0, 3))))
+    forged = draw(st.integers(1, 2 * 10**6).filter(lambda s: s not in sessions))
+    messages.extend(Tel(forged, seq, True) for seq in range(draw(st.integers(0, 3))))
+    order = draw(st.permutations(messages))
+    gap = HOLD_MS // (len(order) + 2)
+    timed, at = [], 10_000
+    for message in order:
+        at += draw(st.integers(0, gap))
+        timed.append((at, message, draw(st.booleans())))
+    return timed, sessions
+
+
+@settings(max_examples=400, deadline=None)
+@given(telemetry_interleavings())
+def test_telemetry_is_only_ever_of_the_current_session_and_never_frozen(
+    case: tuple[list[tuple[int, PresenceEvent | Tel, bool]], list[int]],
+) -> None:
+    """The bridge's telemetry path as the writer runs it: pending statuses are
+    coalesced per device and flushed through the fence; what is ahead of the presence
+    session is held, re-checked when a birth is written or the retry is due, and
+    rejected at its deadline. A status is only ever stored within the presence session
+    of the moment, a forged session never is, and the final presence session's newest
+    status always ends up stored (not frozen at another session's)."""
+    timed, sessions = case
+    ingest = _Recording(prefix="kiosk/v1", metrics=BridgeMetrics(), buffer_max=100)
+    ingest.held.hold_ms = HOLD_MS
+    presence = DeviceState()
+    stored: tuple[int, int] | None = None
+    applied: list[Status] = []
+
+    def write(items: list[StatusItem]) -> list[StatusItem]:
+        """The status store: what it writes, and what waits for a birth."""
+        nonlocal stored
+        waiting = []
+        for item in items:
+            status = item.status
+            verdict = status_verdict(presence.session, stored, status.session, status.seq)
+            if verdict is StatusVerdict.APPLY:
+                assert status.session == presence.session
+                stored = (status.session, status.seq)
+                applied.append(status)
+            elif verdict is StatusVerdict.AHEAD:
+                waiting.append(item)
+        return waiting
+
+    def flush(now: int) -> None:
+        for item in write(ingest.take_status(100, now)):
+            ingest.hold_status(item, now)
+
+    def recheck(now: int) -> None:
+        for layer in ingest.held.take(now):
+            deadlines = {held.device_id: held.deadline_ms for held in layer}
+            for item in write([held.item for held in layer]):
+                if now < deadlines[item.device_id]:
+                    ingest.hold_status(item, now, deadline_ms=deadlines[item.device_id])
+                else:
+                    ingest.reject_status(item, "session_ahead", "no birth")
+
+    for at, message, flush_now in timed:
+        if isinstance(message, Tel):
+            status = Status(session=message.session, seq=message.seq, ts=at)
+            ingest.put_status("dev-1", status, at)
+        else:
+            outcome = apply_presence(presence, message, RULES)
+            presence = outcome.after
+            if outcome.verdict.changes_state:
+                ingest.held.release({"dev-1"})
+        # The writer: presence first, then pending telemetry, then the hold.
+        if flush_now:
+            flush(at)
+        if ingest.held.is_due(at):
+            recheck(at)
+    # Whatever is pending is flushed, and then every hold ends: one re-check after the
+    # last deadline settles them all.
+    end = timed[-1][0] + 1
+    flush(end)
+    recheck(end + HOLD_MS + 1)
+    assert len(ingest.held) == 0
+
+    forged = {tel.session for _, tel, _ in timed if isinstance(tel, Tel) and tel.forged}
+    assert not [status for status in applied if status.session in forged]
+    assert presence.session == sessions[-1]
+    newest = [
+        tel.seq for _, tel, _ in timed if isinstance(tel, Tel) and tel.session == sessions[-1]
+    ]
+    if newest:
+        assert stored == (sessions[-1], max(newest))
+    else:
+        assert stored is None or stored[0] in sessions
+    # Every forged status ahead of the presence session was turned away and counted.
+    ahead = [tel for _, tel, _ in timed if isinstance(tel, Tel) and tel.session > sessions[-1]]
+    if ahead:
+        assert ingest.rejected_items

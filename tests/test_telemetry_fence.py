@@ -6,9 +6,14 @@ never moves the stored telemetry past the real session, which used to freeze it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, select, update
 
 from bridge.clock import now_ms
@@ -16,8 +21,8 @@ from bridge.db.engine import create_schema, make_engine
 from bridge.db.models import Connectivity, Remote
 from bridge.db.presence_store import PresenceItem, PresenceStore
 from bridge.db.status_store import StatusItem, StatusStore
-from bridge.presence import ConnState, PresenceEvent, PresenceRules
-from bridge.presence.fence import Offer, StatusHold, StatusVerdict, status_verdict
+from bridge.presence import ConnState, DeviceState, PresenceEvent, PresenceRules, apply_presence
+from bridge.presence.fence import Offer, OfferResult, StatusHold, StatusVerdict, status_verdict
 from bridge.service.app import Bridge
 from bridge.testing.mosquitto import MosquittoProcess
 from schemas import PresenceOnline, Status, TopicKind, device_topic, encode
@@ -100,27 +105,45 @@ def test_status_verdict(
     assert status_verdict(presence, stored, session, seq) is verdict
 
 
-def test_hold_is_bounded_in_count_and_keeps_a_devices_first_deadline() -> None:
-    hold: StatusHold[str] = StatusHold(hold_ms=1_000, max_items=2, retry_ms=100)
+def test_hold_is_bounded_in_count_and_keeps_a_sessions_first_deadline() -> None:
+    hold: StatusHold[str] = StatusHold(hold_ms=1_000, max_items=3, per_device=2, retry_ms=100)
     assert hold.due_at() is None
-    assert hold.offer("a", "a1", (2, 0), 0) is Offer.HELD
-    # A newer status of the same device replaces the held one but not its deadline.
-    assert hold.offer("a", "a2", (2, 1), 900) is Offer.COALESCED
-    assert hold.offer("b", "b1", (5, 0), 10) is Offer.HELD
-    assert hold.offer("c", "c1", (5, 0), 20) is Offer.REFUSED
-    assert len(hold) == 2 and "c" not in hold
+    assert hold.offer("a", "a1", (2, 0), 0).offer is Offer.HELD
+    # A newer status of the same session replaces the held one but not its deadline.
+    assert hold.offer("a", "a2", (2, 1), 900).offer is Offer.COALESCED
+    assert hold.offer("a", "a0", (2, 0), 901).offer is Offer.COALESCED
+    assert hold.offer("b", "b1", (5, 0), 10).offer is Offer.HELD
+    assert hold.offer("b", "b2", (6, 0), 10).offer is Offer.HELD
+    assert hold.offer("c", "c1", (5, 0), 20) == OfferResult(Offer.REFUSED, "c1")
+    assert len(hold) == 3 and "c" not in hold
     assert hold.due_at() == 100
-    taken = {held.device_id: held for held in hold.take(100)}
-    assert (taken["a"].item, taken["a"].deadline_ms) == ("a2", 1_000)
+    layers = hold.take(100)
+    assert [[(h.device_id, h.item) for h in layer] for layer in layers] == [
+        [("a", "a2"), ("b", "b1")],
+        [("b", "b2")],
+    ]
+    assert layers[0][0].deadline_ms == 1_000
     assert len(hold) == 0
     # Given back after a re-check: the deadline stays, and the count bound does not
     # refuse what was already held.
-    for held in taken.values():
+    for held in (h for layer in layers for h in layer):
         hold.offer(held.device_id, held.item, held.order, 150, deadline_ms=held.deadline_ms)
-    assert hold.offer("c", "c1", (5, 0), 160) is Offer.REFUSED
+    assert hold.offer("c", "c1", (5, 0), 160).offer is Offer.REFUSED
     assert hold.due_at() == 200
     assert not hold.release({"zzz"})
     assert hold.release({"b"}) and hold.is_due(150)
+
+
+def test_past_the_per_device_cap_the_highest_session_goes() -> None:
+    """A forger cannot push out a real status that waits for its birth by sending
+    statuses of higher sessions: the highest session is what is dropped."""
+    hold: StatusHold[str] = StatusHold(per_device=2)
+    assert hold.offer("d", "real", (10, 0), 0).offer is Offer.HELD
+    assert hold.offer("d", "forged-1", (99, 0), 0).offer is Offer.HELD
+    assert hold.offer("d", "forged-2", (500, 0), 0) == OfferResult(Offer.REFUSED, "forged-2")
+    # A lower session than the highest held displaces that one.
+    assert hold.offer("d", "real-2", (11, 0), 0) == OfferResult(Offer.HELD, "forged-1")
+    assert sorted(h.item for layer in hold.take(0) for h in layer) == ["real", "real-2"]
 
 
 # --- the store, on every database ------------------------------------------------------------
@@ -294,3 +317,64 @@ async def test_a_forged_session_cannot_displace_a_pending_real_status(
         await eventually(lambda: db.remote("pending-1"), lambda r: r.battery_level == 70)
         await eventually(lambda: _rejected(bridge, "session_ahead"), lambda n: n >= 1)
         assert (await db.remote("pending-1")).battery_level == 70
+
+
+# --- the SQL against the rule, on SQLite -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sqlite_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('fence') / 'fence.db'}")
+    create_schema(engine)
+    yield engine
+    engine.dispose()
+
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(["online", "lost", "offline"]), st.integers(1, 6)),
+        st.tuples(st.just("status"), st.integers(1, 6), st.integers(0, 4)),
+    ),
+    min_size=1,
+    max_size=14,
+)
+_EXAMPLES = itertools.count()
+
+
+@hypothesis_settings(max_examples=60, deadline=None)
+@given(ops=_OPS)
+def test_the_sql_fence_is_the_rule(sqlite_engine: Engine, ops: list[tuple[Any, ...]]) -> None:
+    """Presence and statuses in any order through the real stores: what the SQL writes
+    is what :func:`status_verdict` says (so only within the presence session of the
+    moment), and a Will for a device never born stores no state (finding 7). Each
+    example is a device of its own on one database."""
+    device_id = f"prop-{next(_EXAMPLES)}"
+    rules = PresenceRules(reset_after_ms=0)
+    presence_store = PresenceStore(
+        sqlite_engine, writer="test", rules=rules, grace_ms=0, clock=now_ms
+    )
+    status_store = StatusStore(sqlite_engine, writer="test")
+    state, stored = DeviceState(), None
+    for at, op in enumerate(ops, start=1):
+        if op[0] == "status":
+            _, session, seq = op
+            item = StatusItem(device_id, _status(session, seq, battery_level=seq), at)
+            result = status_store.apply_status([item])
+            verdict = status_verdict(state.session, stored, session, seq) if state.session else None
+            assert result.written == (verdict is StatusVerdict.APPLY)
+            if verdict is StatusVerdict.APPLY:
+                stored = (session, seq)
+            elif verdict is StatusVerdict.AHEAD:
+                assert result.waiting == [(item, "session_ahead")]
+        else:
+            event = PresenceEvent(device_id, ConnState(op[0]), op[1], received_ms=at)
+            presence_store.apply_presence([PresenceItem(event)])
+            if state.session or event.state is ConnState.ONLINE:
+                state = apply_presence(state, event, rules).after
+        with sqlite_engine.connect() as conn:
+            link = conn.execute(select(CONN).where(CONN.c.device_id == device_id)).first()
+        if stored is not None:
+            assert link is not None
+            assert (link.status_session, link.last_seq) == stored
+        if link is not None:
+            assert link.session == state.session

@@ -107,7 +107,8 @@ class PresenceHistory(SQLModel, table=True):
     session: int = Field(sa_column=Column(BigInteger, nullable=False))
     reason: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
     #: applied | reset | stale | duplicate | deleted (soft-deleted device, ignored) |
-    #: reconciled (set unknown: no retained presence at start-up)
+    #: reconciled (set unknown: no retained presence at start-up) | unknown_device (not a
+    #: birth, and no ``remotes`` row: ignored, no connectivity row is made)
     verdict: str = Field(sa_column=Column(String(16), nullable=False))
     device_ts_ms: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     received_ms: int = Field(sa_column=Column(BigInteger, nullable=False))

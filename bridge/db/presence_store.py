@@ -62,10 +62,15 @@ class PresenceItem:
     birth: BirthInfo | None = None
 
 
+#: History verdict of a presence event (not a birth) for a device with no ``remotes`` row.
+UNKNOWN_DEVICE = "unknown_device"
+
+
 @dataclass(frozen=True, slots=True)
 class PresenceResult:
     device_id: str
-    #: A :class:`Verdict` value, or ``"deleted"`` for a soft-deleted device.
+    #: A :class:`Verdict` value, ``"deleted"`` for a soft-deleted device, or
+    #: ``"unknown_device"`` (:data:`UNKNOWN_DEVICE`).
     verdict: str
     before: DeviceState
     after: DeviceState
@@ -153,6 +158,16 @@ class PresenceStore:
             view = None
             if remote is not None and remote.deleted_at is not None:
                 verdict, after = "deleted", before
+            elif (
+                remote is None
+                and event.state is not ConnState.ONLINE
+                and device_id not in writes.remote_insert
+            ):
+                # Only a birth creates a device. A Will or an offline for one the CMS
+                # has no row for (never born, or its row removed) has nothing to update:
+                # storing its state left connectivity rows with no device (181 after a
+                # kill storm). Recorded in history, counted, nothing else.
+                verdict, after = UNKNOWN_DEVICE, before
             else:
                 outcome = apply_presence(before, event, self._rules)
                 verdict, after = outcome.verdict.value, outcome.after

@@ -188,6 +188,8 @@ def describe_event(row: HistoryRow, newest_session: int | None = None) -> Timeli
         text += " - duplicate (retained replay or repeat), no change"
     elif verdict == "deleted":
         text += " - ignored: the device is soft-deleted in the CMS"
+    elif verdict == "unknown_device":
+        text += " - ignored: no device row in the CMS and no birth"
     if row.device_ts_ms is not None:
         skew = row.device_ts_ms - row.received_ms
         if abs(skew) >= 5_000:

@@ -26,10 +26,13 @@ T = TypeVar("T")
 #: held up by a slow database, and are short enough that a forged status is turned away
 #: before anyone would read it.
 STATUS_HOLD_MS = 5_000
-#: Devices with a held status, at most: one slot per device (the newest status wins),
-#: so a forger with one device's credential holds one slot; the cap bounds memory when
-#: a whole fleet's statuses come ahead of their births (about 1 KiB each).
+#: Statuses held at most, over all devices: bounds memory when a whole fleet's statuses
+#: come ahead of their births (about 1 KiB each).
 STATUS_HOLD_MAX = 10_000
+#: Sessions held per device, at most (the newest status of each). One would do for a
+#: kiosk that reboots, but then a forged session's status could displace a real one
+#: waiting for its birth; past the cap the highest session goes, which a forger picks.
+STATUS_HOLD_PER_DEVICE = 4
 #: How often held statuses are re-checked without a local trigger: the birth may be
 #: written by another bridge instance of a shared subscription.
 STATUS_HOLD_RETRY_MS = 500
@@ -63,11 +66,12 @@ def status_verdict(
 
 
 class Offer(StrEnum):
-    #: Held; the device had nothing held before.
+    #: Held.
     HELD = "held"
-    #: One of two statuses of the device was dropped for the other (newest wins).
+    #: The device had a status of that session held: the newer of the two is kept.
     COALESCED = "coalesced"
-    #: The hold is full: the caller rejects the status.
+    #: Not held: the hold is full, or the device has as many sessions held as it may and
+    #: this one is the highest. The caller rejects the status.
     REFUSED = "refused"
 
 
@@ -79,21 +83,32 @@ class Held(Generic[T]):
     deadline_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class OfferResult(Generic[T]):
+    offer: Offer
+    #: What the caller must reject: the offered item (refused) or the highest-session
+    #: status of the device it displaced.
+    rejected: T | None = None
+
+
 @dataclass
 class StatusHold(Generic[T]):
-    """Statuses waiting for their session's birth, one per device, bounded in time and
-    in count. Callers re-check what :meth:`take` hands out against the database and
-    give back (:meth:`offer` with the original deadline) what still waits."""
+    """Statuses waiting for their session's birth: the newest of each (device,
+    session), bounded in time, per device and in count. Callers re-check what
+    :meth:`take` hands out against the database and give back (:meth:`offer` with the
+    original deadline) what still waits."""
 
     hold_ms: int = STATUS_HOLD_MS
     max_items: int = STATUS_HOLD_MAX
+    per_device: int = STATUS_HOLD_PER_DEVICE
     retry_ms: int = STATUS_HOLD_RETRY_MS
-    _held: dict[str, Held[T]] = field(default_factory=dict)
+    _held: dict[str, dict[int, Held[T]]] = field(default_factory=dict)
+    _count: int = 0
     _released: bool = False
     _next_retry_ms: int | None = None
 
     def __len__(self) -> int:
-        return len(self._held)
+        return self._count
 
     def __contains__(self, device_id: object) -> bool:
         return device_id in self._held
@@ -106,25 +121,36 @@ class StatusHold(Generic[T]):
         now_ms: int,
         *,
         deadline_ms: int | None = None,
-    ) -> Offer:
+    ) -> OfferResult[T]:
         """Hold ``item`` (``order``: its ``(session, seq)``) until ``deadline_ms``
-        (default ``now_ms + hold_ms``). A device keeps its first deadline however often
-        its held status is replaced: a stream of forged statuses cannot wait forever."""
+        (default ``now_ms + hold_ms``). A held session keeps its first deadline however
+        often its status is replaced: a stream of forged statuses cannot wait forever.
+        What is given back after a re-check (``deadline_ms`` set) was counted in when
+        first held, so the count bound does not refuse it."""
         deadline = now_ms + self.hold_ms if deadline_ms is None else deadline_ms
-        current = self._held.get(device_id)
+        sessions = self._held.get(device_id)
+        current = None if sessions is None else sessions.get(order[0])
         if current is not None:
-            deadline = min(deadline, current.deadline_ms)
             if order > current.order:
                 current.item, current.order = item, order
-            current.deadline_ms = deadline
-            return Offer.COALESCED
-        # A status given back after a re-check was counted in when first held.
-        if deadline_ms is None and len(self._held) >= self.max_items:
-            return Offer.REFUSED
-        if not self._held and deadline_ms is None:
-            self._next_retry_ms = now_ms + self.retry_ms
-        self._held[device_id] = Held(device_id, item, order, deadline)
-        return Offer.HELD
+            current.deadline_ms = min(deadline, current.deadline_ms)
+            return OfferResult(Offer.COALESCED)
+        if deadline_ms is None and self._count >= self.max_items:
+            return OfferResult(Offer.REFUSED, item)
+        if sessions is None:
+            if not self._held and deadline_ms is None:
+                self._next_retry_ms = now_ms + self.retry_ms
+            sessions = self._held[device_id] = {}
+        if len(sessions) >= self.per_device:
+            highest = max(sessions)
+            if order[0] > highest:
+                return OfferResult(Offer.REFUSED, item)
+            displaced = sessions.pop(highest)
+            sessions[order[0]] = Held(device_id, item, order, deadline)
+            return OfferResult(Offer.HELD, displaced.item)
+        sessions[order[0]] = Held(device_id, item, order, deadline)
+        self._count += 1
+        return OfferResult(Offer.HELD)
 
     def release(self, device_ids: set[str]) -> bool:
         """A presence event of these devices was written: re-check their statuses at
@@ -139,20 +165,27 @@ class StatusHold(Generic[T]):
             return None
         if self._released:
             return 0
-        earliest = min(held.deadline_ms for held in self._held.values())
+        earliest = min(
+            held.deadline_ms for sessions in self._held.values() for held in sessions.values()
+        )
         return earliest if self._next_retry_ms is None else min(earliest, self._next_retry_ms)
 
     def is_due(self, now_ms: int) -> bool:
         due = self.due_at()
         return due is not None and due <= now_ms
 
-    def take(self, now_ms: int) -> list[Held[T]]:
-        """Everything held, for a re-check; the hold is empty afterwards."""
-        taken = list(self._held.values())
+    def take(self, now_ms: int) -> list[list[Held[T]]]:
+        """Everything held, for a re-check, in layers: the first holds each device's
+        lowest session, the next its second lowest, and so on (a status batch holds one
+        status per device). The hold is empty afterwards."""
+        layers: list[list[Held[T]]] = []
+        for sessions in self._held.values():
+            for depth, session in enumerate(sorted(sessions)):
+                if depth == len(layers):
+                    layers.append([])
+                layers[depth].append(sessions[session])
         self._held.clear()
+        self._count = 0
         self._released = False
         self._next_retry_ms = now_ms + self.retry_ms
-        return taken
-
-    def clear(self) -> list[Held[T]]:
-        return self.take(0)
+        return layers

@@ -194,11 +194,16 @@ class Ingest:
         """Hold telemetry that waits for its session's birth; rejected (counted,
         logged) when the hold is full."""
         order = (item.status.session, item.status.seq)
-        offer = self.held.offer(item.device_id, item, order, now_ms, deadline_ms=deadline_ms)
-        if offer is Offer.COALESCED:
+        outcome = self.held.offer(item.device_id, item, order, now_ms, deadline_ms=deadline_ms)
+        if outcome.offer is Offer.COALESCED:
             self.metrics.status_coalesced.inc()
-        elif offer is Offer.REFUSED:
-            self.reject_status(item, "session_ahead", f"{len(self.held)} statuses held already")
+        if outcome.rejected is not None:
+            why = (
+                f"{len(self.held)} statuses held already"
+                if outcome.rejected is item and len(self.held) >= self.held.max_items
+                else f"more than {self.held.per_device} sessions waiting for a birth"
+            )
+            self.reject_status(outcome.rejected, "session_ahead", why)
         self.metrics.status_held.set(len(self.held))
         self.wake.set()
 

@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from bridge.backoff import Backoff
 from bridge.clock import now_ms
 from bridge.db.presence_store import PresenceResult, PresenceStore
-from bridge.db.status_store import WAITING_REASONS, StatusResult, StatusStore
+from bridge.db.status_store import WAITING_REASONS, StatusItem, StatusResult, StatusStore
 from bridge.service.ingest import Ingest
 from bridge.service.metrics import BridgeMetrics
 from bridge.settings import Settings
@@ -186,7 +186,7 @@ class DbWriter:
                     result.legacy,
                     result.verdict,
                 )
-            elif result.verdict in ("stale", "deleted"):
+            elif result.verdict in ("stale", "deleted", "unknown_device"):
                 log.info("presence ignored device=%s verdict=%s", result.device_id, result.verdict)
             if result.recheck_at_ms is not None:
                 heapq.heappush(self._rechecks, (result.recheck_at_ms, result.device_id))
@@ -230,32 +230,41 @@ class DbWriter:
         come, given back if there is time left, rejected at their deadline."""
         ingest = self._ingest
         now = now_ms()
-        entries = ingest.held.take(now)
-        try:
-            result = await self._db(self._status.apply_status, [entry.item for entry in entries])
-        except BaseException:
-            # Held, not lost: the same deadlines apply once the database is back.
-            for entry in entries:
-                ingest.hold_status(entry.item, now, deadline_ms=entry.deadline_ms)
-            self._metrics.db_errors.labels("status").inc()
-            raise
-        self._count_status(result)
-        deadlines = {entry.device_id: entry.deadline_ms for entry in entries}
-        for item, reason in result.waiting:
-            deadline = deadlines[item.device_id]
-            if now < deadline:
-                ingest.hold_status(item, now, deadline_ms=deadline)
-            elif reason == "session_ahead":
-                ingest.reject_status(
-                    item,
-                    reason,
-                    f"no birth of its session within {ingest.held.hold_ms / 1000:g}s "
-                    "(presence is of an older session)",
+        layers = ingest.held.take(now)
+        for depth, entries in enumerate(layers):
+            try:
+                result = await self._db(
+                    self._status.apply_status, [entry.item for entry in entries]
                 )
-            else:
-                self._metrics.status_skipped.labels(reason).inc()
-                log.debug("status skipped reason=%s device=%s", reason, item.device_id)
+            except BaseException:
+                # Held, not lost: the same deadlines apply once the database is back.
+                for rest in layers[depth:]:
+                    for entry in rest:
+                        ingest.hold_status(entry.item, now, deadline_ms=entry.deadline_ms)
+                self._metrics.db_errors.labels("status").inc()
+                raise
+            self._count_status(result)
+            deadlines = {entry.device_id: entry.deadline_ms for entry in entries}
+            for item, reason in result.waiting:
+                self._still_waiting(item, reason, deadlines[item.device_id], now)
         self._metrics.status_held.set(len(ingest.held))
+
+    def _still_waiting(self, item: StatusItem, reason: str, deadline: int, now: int) -> None:
+        """A re-checked status whose birth is still not written: given back if there
+        is time left, else rejected (its last check was at or after its deadline)."""
+        ingest = self._ingest
+        if now < deadline:
+            ingest.hold_status(item, now, deadline_ms=deadline)
+        elif reason == "session_ahead":
+            ingest.reject_status(
+                item,
+                reason,
+                f"no birth of its session within {ingest.held.hold_ms / 1000:g}s "
+                "(presence is of an older session)",
+            )
+        else:
+            self._metrics.status_skipped.labels(reason).inc()
+            log.debug("status skipped reason=%s device=%s", reason, item.device_id)
 
     async def _do_rechecks(self) -> None:
         now = now_ms()
