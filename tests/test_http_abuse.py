@@ -405,3 +405,14 @@ async def test_a_malformed_heartbeat_body_is_400(api: Served, body: bytes) -> No
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     assert response.status_code == 400 and code_of(response) == "malformed_body"
+
+
+@pytest.mark.parametrize("path", ["/api/devices/register", "/api/v2/commands"])
+async def test_a_malformed_body_is_400_on_the_other_json_endpoints(api: Served, path: str) -> None:
+    for body in (b"{not json", b"[1, 2]"):
+        response = await api.client.post(
+            path, content=body, headers={**api.cms, "Content-Type": "application/json"}
+        )
+        assert response.status_code == 400 and code_of(response) == "malformed_body", body
+    spec = (await api.client.get("/openapi.json")).json()
+    assert "400" in spec["paths"][path]["post"]["responses"]

@@ -122,14 +122,17 @@ class MalformedBody(Exception):
 
 
 #: Validation errors about the body as a whole (not one of its fields): a malformed body.
-_MALFORMED = {"json_invalid", "model_attributes_type", "dict_type", "model_type"}
+_NOT_AN_OBJECT = {"model_attributes_type", "dict_type", "model_type"}
 
 
 def _malformed(exc: RequestValidationError) -> bool:
-    return any(
-        tuple(err.get("loc", ())) == ("body",) and err.get("type") in _MALFORMED
-        for err in exc.errors()
-    )
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        if loc[:1] == ("body",) and err.get("type") == "json_invalid":  # loc: body, offset
+            return True
+        if loc == ("body",) and err.get("type") in _NOT_AN_OBJECT:
+            return True
+    return False
 
 
 def malformed_response() -> JSONResponse:
