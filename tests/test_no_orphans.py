@@ -15,6 +15,7 @@ from bridge.clock import now_ms
 from bridge.db.engine import create_schema, make_engine
 from bridge.db.models import Connectivity, PresenceHistory, Remote
 from bridge.db.presence_store import UNKNOWN_DEVICE, PresenceItem, PresenceStore
+from bridge.ops.db_check import check_database
 from bridge.presence import ConnState, PresenceEvent, PresenceRules
 from bridge.testing.mosquitto import MosquittoProcess
 from schemas import (
@@ -146,6 +147,8 @@ async def test_a_storm_of_wills_for_unknown_devices_leaves_no_rows(
         await bridge.wait_idle()
     rows = await asyncio.to_thread(_count_all, db.engine)
     assert rows == 0
+    report = await asyncio.to_thread(check_database, db.engine)
+    assert report.ok, report.problems
 
 
 def _count_all(engine: Engine) -> int:

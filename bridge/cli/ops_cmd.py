@@ -1,4 +1,5 @@
-"""Ops commands: ``watch``, ``devices``, ``device show``, ``top``, ``uptime``, ``doctor``.
+"""Ops commands: ``watch``, ``devices``, ``device show``, ``top``, ``uptime``, ``doctor``,
+``db check``.
 
 Human output by default, ``--json`` for scripts. Exit codes: 0 ok, 1 the thing asked about
 is in a bad state or not found, 2 usage or configuration error, 3 the broker or the
@@ -29,8 +30,9 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.broker_url import BrokerAddress, parse_broker_url
+from bridge.cli.run_cmd import db_app
 from bridge.clock import now_ms
-from bridge.ops import fleet, render, timeline, top, uptime, watch
+from bridge.ops import db_check, fleet, render, timeline, top, uptime, watch
 from bridge.ops.db import first_line, open_ready_engine
 from bridge.ops.doctor import DEFAULT_SKEW_THRESHOLD_MS, run_doctor
 from bridge.ops.durations import parse_duration
@@ -540,6 +542,68 @@ def doctor_cmd(
     raise typer.Exit(report.exit_code)
 
 
+# --- db check -----------------------------------------------------------------------------------
+
+
+def db_check_cmd(
+    fix: Annotated[
+        bool,
+        typer.Option("--fix", help="Clean what is safe to clean; the rest is only reported"),
+    ] = False,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check the database for rows that do not fit together.
+
+    Reports kb_connectivity rows of devices with no remotes row, unknown states, stored
+    telemetry of a session ahead of presence, unfinished commands of missing or
+    soft-deleted devices and commands in impossible states, active credentials of
+    missing or deleted devices, and configuration or HTTP rows of missing devices. With
+    --fix, cleans the connectivity and command rows (one statement each, repeating the
+    check's condition); credentials and configuration are only reported. Exit 0 when
+    nothing is left, 1 when problems remain, 3 if the database cannot be reached.
+    """
+    settings = _settings(db=db)
+    with _reporting():
+        engine = _engine(settings)
+        try:
+            report = db_check.check_database(engine, fix=fix, now_ms=now_ms())
+        finally:
+            engine.dispose()
+    if as_json:
+        _echo_json(report.to_json())
+    else:
+        for line in _db_check_lines(report):
+            typer.echo(line)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _db_check_lines(report: db_check.DbCheckReport) -> Iterator[str]:
+    fixed = sum(finding.fixed for finding in report.findings)
+    for finding in report.findings:
+        if finding.ok and not finding.fixed:
+            yield f"OK    {finding.kind}"
+            continue
+        mark = "FIXED" if finding.ok else "FAIL "
+        rows = f"{finding.count} row{'s' if finding.count != 1 else ''} in {finding.table}"
+        yield f"{mark} {finding.kind}: {rows if finding.count else finding.table}"
+        yield f"      {finding.detail}"
+        if finding.sample:
+            more = " ..." if finding.count > len(finding.sample) else ""
+            yield f"      devices: {', '.join(finding.sample)}{more}"
+        if finding.fixed:
+            plural = "s" if finding.fixed != 1 else ""
+            yield f"      fixed {finding.fixed} row{plural}: {finding.fix}"
+        elif finding.fix is not None:
+            yield f"      --fix: {finding.fix}"
+        if finding.hint and not finding.ok:
+            yield f"      hint: {finding.hint}"
+    problems = report.problems
+    summary = "no problems" if not problems else f"{len(problems)} kinds of problem left"
+    yield f"db check: {summary}" + (f"; {fixed} rows fixed" if report.fixed else "")
+
+
 def _help(command: Callable[..., Any]) -> str:
     """The docstring with each paragraph on one line: typer keeps single line breaks of
     every paragraph after the first, which breaks its own wrapping."""
@@ -559,6 +623,9 @@ def register(app: typer.Typer) -> None:
         app.command(name, help=_help(command))(command)
     # Built here, not at import: a module-level group would collect a second "show" each
     # time register() runs (tests build many apps).
+    # ``db`` is run_cmd's group (``db init``), built at its import: add ``check`` once.
+    if not any(command.name == "check" for command in db_app.registered_commands):
+        db_app.command("check", help=_help(db_check_cmd))(db_check_cmd)
     device_app = typer.Typer(help="One device in detail.", no_args_is_help=True)
     device_app.command("show", help=_help(device_show_cmd))(device_show_cmd)
     app.add_typer(device_app, name="device")

@@ -8,7 +8,7 @@ sides (the fault-injection tests call it after breaking things).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -67,6 +67,9 @@ class ConsistencyReport:
     snapshot_complete: bool = True
     #: Soft-deleted devices with retained presence: the bridge ignores them on purpose.
     ignored_deleted: int = 0
+    #: Retained Wills or offlines of devices with no ``remotes`` row and no stored state:
+    #: only a birth creates a device, so the bridge ignores them on purpose too.
+    ignored_unknown: int = 0
 
     @property
     def ok(self) -> bool:
@@ -82,6 +85,7 @@ class ConsistencyReport:
             "agree": self.agree,
             "snapshot_complete": self.snapshot_complete,
             "ignored_deleted": self.ignored_deleted,
+            "ignored_unknown": self.ignored_unknown,
             "mismatches": [asdict(m) for m in self.mismatches],
         }
 
@@ -111,16 +115,20 @@ def compare(
     deleted: Iterable[str] = (),
     *,
     snapshot_complete: bool = True,
+    known: Collection[str] | None = None,
 ) -> ConsistencyReport:
     """Compare state and session per device.
 
     ``offline`` and ``lost`` of the same session agree: the state machine keeps the
     first word when a Will follows an announced offline, while the broker keeps the last.
+    ``known``: the devices with a ``remotes`` row; when given, a retained Will or offline
+    of any other device with no stored state is not a mismatch (no birth, no device).
     """
     gone = set(deleted)
     mismatches: list[Mismatch] = []
     agree = 0
     ignored = 0
+    unknown = 0
     devices = sorted(set(retained) | {d for d, row in table.items() if row.state != "unknown"})
     checked = 0
     for device_id in devices:
@@ -128,9 +136,19 @@ def compare(
             if device_id in retained:
                 ignored += 1
             continue
-        checked += 1
         found = retained.get(device_id)
         row = table.get(device_id)
+        if (
+            known is not None
+            and row is None
+            and device_id not in known
+            and found is not None
+            and not isinstance(found, ContractError)
+            and found.state.value in _DOWN
+        ):
+            unknown += 1
+            continue
+        checked += 1
         problem = _mismatch(device_id, found, row, snapshot_complete)
         if problem is None:
             agree += 1
@@ -142,6 +160,7 @@ def compare(
         mismatches=tuple(mismatches),
         snapshot_complete=snapshot_complete,
         ignored_deleted=ignored,
+        ignored_unknown=unknown,
     )
 
 
@@ -232,12 +251,19 @@ def load_table(engine: Engine) -> tuple[dict[str, TableState], set[str]]:
     return table, deleted
 
 
+def load_known(engine: Engine) -> set[str]:
+    """Every device with a ``remotes`` row, soft-deleted or not."""
+    with engine.connect() as conn:
+        return {row.device_identifier for row in conn.execute(select(REMOTES.c.device_identifier))}
+
+
 async def compare_snapshot(
     messages: Iterable[RetainedMessage], engine: Engine, prefix: str, *, complete: bool
 ) -> ConsistencyReport:
     retained = decode_retained(messages, prefix)
     table, deleted = await asyncio.to_thread(load_table, engine)
-    return compare(retained, table, deleted, snapshot_complete=complete)
+    known = await asyncio.to_thread(load_known, engine)
+    return compare(retained, table, deleted, snapshot_complete=complete, known=known)
 
 
 async def compare_retained_with_table(
