@@ -11,7 +11,7 @@ from sqlalchemy import insert
 from bridge.db.engine import create_schema, make_engine
 from bridge.db.models import Remote
 from bridge.http import token_index
-from bridge.http.clients import client_address
+from bridge.http.clients import client_address, limit_key
 from bridge.http.limits import RateLimiter, retry_after_header
 from bridge.http.refresh import refresh_id
 from bridge.http.routes_devices import broker_takes_device_tokens
@@ -257,3 +257,11 @@ def test_token_map_files_digests_and_keeps_puts_made_during_a_pass(
     assert hashed.lookup(token_hash("T" * 64)) == "cms-hash"
     assert hashed.lookup(token_hash(token_hash("T" * 64))) is None
     engine.dispose()
+
+
+def test_ipv6_clients_are_limited_by_their_64() -> None:
+    assert limit_key("2001:db8:1:2:aaaa::1") == limit_key("2001:db8:1:2:ffff::9")
+    assert limit_key("2001:db8:1:2::1") == "2001:db8:1:2::/64"
+    assert limit_key("2001:db8:1:3::1") != limit_key("2001:db8:1:2::1")
+    assert limit_key("192.0.2.1") == "192.0.2.1"
+    assert limit_key("unknown") == "unknown"

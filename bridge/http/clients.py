@@ -69,3 +69,15 @@ def scope_client(scope: Scope) -> str:
     """The address the middleware resolved for this request."""
     state = scope.get("state") or {}
     return str(state.get(STATE_KEY, UNKNOWN))
+
+
+def limit_key(address: str) -> str:
+    """The bucket an address is counted in: itself for IPv4, its /64 for IPv6 (one
+    subscriber gets a whole /64, so single IPv6 addresses cost an attacker nothing)."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return address

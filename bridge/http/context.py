@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from bridge.http.clients import limit_key
 from bridge.http.cms_store import CmsStore
 from bridge.http.device_store import DeviceStore
 from bridge.http.errors import ApiError
@@ -75,7 +76,7 @@ class HttpContext:
 
     def limit_registration(self, address: str) -> None:
         """The per-address, then the global registration bucket."""
-        wait = self.limiters[REGISTER_ADDRESS].check(address)
+        wait = self.limiters[REGISTER_ADDRESS].check(limit_key(address))
         if wait is not None:
             self._refuse("register_rate_limited", "too many registrations from this address", wait)
         wait = self.limiters[REGISTER_GLOBAL].check("*")

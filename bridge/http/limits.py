@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bridge.http.clients import STATE_KEY, client_address
+from bridge.http.clients import STATE_KEY, client_address, limit_key
 from bridge.http.settings import Network
 
 
@@ -135,7 +135,8 @@ class FailedAuthLimit:
             return
         address = client_address(scope, self.proxies)
         scope.setdefault("state", {})[STATE_KEY] = address
-        wait = self.limiter.peek(address)
+        key = limit_key(address)
+        wait = self.limiter.peek(key)
         if wait is not None:
             self.on_limited()
             await send_raw(send, self.respond(wait))
@@ -143,7 +144,7 @@ class FailedAuthLimit:
 
         async def watching_send(message: Message) -> None:
             if message["type"] == "http.response.start" and message["status"] == 401:
-                self.limiter.charge(address)
+                self.limiter.charge(key)
             await send(message)
 
         await self.app(scope, receive, watching_send)
