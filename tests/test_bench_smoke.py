@@ -122,3 +122,13 @@ def test_soak(bench: Any) -> None:
     assert sum(figures["commands final states"].values()) == figures["commands enqueued"]
     assert figures["bridge RSS MiB"]["samples"] >= 2
     assert figures["bridge RSS MiB"]["max"] >= figures["bridge RSS MiB"]["first"] > 0
+
+
+def test_http_auth_401_path(bench: Any) -> None:
+    http_auth = bench("http_auth")
+    [result] = http_auth.collect(SCALE)
+    figures = result.figures
+    assert figures["answers"] == {"401": figures["401 ms (kiosk-bridge)"]["n"]}, result.notes
+    assert figures["401 ms (kiosk-bridge)"]["p50"] > 0
+    assert figures["401 ms (floor: bare starlette + dict)"]["p50"] > 0
+    assert figures["ratio p99"] > 0
