@@ -600,8 +600,9 @@ def _db_check_lines(report: db_check.DbCheckReport) -> Iterator[str]:
         if finding.hint and not finding.ok:
             yield f"      hint: {finding.hint}"
     problems = report.problems
-    summary = "no problems" if not problems else f"{len(problems)} kinds of problem left"
-    yield f"db check: {summary}" + (f"; {fixed} rows fixed" if report.fixed else "")
+    rows = sum(finding.count for finding in problems)
+    summary = f"{len(problems)} kinds of problem, {rows} rows" if problems else "no problems"
+    yield f"db check: {summary}" + (f" left; {fixed} rows fixed" if report.fixed else "")
 
 
 def _help(command: Callable[..., Any]) -> str:

@@ -214,9 +214,9 @@ def _checks() -> tuple[Check, ...]:
                 ),
                 CMD.c.sent_at.is_(None),
             ),
-            "commands past 'queued' that were never sent (no sent_at): written by another "
-            "program, the bridge's retries skip them until they expire",
-            hint="let them expire, or cancel them in the CMS",
+            "commands past 'queued' with no sent_at: the bridge never writes them so "
+            "(another program did), and their timings and retries cannot be trusted",
+            hint="cancel them in the CMS, or let them expire",
         ),
         Check(
             "credential_of_missing_device",
