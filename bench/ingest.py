@@ -156,7 +156,21 @@ def run_one(
                 )
                 bridge.cpu_percent()
                 sampler.start()
-                # A later session: its seq starts again at 0 and must not look stale.
+                # A later session: its seq starts again at 0 and must not look stale. It
+                # starts with its birth, as a kiosk's does: the telemetry fence holds and
+                # then rejects statuses of a session the bridge has no birth for.
+                publish_births(broker.host, broker.port, ids, SESSION + 1)
+                wait_until(
+                    lambda: (
+                        _count(
+                            engine,
+                            f"SELECT count(*) FROM kb_connectivity WHERE session = {SESSION + 1}",
+                        )
+                        >= devices
+                    ),
+                    120,
+                    what="all births of the later session",
+                )
                 flood_in_process(
                     broker.host,
                     broker.port,
