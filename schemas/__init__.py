@@ -5,7 +5,7 @@ Schemas in ``schemas/json/`` and ``docs/asyncapi.yaml`` are derived from it.
 """
 
 from schemas.codec import PresenceMessage, decode, decode_for_kind, decode_presence, encode
-from schemas.constants import DEFAULT_PREFIX, MAX_PAYLOAD_BYTES, SCHEMA_VERSION
+from schemas.constants import CONTRACT_VERSION, DEFAULT_PREFIX, MAX_PAYLOAD_BYTES, SCHEMA_VERSION
 from schemas.device_id import DEVICE_ID_PATTERN, DeviceId, is_valid_device_id, validate_device_id
 from schemas.errors import (
     ContractError,
@@ -57,6 +57,7 @@ __all__ = [
     "DEVICE_ID_PATTERN",
     "MAX_PAYLOAD_BYTES",
     "SCHEMA_VERSION",
+    "CONTRACT_VERSION",
     "Ack",
     "AckState",
     "BridgePresence",

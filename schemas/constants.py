@@ -7,6 +7,10 @@ from typing import Final
 #: Bumped when a payload changes incompatibly; also the ``vN`` in the default prefix.
 SCHEMA_VERSION: Final = 1
 DEFAULT_PREFIX: Final = f"kiosk/v{SCHEMA_VERSION}"
+#: The revision of docs/CONTRACT.md. A minor revision only adds (optional fields, enum
+#: values a newer kiosk may send, clarified rules): ``schema_version`` stays 1 and a
+#: kiosk written for 1.0 keeps working.
+CONTRACT_VERSION: Final = "1.1"
 
 #: Larger payloads are rejected before they are parsed.
 MAX_PAYLOAD_BYTES: Final = 16 * 1024

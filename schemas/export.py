@@ -20,7 +20,7 @@ from typing import Any, Final, Literal
 import yaml
 from pydantic import BaseModel, TypeAdapter
 
-from schemas.constants import DEFAULT_PREFIX, MAX_PAYLOAD_BYTES, SCHEMA_VERSION
+from schemas.constants import CONTRACT_VERSION, DEFAULT_PREFIX, MAX_PAYLOAD_BYTES
 from schemas.device_id import DEVICE_ID_PATTERN
 from schemas.payloads import (
     COMMAND_ARGS,
@@ -36,7 +36,13 @@ from schemas.payloads import (
     PresenceOnline,
     Status,
 )
-from schemas.provisioning import ProvisionAccepted, ProvisionRefused, ProvisionRequest
+from schemas.provisioning import (
+    CLAIM_CLIENT_ID_PATTERN,
+    ProvisionAccepted,
+    ProvisionRefused,
+    ProvisionRequest,
+    provision_filter,
+)
 from schemas.topics import TopicKind, bridge_presence_topic, device_filter
 
 JSON_SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
@@ -149,6 +155,10 @@ def _standalone(schema: dict[str, Any], defs: Mapping[str, Any]) -> dict[str, An
 
 def _presence_union_schema() -> dict[str, Any]:
     schema = TypeAdapter(Presence).json_schema(ref_template=_LOCAL_REFS)
+    # pydantic emits OpenAPI's ``discriminator``, which is no JSON Schema keyword: a
+    # strict validator (ajv) refuses the schema and code generators choke on it. The
+    # ``oneOf`` alone already decides, since each branch requires its own ``state`` const.
+    schema.pop("discriminator", None)
     for model in _PRESENCE_MODELS:
         _require_state(schema["$defs"][model.__name__])
     schema["title"] = "Presence"
@@ -185,7 +195,7 @@ class _Message:
 
 @dataclass(frozen=True, slots=True)
 class _Channel:
-    #: None for the bridge's own presence; every other channel is per device.
+    #: None for the bridge's own presence and for provisioning; the rest are per device.
     kind: TopicKind | None
     title: str
     description: str
@@ -195,6 +205,10 @@ class _Channel:
     operation: str
     qos: int
     retain: bool
+    #: Provisioning by claim: per claim client id, not per device.
+    provision: Literal["request", "response"] | None = None
+    #: The channel this one's operation expects the answer on.
+    reply: tuple[str, tuple[str, ...]] | None = None
 
 
 _MESSAGES: Final[Mapping[str, _Message]] = MappingProxyType(
@@ -223,6 +237,22 @@ _MESSAGES: Final[Mapping[str, _Message]] = MappingProxyType(
             BridgePresence,
             "Bridge presence",
             "The bridge's retained birth, and its Last Will with state lost.",
+        ),
+        "provisionRequest": _Message(
+            ProvisionRequest,
+            "Provisioning request",
+            "Sent with the shared claim credential under a claim-<random> client id; a "
+            "fresh nonce per request, proof_token (1.1) when the kiosk holds a token.",
+        ),
+        "provisionAccepted": _Message(
+            ProvisionAccepted,
+            "Provisioning accepted",
+            "The device's token (its MQTT password from then on) and its config.",
+        ),
+        "provisionRefused": _Message(
+            ProvisionRefused,
+            "Provisioning refused",
+            "Why no credential was issued; retry after retry_after_s when it is given.",
         ),
     }
 )
@@ -304,11 +334,46 @@ _CHANNELS: Final[Mapping[str, _Channel]] = MappingProxyType(
             qos=1,
             retain=True,
         ),
+        "provisionRequest": _Channel(
+            kind=None,
+            title="Provisioning requests",
+            description=(
+                "A kiosk without a credential connects with the shared claim credential "
+                "(username _claim) under a client id claim-<random> and publishes its "
+                "request here, on its own client id; the bridge refuses any other client "
+                "id (invalid_client_id). Not retained: a replay of the same nonce gets the "
+                "same answer."
+            ),
+            messages=("provisionRequest",),
+            action="receive",
+            operation="receiveProvisionRequest",
+            qos=1,
+            retain=False,
+            provision="request",
+            reply=("provisionResponse", ("provisionAccepted", "provisionRefused")),
+        ),
+        "provisionResponse": _Channel(
+            kind=None,
+            title="Provisioning responses",
+            description=(
+                "The bridge's answer to the request of the same claim client id, tied to "
+                "it by the nonce: accepted with the device's token, or refused with a "
+                "reason. The kiosk subscribes before it publishes its request."
+            ),
+            messages=("provisionAccepted", "provisionRefused"),
+            action="send",
+            operation="sendProvisionResponse",
+            qos=1,
+            retain=False,
+            provision="response",
+        ),
     }
 )
 
 
 def _address(channel: _Channel, prefix: str) -> str:
+    if channel.provision is not None:
+        return provision_filter(channel.provision, prefix).replace("+", "{clientId}")
     if channel.kind is None:
         return bridge_presence_topic(prefix)
     # The topic layout lives in schemas.topics; its filter has the device segment as the
@@ -335,11 +400,19 @@ def _message_object(key: str, message: _Message, prefix: str) -> dict[str, Any]:
             "description": "The command id; an ack echoes the id of its command.",
             "location": "$message.payload#/id",
         }
+    if message.model in (ProvisionRequest, ProvisionAccepted, ProvisionRefused):
+        out["correlationId"] = {
+            "description": "The request's nonce; the answer echoes it.",
+            "location": "$message.payload#/nonce",
+        }
     if message.model is Command:
         binding["correlationData"] = {
             "type": "string",
             "format": "uuid",
-            "description": "MQTT 5 only: the command id.",
+            "description": (
+                "MQTT 5 only: the command id as UTF-8 text (36 bytes, the canonical "
+                "lowercase UUID form), not 16 raw bytes. A kiosk echoes it unchanged."
+            ),
         }
         binding["responseTopic"] = device_filter(TopicKind.ACK, prefix).replace("+", "{deviceId}")
     out["bindings"] = {"mqtt": binding}
@@ -375,6 +448,14 @@ def _operation(key: str, channel: _Channel) -> dict[str, Any]:
             "channel": {"$ref": "#/channels/deviceAck"},
             "messages": [{"$ref": "#/channels/deviceAck/messages/ack"}],
         }
+    if channel.reply is not None:
+        reply_channel, reply_messages = channel.reply
+        operation["reply"] = {
+            "channel": {"$ref": f"#/channels/{reply_channel}"},
+            "messages": [
+                {"$ref": f"#/channels/{reply_channel}/messages/{name}"} for name in reply_messages
+            ],
+        }
     binding["bindingVersion"] = MQTT_BINDING_VERSION
     operation["bindings"] = {"mqtt": binding}
     return operation
@@ -398,12 +479,14 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         }
         if channel.kind is not None:
             entry["parameters"] = {"deviceId": {"$ref": "#/components/parameters/deviceId"}}
+        elif channel.provision is not None:
+            entry["parameters"] = {"clientId": {"$ref": "#/components/parameters/clientId"}}
         channels[key] = entry
     return {
         "asyncapi": ASYNCAPI_VERSION,
         "info": {
             "title": "kiosk-bridge wire contract",
-            "version": str(SCHEMA_VERSION),
+            "version": CONTRACT_VERSION,
             "description": (
                 "Kiosks hold persistent MQTT sessions and publish presence, status and "
                 "acks; the bridge maps them into the CMS and sends commands and config. "
@@ -433,7 +516,16 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
                     # AsyncAPI 3 parameters have no schema; the grammar as an extension
                     # lets tools check it all the same.
                     "x-pattern": DEVICE_ID_PATTERN,
-                }
+                },
+                "clientId": {
+                    "description": (
+                        "The claim connection's MQTT client id: "
+                        f"`{CLAIM_CLIENT_ID_PATTERN}` (claim- and 8 to 58 random "
+                        "characters). Never a device id."
+                    ),
+                    "examples": ["claim-3f9c2a7e1b4d6c08"],
+                    "x-pattern": CLAIM_CLIENT_ID_PATTERN,
+                },
             },
         },
     }

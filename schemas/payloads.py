@@ -14,7 +14,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from schemas.constants import MAX_INT64, SCHEMA_VERSION, TOKEN_PATTERN
-from schemas.device_id import DEVICE_ID_PATTERN, DeviceId
+from schemas.device_id import DeviceId
 
 # Epoch milliseconds; the upper bound (year 2286) catches seconds-vs-ms mix-ups only on
 # the far side, so the bridge checks skew separately instead of rejecting here.
@@ -59,6 +59,9 @@ class OfflineReason(StrEnum):
     NETWORK_CHANGE = "network_change"
     #: Set by the bridge when an operator revokes the device's credential.
     REVOKED = "revoked"
+    #: Contract 1.1: announced by the kiosk just before it executes a ``wipe`` command,
+    #: so the CMS can tell a wiped device from one that was merely switched off.
+    WIPE = "wipe"
 
 
 class PresenceOnline(_Wire):
@@ -318,8 +321,6 @@ class Command(_Wire):
         # validate_default: the wipe rule below must also run when device_id is absent.
         validate_default=True,
         description="Target device; required for wipe and rotate_token, checked by the kiosk",
-        # The id grammar is checked by an AfterValidator, which the JSON Schema cannot see.
-        json_schema_extra={"pattern": DEVICE_ID_PATTERN},
     )
     args: dict[str, Any] = Field(default_factory=dict)
 

@@ -191,9 +191,16 @@ def decode_provision_response(
 # --- topics --------------------------------------------------------------------------------
 
 
+def provision_filter(leaf: Literal["request", "response"], prefix: str = DEFAULT_PREFIX) -> str:
+    """``{prefix}/provision/+/{leaf}``: every claimant's requests or responses."""
+    if leaf not in ("request", "response"):
+        raise ValueError(f"provision leaf must be 'request' or 'response', not {leaf!r}")
+    return f"{_check_prefix(prefix)}/{PROVISION_SEGMENT}/+/{leaf}"
+
+
 def provision_request_filter(prefix: str = DEFAULT_PREFIX) -> str:
     """``{prefix}/provision/+/request``: every claimant's requests (the bridge reads it)."""
-    return f"{_check_prefix(prefix)}/{PROVISION_SEGMENT}/+/request"
+    return provision_filter("request", prefix)
 
 
 @lru_cache(maxsize=16)
@@ -245,5 +252,6 @@ __all__ = [
     "decode_provision_response",
     "is_claim_client_id",
     "parse_provision_topic",
+    "provision_filter",
     "provision_request_filter",
 ]

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
-from schemas import DEVICE_ID_PATTERN, SCHEMA_VERSION, decode, decode_presence
+from schemas import CONTRACT_VERSION, DEVICE_ID_PATTERN, decode, decode_presence
 from schemas.export import (
     ASYNCAPI_FILE,
     PAYLOAD_MODELS,
@@ -19,6 +19,7 @@ from schemas.export import (
     rendered_files,
 )
 from schemas.payloads import COMMAND_ARGS
+from schemas.provisioning import CLAIM_CLIENT_ID_PATTERN
 
 EXPECTED_FILES = {
     "presence-online.json",
@@ -211,6 +212,8 @@ EXPECTED_CHANNELS = {
     "kiosk/v1/{deviceId}/ack": ("receive", 1, False),
     "kiosk/v1/{deviceId}/config": ("send", 1, True),
     "kiosk/v1/_bridge/presence": ("send", 1, True),
+    "kiosk/v1/provision/{clientId}/request": ("receive", 1, False),
+    "kiosk/v1/provision/{clientId}/response": ("send", 1, False),
 }
 
 
@@ -243,7 +246,7 @@ def document() -> dict[str, Any]:
 
 def test_asyncapi_header(document: dict[str, Any]) -> None:
     assert document["asyncapi"] == "3.0.0"
-    assert document["info"]["version"] == str(SCHEMA_VERSION)
+    assert document["info"]["version"] == CONTRACT_VERSION
     assert document["defaultContentType"] == "application/json"
 
 
@@ -281,8 +284,21 @@ def test_device_channels_have_the_device_id_parameter(document: dict[str, Any]) 
             parameter = _resolve(document, channel["parameters"]["deviceId"]["$ref"])
             assert parameter["x-pattern"] == DEVICE_ID_PATTERN
             assert DEVICE_ID_PATTERN in parameter["description"]
+        elif "{clientId}" in channel["address"]:
+            parameter = _resolve(document, channel["parameters"]["clientId"]["$ref"])
+            assert parameter["x-pattern"] == CLAIM_CLIENT_ID_PATTERN
         else:
             assert "parameters" not in channel
+
+
+def test_provisioning_channels_answer_on_the_response_channel(document: dict[str, Any]) -> None:
+    receive = document["operations"]["receiveProvisionRequest"]
+    assert receive["reply"]["channel"]["$ref"] == "#/channels/provisionResponse"
+    response = document["channels"]["provisionResponse"]["messages"]
+    assert set(response) == {"provisionAccepted", "provisionRefused"}
+    for name in ("provisionRequest", "provisionAccepted", "provisionRefused"):
+        message = document["components"]["messages"][name]
+        assert message["correlationId"]["location"] == "$message.payload#/nonce"
 
 
 def test_channel_messages_reference_existing_components(document: dict[str, Any]) -> None:
