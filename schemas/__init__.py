@@ -53,11 +53,11 @@ from schemas.topics import (
 )
 
 __all__ = [
+    "CONTRACT_VERSION",
     "DEFAULT_PREFIX",
     "DEVICE_ID_PATTERN",
     "MAX_PAYLOAD_BYTES",
     "SCHEMA_VERSION",
-    "CONTRACT_VERSION",
     "Ack",
     "AckState",
     "BridgePresence",
