@@ -249,6 +249,60 @@ def test_self_heals_when_a_late_will_overwrites_the_birth(
     assert agent.counters["heals"] == 1
 
 
+def _presence_until_marker(observer: PahoClient, marker: str) -> list[Any]:
+    """Presence values the observer got before ``marker`` came back: everything the
+    broker had forwarded by the time it handled the marker's publish."""
+    observer.subscribe(marker)
+    observer.publish(marker, b"x", qos=1)
+    seen = []
+    while (msg := observer.expect()).topic != marker:
+        if msg.topic == topic(TopicKind.PRESENCE):
+            seen.append(decode_presence(msg.payload))
+    return seen
+
+
+def test_one_birth_per_connect_and_a_clean_stop_stays_stopped(
+    mosquitto: MosquittoProcess, agents: AgentFactory, observer: PahoClient, tmp_path: Path
+) -> None:
+    # KB-PRES-5/6: the previous session's retained offline, replayed when the agent
+    # subscribes, is no reason for a second birth; the agent's own offline is not healed.
+    state_dir = tmp_path / "restarts"
+    first = agents(mosquitto.url, state_dir=state_dir)
+    first.start(timeout=15)
+    first.stop(OfflineReason.SHUTDOWN)
+    second = agents(mosquitto.url, state_dir=state_dir)
+    second.start(timeout=15)
+    time.sleep(0.5)  # room for a wrong second birth to show
+    seen = _presence_until_marker(observer, "test/marker-1")
+    assert [(p.state, p.session) for p in seen] == [
+        ("online", first.session),
+        ("offline", first.session),
+        ("online", second.session),
+    ]
+    assert second.counters["births"] == 1
+    assert second.counters["heals"] == 0
+    second.stop(OfflineReason.SHUTDOWN)
+    time.sleep(0.5)
+    assert [p.state for p in _presence_until_marker(observer, "test/marker-2")] == ["offline"]
+    retained_now = decode_presence(retained(mosquitto, topic(TopicKind.PRESENCE)).payload)
+    assert isinstance(retained_now, PresenceOffline)
+    assert retained_now.session == second.session
+
+
+def test_a_newer_session_on_the_presence_topic_is_not_fought_over(
+    mosquitto: MosquittoProcess, agents: AgentFactory, observer: PahoClient
+) -> None:
+    agent = agents(mosquitto.url)
+    agent.start(timeout=15)
+    assert isinstance(expect_presence(observer), PresenceOnline)
+    clone = PresenceOnline(session=agent.session + 1, ts=now_ms())
+    observer.publish(topic(TopicKind.PRESENCE), encode(clone), qos=1, retain=True)
+    time.sleep(0.5)
+    assert [p.session for p in _presence_until_marker(observer, "test/marker")] == [clone.session]
+    assert agent.counters["heals"] == 0
+    assert agent.counters["presence_newer_session"] == 1
+
+
 def test_start_times_out_when_the_broker_is_unreachable(agents: AgentFactory) -> None:
     agent = agents(f"mqtt://127.0.0.1:{free_port()}")
     with pytest.raises(TimeoutError, match="not online"):
@@ -448,7 +502,8 @@ def test_wipe_for_another_device_is_rejected_then_a_real_wipe_clears_everything(
     # (expect() skips other topics: the presence history is gone, the retained value not.)
     offline = decode_presence(retained(mosquitto, topic(TopicKind.PRESENCE)).payload)
     assert isinstance(offline, PresenceOffline)
-    assert offline.reason is OfflineReason.SHUTDOWN
+    # KB-CMD-9 (contract 1.1): the CMS sees that the device went because it was wiped.
+    assert offline.reason is OfflineReason.WIPE
 
 
 def test_rotate_token_is_checked_stored_privately_then_acked(
@@ -526,3 +581,36 @@ def test_ack_goes_to_the_response_topic_with_the_correlation_data(
         client.loop_stop()
     assert [decode(Ack, m.payload).state for m in acks] == [AckState.RECEIVED, AckState.SUCCEEDED]
     assert [m.properties.CorrelationData for m in acks] == [b"req-42", b"req-42"]
+
+
+def test_acks_go_to_the_own_ack_topic_whatever_the_response_topic_says(
+    mosquitto: MosquittoProcess, agents: AgentFactory
+) -> None:
+    # KB-CMD-1 (contract 1.1): the Response Topic is informative; the ACL would refuse
+    # an ack anywhere else. The Correlation Data (the command id as 36 bytes of UTF-8
+    # text, what the bridge sends) is echoed unchanged.
+    agent = agents(mosquitto.url)
+    agent.start(timeout=15)
+    got: queue.Queue[paho.MQTTMessage] = queue.Queue()
+    subscribed = threading.Event()
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client.on_message = lambda _c, _u, msg: got.put(msg)
+    client.on_subscribe = lambda *_args: subscribed.set()
+    client.connect(mosquitto.host, mosquitto.port)
+    client.loop_start()
+    try:
+        client.subscribe([(topic(TopicKind.ACK), 1), ("elsewhere/#", 1)])
+        assert subscribed.wait(10)
+        cmd = make_command("refresh")
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "elsewhere/acks"
+        props.CorrelationData = str(cmd.id).encode()
+        client.publish(topic(TopicKind.CMD), encode(cmd), qos=1, properties=props)
+        acks = [got.get(timeout=15) for _ in range(2)]
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert [m.topic for m in acks] == [topic(TopicKind.ACK)] * 2
+    assert [m.properties.CorrelationData for m in acks] == [str(cmd.id).encode()] * 2
+    assert len(acks[0].properties.CorrelationData) == 36
+    assert agent.counters["response_topic_ignored"] >= 1

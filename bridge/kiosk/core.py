@@ -37,6 +37,7 @@ from bridge.clock import now_ms
 from bridge.kiosk.commands import CommandHandler, CommandProcessor, ReplyRoute
 from bridge.kiosk.credentials import TokenFile
 from bridge.kiosk.drivers import ConnectParams, NetworkDriver
+from bridge.kiosk.healing import Seen, classify_presence
 from bridge.kiosk.metrics import check_metric_names, is_significant
 from bridge.kiosk.options import AgentOptions, MqttProtocol
 from bridge.kiosk.state import AgentState
@@ -104,6 +105,10 @@ class _Connection:
     seq: int = 0
     pending: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     heals: deque[float] = field(default_factory=deque)
+    #: From the birth's publish until our own offline: the only time healing applies.
+    live: bool = False
+    #: Whatever arrives on presence now was published after our birth (KB-PRES-6).
+    birth_in_place: bool = False
 
 
 @dataclass(eq=False)
@@ -310,8 +315,9 @@ class KioskCore:
             self._connect()
 
     async def wipe(self) -> None:
-        """The ``wipe`` command: announce ``offline`` (shutdown), stop, forget everything."""
-        if not await self._shut_down(OfflineReason.SHUTDOWN, announce=True):
+        """The ``wipe`` command: announce ``offline`` with reason ``wipe`` (KB-CMD-9),
+        disconnect cleanly, then forget everything: the CMS sees why the device went."""
+        if not await self._shut_down(OfflineReason.WIPE, announce=True):
             return
         self.state.wipe()
         self._password = None
@@ -452,7 +458,12 @@ class KioskCore:
             # stop() raced with the CONNACK; it waits for this connection to close.
             conn.client.disconnect()
             return
+        # Birth first, then subscribe (KB-PRES-2): the broker handles our packets in
+        # order, so the retained value replayed on subscribing is our own birth, or an
+        # older session's Will that overwrote it in between, which must be healed.
         birth = self._publish_birth(conn)
+        conn.live = True
+        conn.birth_in_place = True
         subscribed = self._subscribe(conn)
         self._publish_status()
         self._schedule_status()
@@ -531,6 +542,9 @@ class KioskCore:
         self, conn: _Connection, reason: OfflineReason | None
     ) -> None:
         self.connected.clear()
+        # Our own offline ends the session: its echo, and anything after it, is never
+        # a reason to re-publish the birth (KB-PRES-5).
+        conn.live = False
         if reason is not None:
             offline = PresenceOffline(session=conn.session, ts=now_ms(), reason=reason)
             sent = self._publish(conn, self._topics[TopicKind.PRESENCE], encode(offline), 1, True)
@@ -697,13 +711,14 @@ class KioskCore:
         return done
 
     def _publish_ack(self, conn: _Connection, item: _Outgoing) -> None:
+        # Always our own ack topic (KB-CMD-1): the broker's ACL lets a kiosk publish
+        # nowhere else, and a Response Topic is informative only (it names this same
+        # topic when the bridge sets it); the Correlation Data is echoed as received.
         topic = self._topics[TopicKind.ACK]
         properties = None
-        if item.route is not None and conn.v5:
-            topic = item.route.topic
-            if item.route.correlation_data is not None:
-                properties = Properties(PacketTypes.PUBLISH)
-                properties.CorrelationData = item.route.correlation_data
+        if item.route is not None and conn.v5 and item.route.correlation_data is not None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = item.route.correlation_data
         sent = self._publish(conn, topic, encode(item.ack), 1, False, properties)
 
         def settle(fut: asyncio.Future[None]) -> None:
@@ -747,9 +762,12 @@ class KioskCore:
         if not conn.v5 or msg.properties is None:
             return None
         topic = getattr(msg.properties, "ResponseTopic", None)
-        if not topic or any(ch in topic for ch in "+#"):
+        correlation = getattr(msg.properties, "CorrelationData", None)
+        if topic and topic != self._topics[TopicKind.ACK]:
+            self.counters["response_topic_ignored"] += 1
+        if not topic and correlation is None:
             return None
-        return ReplyRoute(str(topic), getattr(msg.properties, "CorrelationData", None))
+        return ReplyRoute(str(topic or self._topics[TopicKind.ACK]), correlation)
 
     def _on_presence(self, conn: _Connection, payload: bytes) -> None:
         if self.mode is not Mode.RUNNING or not conn.connacked:
@@ -758,10 +776,27 @@ class KioskCore:
             seen = decode_presence(payload) if payload else None
         except InvalidPayload:
             seen = None
-        if isinstance(seen, PresenceOnline) and seen.session == conn.session:
-            return  # our own birth coming back
-        # Something else holds our retained presence, typically the late Will of an
-        # older session: the truth is that we are online, so say it again.
+        verdict = classify_presence(
+            seen,
+            conn.session,
+            live=conn.live and self.mode is Mode.RUNNING,
+            birth_in_place=conn.birth_in_place,
+        )
+        if verdict is Seen.OWN_BIRTH:
+            conn.birth_in_place = True
+        if verdict is Seen.NEWER:
+            # Not answered: two clients re-publishing over each other would never stop.
+            self.counters["presence_newer_session"] += 1
+            logger.warning(
+                "%s: presence of a newer session %d than ours (%d): is this id used twice?",
+                self.device_id,
+                seen.session if seen is not None else 0,
+                conn.session,
+            )
+        if verdict is not Seen.HEAL:
+            return
+        # An older session's value (typically its late Will) overwrote our birth while
+        # we are live: the truth is that we are online, so say it again (KB-PRES-6).
         now = time.monotonic()
         while conn.heals and now - conn.heals[0] > _HEAL_WINDOW_S:
             conn.heals.popleft()
