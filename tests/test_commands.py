@@ -475,3 +475,31 @@ def test_wipe_rails(sqlite_db: Db) -> None:
         enqueue(sqlite_db.engine, "rotate_token", ["w-1"], {"token": "0" * 64})
     with pytest.raises(CommandRequestError, match="delay_s"):
         enqueue(sqlite_db.engine, "reconnect", ["w-1"], {"delay_s": -1})
+
+
+def test_a_command_answered_before_its_puback_never_reads_finished_but_undelivered(
+    sqlite_db: Db,
+) -> None:
+    store = CommandStore(sqlite_db.engine, clock=now_ms)
+    [cid] = store.enqueue([NewCommand("fast-2", "refresh", {}, 60)])
+    with sqlite_db.engine.begin() as conn:
+        conn.execute(
+            CommandRecord.__table__.update()
+            .where(CommandRecord.__table__.c.id == cid)
+            .values(state="sent", sent_at=utc_naive(now_ms()), attempts=1)
+        )
+    ack_id = uuid.UUID(cid)
+    store.apply_acks(
+        [
+            ("fast-2", Ack(id=ack_id, state=AckState.RECEIVED, ts=1), now_ms()),
+            ("fast-2", Ack(id=ack_id, state=AckState.SUCCEEDED, ts=2), now_ms()),
+        ]
+    )
+    # No PUBACK recorded yet: the ack itself proves the delivery.
+    [row] = store.get([cid])
+    assert row.state == "succeeded" and row.finished_at is not None
+    assert row.delivered_at is not None and row.sent_at <= row.delivered_at <= row.finished_at
+    delivered = row.delivered_at
+    store.mark_delivered([cid])
+    [row] = store.get([cid])
+    assert row.delivered_at == delivered

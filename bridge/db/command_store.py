@@ -385,6 +385,9 @@ class CommandStore:
                 values: dict[str, Any] = {}
                 if target is CommandState.RECEIVED or new is not None:
                     values["acked_at"] = func.coalesce(CMD.c.acked_at, at)
+                    # An ack proves delivery: a command the device answered before its
+                    # PUBACK was recorded never reads as finished but undelivered.
+                    values["delivered_at"] = func.coalesce(CMD.c.delivered_at, at)
                 if new is None:
                     # A pending transition of this command already sets acked_at first.
                     if values and cid not in transitions:
@@ -400,7 +403,7 @@ class CommandStore:
                         values["last_error"] = ack.detail or new.value
                 fence, merged = transitions.get(cid, (states[cid], {}))
                 if "acked_at" in merged:
-                    del values["acked_at"]
+                    del values["acked_at"], values["delivered_at"]
                 merged.update(values)
                 transitions[cid] = (fence, merged)
                 states[cid] = new
