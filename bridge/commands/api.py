@@ -18,12 +18,13 @@ from bridge.clock import now_ms
 from bridge.db.command_store import CommandStore, NewCommand
 from bridge.db.models import CommandRecord, Connectivity, Remote
 from bridge.db.rows import utc_naive
+from bridge.db.tables import table_of
 from schemas import CommandType, DeviceConfig, validate_device_id
 from schemas.payloads import COMMAND_ARGS
 
-CMD = CommandRecord.__table__
-CONN = Connectivity.__table__
-REMOTES = Remote.__table__
+CMD = table_of(CommandRecord)
+CONN = table_of(Connectivity)
+REMOTES = table_of(Remote)
 
 DEFAULT_TTL_S = 3600.0
 MAX_TTL_S = 7 * 24 * 3600.0

@@ -22,14 +22,15 @@ from bridge.commands.lifecycle import OPEN_STATES, SUPERSEDABLE, CommandState, a
 from bridge.db.models import CommandRecord, Connectivity, DeviceConfigRecord, Remote
 from bridge.db.presence_store import chunks
 from bridge.db.rows import utc_naive
+from bridge.db.tables import table_of
 from schemas import Ack, AckState, Command
 
 log = logging.getLogger(__name__)
 
-CMD = CommandRecord.__table__
-CONN = Connectivity.__table__
-CFG = DeviceConfigRecord.__table__
-REMOTES = Remote.__table__
+CMD = table_of(CommandRecord)
+CONN = table_of(Connectivity)
+CFG = table_of(DeviceConfigRecord)
+REMOTES = table_of(Remote)
 
 _OPEN = [s.value for s in OPEN_STATES]
 _IN_FLIGHT = [CommandState.SENT.value, CommandState.DELIVERED.value]

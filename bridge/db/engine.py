@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import SQLModel
 
 from bridge.db import models
+from bridge.db.tables import table_of
 from bridge.security.models import SECURITY_TABLES
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def create_schema(engine: Engine) -> list[str]:
     """
     existing = set(inspect(engine).get_table_names())
     try:
-        SQLModel.metadata.create_all(engine, tables=[m.__table__ for m in _all_models()])
+        SQLModel.metadata.create_all(engine, tables=[table_of(m) for m in _all_models()])
     except (IntegrityError, ProgrammingError, OperationalError):
         # Two first starts on an empty database race to create the same tables (seen on
         # PostgreSQL as a duplicate type or table): if the other one won, all is there.

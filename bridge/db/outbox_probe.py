@@ -19,9 +19,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from bridge.commands.lifecycle import CommandState
 from bridge.db.models import CommandRecord, Connectivity
 from bridge.db.rows import utc_naive
+from bridge.db.tables import table_of
 
-CMD = CommandRecord.__table__
-CONN = Connectivity.__table__
+CMD = table_of(CommandRecord)
+CONN = table_of(Connectivity)
 
 
 class OutboxProbe:

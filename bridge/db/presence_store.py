@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from bridge.db.models import Connectivity, PresenceHistory, Remote
 from bridge.db.rows import state_columns, to_device_state, utc_naive
+from bridge.db.tables import table_of
 from bridge.presence import (
     ConnState,
     DeviceState,
@@ -37,9 +38,9 @@ from bridge.presence.flap import settle
 
 log = logging.getLogger(__name__)
 
-CONN = Connectivity.__table__
-HIST = PresenceHistory.__table__
-REMOTES = Remote.__table__
+CONN = table_of(Connectivity)
+HIST = table_of(PresenceHistory)
+REMOTES = table_of(Remote)
 
 #: Rows per ``IN (...)`` list: well under every backend's parameter limit.
 CHUNK = 500

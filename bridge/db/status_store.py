@@ -23,6 +23,7 @@ from sqlalchemy.engine import Dialect
 from bridge.db.models import Connectivity, Remote
 from bridge.db.presence_store import CHUNK, chunks
 from bridge.db.rows import utc_naive
+from bridge.db.tables import table_of
 from bridge.presence.fence import StatusVerdict, status_verdict
 from schemas import Status
 
@@ -32,8 +33,8 @@ T = TypeVar("T")
 #: is a single statement (see :func:`_power_of_two_pieces`); 18 parameters a row.
 SET_CHUNK = 512
 
-CONN = Connectivity.__table__
-REMOTES = Remote.__table__
+CONN = table_of(Connectivity)
+REMOTES = table_of(Remote)
 
 METRICS = (
     "battery_level",

@@ -10,14 +10,15 @@ from sqlalchemy import Engine, and_, case, literal, select
 
 from bridge.db.models import CommandRecord, Connectivity, PresenceHistory, Remote
 from bridge.db.status_store import METRICS
+from bridge.db.tables import table_of
 from bridge.http.models import HttpDevice
 from bridge.http.uptime import Change, uptime
 
-REMOTES = Remote.__table__
-CONN = Connectivity.__table__
-HTTP = HttpDevice.__table__
-HIST = PresenceHistory.__table__
-CMD = CommandRecord.__table__
+REMOTES = table_of(Remote)
+CONN = table_of(Connectivity)
+HTTP = table_of(HttpDevice)
+HIST = table_of(PresenceHistory)
+CMD = table_of(CommandRecord)
 
 _APPLIED = ("applied", "reset")
 DAY_MS = 86_400_000

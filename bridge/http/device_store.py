@@ -24,6 +24,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from bridge.commands.lifecycle import CommandState
 from bridge.db.models import CommandRecord, Connectivity, Remote
 from bridge.db.rows import utc_naive
+from bridge.db.tables import table_of
 from bridge.http.models import HttpDevice
 from bridge.http.settings import TokenStorage
 from bridge.http.token_index import CmsTokenIndex
@@ -31,10 +32,10 @@ from bridge.http.tokens import new_token, token_hash
 
 log = logging.getLogger(__name__)
 
-REMOTES = Remote.__table__
-CONN = Connectivity.__table__
-HTTP = HttpDevice.__table__
-CMD = CommandRecord.__table__
+REMOTES = table_of(Remote)
+CONN = table_of(Connectivity)
+HTTP = table_of(HttpDevice)
+CMD = table_of(CommandRecord)
 
 T = TypeVar("T")
 _RETRIES = 3

@@ -26,10 +26,11 @@ from bridge.commands.lifecycle import CommandState
 from bridge.db.models import CommandRecord
 from bridge.db.presence_store import PresenceResult
 from bridge.db.rows import utc_naive
+from bridge.db.tables import table_of
 
 log = logging.getLogger(__name__)
 
-CMD = CommandRecord.__table__
+CMD = table_of(CommandRecord)
 _OPEN = [s.value for s in CommandState if not s.terminal]
 _TERMINAL = [s.value for s in CommandState if s.terminal]
 #: Finished commands are looked for this far back, so a slow poll misses none.

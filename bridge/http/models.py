@@ -11,10 +11,11 @@ from sqlalchemy import Engine
 from sqlmodel import SQLModel
 
 from bridge.db.models import HttpDevice
+from bridge.db.tables import table_of
 
 HTTP_TABLES = (HttpDevice,)
 
 
 def create_http_schema(engine: Engine) -> None:
     """Create ``kb_http_devices`` if missing (until ``create_schema`` covers it)."""
-    SQLModel.metadata.create_all(engine, tables=[m.__table__ for m in HTTP_TABLES])
+    SQLModel.metadata.create_all(engine, tables=[table_of(m) for m in HTTP_TABLES])

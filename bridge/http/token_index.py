@@ -30,11 +30,12 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy import Engine
 
 from bridge.db.models import Remote
+from bridge.db.tables import table_of
 from bridge.http.settings import TokenStorage
 
 log = logging.getLogger(__name__)
 
-REMOTES = Remote.__table__
+REMOTES = table_of(Remote)
 #: Shortest time between two passes brought forward by misses.
 MISS_GAP_S = 5.0
 #: Rows per chunk of a pass, and the pause after each (the GIL goes to the event loop).

@@ -16,6 +16,7 @@ from sqlalchemy import Engine, select
 
 from bridge.broker_url import parse_broker_url
 from bridge.db.models import Connectivity, Remote
+from bridge.db.tables import table_of
 from bridge.ops.db import open_ready_engine
 from bridge.ops.mqtt import RetainedMessage, connect, read_retained
 from bridge.settings import MqttProtocol
@@ -29,8 +30,8 @@ from schemas import (
     parse_topic,
 )
 
-CONN = Connectivity.__table__
-REMOTES = Remote.__table__
+CONN = table_of(Connectivity)
+REMOTES = table_of(Remote)
 
 MISSING_IN_TABLE: Final = "missing_in_table"
 MISSING_ON_BROKER: Final = "missing_on_broker"

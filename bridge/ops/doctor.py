@@ -19,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from bridge.broker_url import BrokerAddress
 from bridge.db.engine import missing_tables
 from bridge.db.models import PresenceHistory
+from bridge.db.tables import table_of
 from bridge.ops.consistency import (
     INVALID_RETAINED,
     MISSING_ON_BROKER,
@@ -35,7 +36,7 @@ from bridge.settings import MqttProtocol
 from schemas import BridgePresence, ContractError, TopicKind, decode, device_filter
 from schemas.topics import bridge_presence_topic
 
-HIST = PresenceHistory.__table__
+HIST = table_of(PresenceHistory)
 
 DEFAULT_SKEW_THRESHOLD_MS: Final = 30_000
 _SHOWN: Final = 10

@@ -14,10 +14,11 @@ from typing import Any, Final
 from sqlalchemy import Engine, select
 
 from bridge.db.models import Connectivity, Remote
+from bridge.db.tables import table_of
 from bridge.ops.timefmt import iso_utc, naive_utc_to_ms
 
-CONN = Connectivity.__table__
-REMOTES = Remote.__table__
+CONN = table_of(Connectivity)
+REMOTES = table_of(Remote)
 
 STATES: Final = ("online", "offline", "lost", "unknown")
 SORT_KEYS: Final[tuple[str, ...]] = (

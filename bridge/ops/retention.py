@@ -15,11 +15,12 @@ from sqlalchemy import Engine, delete, func, select
 
 from bridge.db.models import CommandRecord, PresenceHistory
 from bridge.db.rows import utc_naive
+from bridge.db.tables import table_of
 
 log = logging.getLogger(__name__)
 
-HIST = PresenceHistory.__table__
-COMMANDS = CommandRecord.__table__
+HIST = table_of(PresenceHistory)
+COMMANDS = table_of(CommandRecord)
 
 FINISHED_STATES: Final = ("succeeded", "failed", "rejected", "expired", "cancelled", "superseded")
 _APPLIED: Final = ("applied", "reset")

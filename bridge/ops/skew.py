@@ -15,8 +15,9 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from bridge.db.models import Connectivity
+from bridge.db.tables import table_of
 
-CONN = Connectivity.__table__
+CONN = table_of(Connectivity)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,16 +14,17 @@ from typing import Any, Final
 from sqlalchemy import Engine, select
 
 from bridge.db.models import CommandRecord, Connectivity, PresenceHistory, Remote
+from bridge.db.tables import table_of
 from bridge.ops.durations import format_duration, parse_duration
 from bridge.ops.errors import NotFound
 from bridge.ops.timefmt import ago, clock, iso_utc, naive_utc_to_ms
 from bridge.ops.uptime import APPLIED, Availability, availability, load_transitions
 from schemas import DeviceConfig, Status
 
-HIST = PresenceHistory.__table__
-CONN = Connectivity.__table__
-REMOTES = Remote.__table__
-COMMANDS = CommandRecord.__table__
+HIST = table_of(PresenceHistory)
+CONN = table_of(Connectivity)
+REMOTES = table_of(Remote)
+COMMANDS = table_of(CommandRecord)
 
 UPTIME_WINDOWS: Final = ("1h", "24h", "7d")
 #: Three missed status intervals (30 s by default) is a gap worth showing.

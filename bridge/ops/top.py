@@ -16,15 +16,16 @@ from sqlalchemy import Engine, func, select
 
 from bridge.db.models import CommandRecord, Connectivity, PresenceHistory, Remote
 from bridge.db.rows import utc_naive
+from bridge.db.tables import table_of
 from bridge.ops.durations import format_duration
 from bridge.ops.fleet import STATES
 from bridge.ops.timefmt import ago, clock
 from bridge.ops.uptime import APPLIED
 
-HIST = PresenceHistory.__table__
-CONN = Connectivity.__table__
-REMOTES = Remote.__table__
-COMMANDS = CommandRecord.__table__
+HIST = table_of(PresenceHistory)
+CONN = table_of(Connectivity)
+REMOTES = table_of(Remote)
+COMMANDS = table_of(CommandRecord)
 
 WINDOW_MS: Final = 5 * 60_000
 RECENT: Final = 12

@@ -15,10 +15,11 @@ from typing import Any, Final
 from sqlalchemy import Engine, func, select
 
 from bridge.db.models import Connectivity, PresenceHistory, Remote
+from bridge.db.tables import table_of
 
-HIST = PresenceHistory.__table__
-CONN = Connectivity.__table__
-REMOTES = Remote.__table__
+HIST = table_of(PresenceHistory)
+CONN = table_of(Connectivity)
+REMOTES = table_of(Remote)
 
 #: History verdicts that changed the stored state.
 APPLIED: Final = ("applied", "reset")

@@ -37,6 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from bridge._compat.amqtt import session_entry
 from bridge.db.engine import make_engine
+from bridge.db.tables import table_of
 from bridge.security.acl import Access, Role, StaticUsers, allowed
 from bridge.security.models import CredentialState, DeviceCredential
 from bridge.security.passwords import PasswordHash, hash_password, verify_password
@@ -45,7 +46,7 @@ from schemas.provisioning import is_claim_client_id
 
 log = logging.getLogger(__name__)
 
-CRED = DeviceCredential.__table__
+CRED = table_of(DeviceCredential)
 _ACCESS = {
     Action.PUBLISH: Access.PUBLISH,
     Action.SUBSCRIBE: Access.SUBSCRIBE,

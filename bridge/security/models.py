@@ -16,6 +16,7 @@ from sqlalchemy import BigInteger, Column, Engine, Index, Integer, String, Text,
 from sqlmodel import Field, SQLModel
 
 from bridge.db.models import BigId
+from bridge.db.tables import table_of
 
 
 class CredentialState(StrEnum):
@@ -124,6 +125,6 @@ SECURITY_TABLES = (
 def create_security_schema(engine: Engine) -> list[str]:
     """Create the missing security tables; returns the names created."""
     existing = set(inspect(engine).get_table_names())
-    tables: list[Any] = [model.__table__ for model in SECURITY_TABLES]
+    tables: list[Any] = [table_of(model) for model in SECURITY_TABLES]
     SQLModel.metadata.create_all(engine, tables=tables)
     return [m.__tablename__ for m in SECURITY_TABLES if m.__tablename__ not in existing]

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from bridge.commands.lifecycle import OPEN_STATES, CommandState
 from bridge.db.models import CommandRecord, Connectivity, DeviceConfigRecord, Remote
 from bridge.db.rows import utc_naive
+from bridge.db.tables import table_of
 from bridge.presence import ConnState
 from bridge.security.models import (
     ClaimWindow,
@@ -35,15 +36,15 @@ from schemas.provisioning import ProvisionRequest
 
 log = logging.getLogger(__name__)
 
-REMOTES = Remote.__table__
-CONN = Connectivity.__table__
-CFG = DeviceConfigRecord.__table__
-CMD = CommandRecord.__table__
-CRED = DeviceCredential.__table__
-PREVIOUS = PreviousCredential.__table__
-WINDOWS = ClaimWindow.__table__
-NONCES = ProvisionNonce.__table__
-AUDIT = SecurityAudit.__table__
+REMOTES = table_of(Remote)
+CONN = table_of(Connectivity)
+CFG = table_of(DeviceConfigRecord)
+CMD = table_of(CommandRecord)
+CRED = table_of(DeviceCredential)
+PREVIOUS = table_of(PreviousCredential)
+WINDOWS = table_of(ClaimWindow)
+NONCES = table_of(ProvisionNonce)
+AUDIT = table_of(SecurityAudit)
 
 TokenStorage = Literal["sha256", "plaintext"]
 REDACTED = "<redacted>"
