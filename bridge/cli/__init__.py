@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from bridge.cli import (
+    conformance_cmd,
     demo_cmd,
     http_cmd,
     kiosk_cmd,
@@ -23,7 +24,17 @@ app = typer.Typer(
 )
 
 # security_cmd adds to the ``device`` group that ops_cmd creates: keep it after.
-for module in (demo_cmd, run_cmd, send_cmd, ops_cmd, security_cmd, kiosk_cmd, schema_cmd, http_cmd):
+for module in (
+    demo_cmd,
+    run_cmd,
+    send_cmd,
+    ops_cmd,
+    security_cmd,
+    kiosk_cmd,
+    schema_cmd,
+    http_cmd,
+    conformance_cmd,
+):
     module.register(app)
 
 __all__ = ["app"]

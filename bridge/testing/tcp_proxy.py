@@ -10,6 +10,10 @@ loop) and benchmark scripts drive it the same way. Faults:
 * :meth:`TcpProxy.set_latency` - every chunk is delivered that much later (pipelined,
   so throughput is unchanged).
 * :meth:`TcpProxy.kill_connections` - reset every current connection on both sides.
+
+An optional ``tap`` sees every chunk as it passes (``tap(link, upward, data)``, on the
+proxy's thread; ``upward`` is client to target; an empty chunk is EOF): the
+conformance kit reads the MQTT packets a kiosk sends and gets this way.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -31,6 +35,8 @@ T = TypeVar("T")
 _CHUNK = 65536
 _CALL_TIMEOUT_S = 10.0
 _Chunks = asyncio.Queue[tuple[float, bytes]]
+#: ``tap(link number, upward, chunk)``; numbers count accepted connections from 1.
+Tap = Callable[[int, bool, bytes], None]
 
 
 @dataclass(eq=False)
@@ -66,6 +72,7 @@ class TcpProxy:
         target_port: int,
         listen_host: str = "127.0.0.1",
         listen_port: int = 0,
+        tap: Tap | None = None,
     ) -> None:
         self.target_host = target_host
         self.target_port = target_port
@@ -77,6 +84,8 @@ class TcpProxy:
         self._links: set[_Link] = set()
         self._flowing: asyncio.Event | None = None
         self._latency = 0.0
+        self._tap = tap
+        self._accepted = 0
 
     # -- public API (any thread) -------------------------------------------------------
 
@@ -219,12 +228,14 @@ class TcpProxy:
             return
         link = _Link(client=writer, upstream=up_writer)
         self._links.add(link)
+        self._accepted += 1
+        number = self._accepted
         upward: _Chunks = asyncio.Queue()
         downward: _Chunks = asyncio.Queue()
         link.tasks = [
-            asyncio.create_task(self._read(reader, upward)),
+            asyncio.create_task(self._read(reader, upward, number, True)),
             asyncio.create_task(self._deliver(upward, up_writer)),
-            asyncio.create_task(self._read(up_reader, downward)),
+            asyncio.create_task(self._read(up_reader, downward, number, False)),
             asyncio.create_task(self._deliver(downward, writer)),
         ]
         try:
@@ -244,7 +255,9 @@ class TcpProxy:
             for side in (writer, up_writer):
                 side.close()
 
-    async def _read(self, reader: asyncio.StreamReader, out: _Chunks) -> None:
+    async def _read(
+        self, reader: asyncio.StreamReader, out: _Chunks, number: int = 0, upward: bool = True
+    ) -> None:
         """Timestamp each chunk with its due time; an empty chunk is EOF."""
         assert self._flowing is not None
         loop = asyncio.get_running_loop()
@@ -252,6 +265,11 @@ class TcpProxy:
             # Waiting before the read also holds back EOF and RST while black-holed.
             await self._flowing.wait()
             data = await reader.read(_CHUNK)
+            if self._tap is not None:
+                try:
+                    self._tap(number, upward, data)
+                except Exception:  # a broken observer must not break the link
+                    logger.exception("proxy tap failed")
             out.put_nowait((loop.time() + self._latency, data))
             if not data:
                 return
