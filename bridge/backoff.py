@@ -15,7 +15,7 @@ def backoff_ceiling(attempt: int, base: float, cap: float) -> float:
     if attempt < 0:
         raise ValueError("attempt must be >= 0")
     # min() before the power would overflow for a long outage.
-    return min(cap, base * (2 ** min(attempt, 62)))
+    return float(min(cap, base * (2 ** min(attempt, 62))))
 
 
 def full_jitter(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.text import Text
 
@@ -161,7 +161,7 @@ async def _run_fleet(
         def frame() -> Group:
             rows = load_fleet(reader)
             table = fleet_table(rows, now_ms(), compact=True)
-            lines = [table, fleet_summary_line(summarize(rows), len(rows))]
+            lines: list[RenderableType] = [table, fleet_summary_line(summarize(rows), len(rows))]
             if refresh_ids:
                 [row] = bridge.command_store.get(refresh_ids)
                 lines.append(Text(f"refresh to {row.device_id}: {row.state}"))

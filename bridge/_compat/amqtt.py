@@ -51,7 +51,7 @@ class _AuthenticateFirst(BrokerProtocolHandler):
     """
 
     @classmethod
-    async def init_from_connect(  # type: ignore[override]
+    async def init_from_connect(
         cls, reader: ReaderAdapter, writer: WriterAdapter, plugins_manager: Any, loop: Any = None
     ) -> tuple[BrokerProtocolHandler, Session]:
         handler, session = await super().init_from_connect(reader, writer, plugins_manager, loop)
@@ -65,7 +65,7 @@ class _AuthenticateFirst(BrokerProtocolHandler):
 
 # amqtt.broker calls the handler class by this module-level name; every amqtt broker in
 # this process is one of ours and wants the order above.
-amqtt.broker.BrokerProtocolHandler = _AuthenticateFirst  # type: ignore[misc]
+amqtt.broker.BrokerProtocolHandler = _AuthenticateFirst
 
 
 class AbortableWriter(StreamWriterAdapter):
@@ -120,6 +120,8 @@ class ContractBroker(Broker):
     # Set on the connection's own task between CONNACK and the client's message loop:
     # the stretch where amqtt replays retained messages nobody subscribed to.
     _in_connect: ClassVar[ContextVar[bool]] = ContextVar("embedded_broker_in_connect")
+    #: amqtt's own attribute (topic filter -> subscribed sessions and their QoS).
+    _subscriptions: dict[str, list[tuple[Session, int]]]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -147,9 +149,9 @@ class ContractBroker(Broker):
         )
         if session.keep_alive > 0 and isinstance(writer, AbortableWriter):
             # Not rounded up to whole seconds: that would give 5 s kiosks 8 s, not 7.5.
-            session.keep_alive = session.keep_alive * KEEPALIVE_GRACE  # type: ignore[assignment]
+            session.keep_alive = session.keep_alive * KEEPALIVE_GRACE
             # An instance attribute shadows the no-op method the reader loop calls.
-            handler.handle_read_timeout = writer.abort  # type: ignore[method-assign]
+            handler.handle_read_timeout = writer.abort
         return handler, session
 
     async def _publish_session_retained_messages(self, session: Session) -> None:

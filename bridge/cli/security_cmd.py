@@ -366,7 +366,8 @@ def broker_init_cmd(
             raise _fail(f"set {', '.join(missing)} (or pass --generate)", 2)
     users: StaticUsers = security.users
     try:
-        chosen = BootstrapSecrets(*values, users=users)
+        bridge_password, ops_password, claim_password = values
+        chosen = BootstrapSecrets(bridge_password, ops_password, claim_password, users=users)
         write_dynsec_config(out, chosen, settings.prefix, overwrite=force)
     except (ValueError, FileExistsError) as exc:
         raise _fail(str(exc), 2) from None
@@ -383,12 +384,13 @@ def broker_upgrade_cmd(broker: BrokerOpt = None, db: DbOpt = None) -> None:
     kb-device role and the kb-devices group, and put every device client in it (devices
     then have no provisioning rights at the broker). Safe to run again."""
     settings = settings_or_exit(broker=broker, db=db)
-    if settings.broker is None:
+    url = settings.broker
+    if url is None:
         raise _fail("the embedded broker needs no upgrade; pass --broker for Mosquitto", 2)
 
     async def act() -> int:
         async with open_admin_link(
-            settings.broker, prefix=settings.prefix, ca_file=SecuritySettings().tls_ca
+            url, prefix=settings.prefix, ca_file=SecuritySettings().tls_ca
         ) as link:
             return await DynsecBackend(link.dynsec, prefix=settings.prefix).adopt_devices()
 

@@ -16,7 +16,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 
 from bridge.commands.lifecycle import OPEN_STATES, SUPERSEDABLE, CommandState, advance
 from bridge.db.models import CommandRecord, Connectivity, DeviceConfigRecord, Remote
@@ -272,7 +283,7 @@ class CommandStore:
                 for part in chunks(ids):
                     # Set-based: one UPDATE claims the batch; ``claim`` tells which rows
                     # this call won if another bridge claimed some first.
-                    where = [CMD.c.id.in_(part)]
+                    where: list[ColumnElement[bool]] = [CMD.c.id.in_(part)]
                     if sent_state is not None:
                         where.append(CMD.c.state == sent_state.value)
                     else:

@@ -41,3 +41,11 @@ def state_columns(state: DeviceState) -> dict[str, Any]:
         "flapping": state.flap.flapping,
         "transitions": state.flap.transitions,
     }
+
+
+def inserted_id(result: Any) -> int:
+    """The primary key an ``INSERT`` made (``CursorResult.inserted_primary_key``)."""
+    key = result.inserted_primary_key
+    if key is None:
+        raise LookupError("the INSERT reported no primary key")
+    return int(key[0])

@@ -8,10 +8,9 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, case, literal, select
 
-from bridge.db.models import CommandRecord, Connectivity, PresenceHistory, Remote
+from bridge.db.models import CommandRecord, Connectivity, HttpDevice, PresenceHistory, Remote
 from bridge.db.status_store import METRICS
 from bridge.db.tables import table_of
-from bridge.http.models import HttpDevice
 from bridge.http.uptime import Change, uptime
 
 REMOTES = table_of(Remote)

@@ -22,10 +22,9 @@ from sqlalchemy import Connection, Engine, and_, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from bridge.commands.lifecycle import CommandState
-from bridge.db.models import CommandRecord, Connectivity, Remote
-from bridge.db.rows import utc_naive
+from bridge.db.models import CommandRecord, Connectivity, HttpDevice, Remote
+from bridge.db.rows import inserted_id, utc_naive
 from bridge.db.tables import table_of
-from bridge.http.models import HttpDevice
 from bridge.http.settings import TokenStorage
 from bridge.http.token_index import CmsTokenIndex
 from bridge.http.tokens import new_token, token_hash
@@ -138,7 +137,7 @@ def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, IntegrityError):
         return True
     if isinstance(exc, DBAPIError) and exc.orig is not None:
-        args = getattr(exc.orig, "args", ())
+        args: tuple[Any, ...] = tuple(getattr(exc.orig, "args", ()))
         return bool(args) and args[0] in _RETRYABLE_MYSQL
     return False
 
@@ -270,7 +269,7 @@ class DeviceStore:
                         **meta,
                     )
                 )
-                remote_id, enabled, created = int(result.inserted_primary_key[0]), False, True
+                remote_id, enabled, created = inserted_id(result), False, True
             else:
                 conn.execute(
                     update(REMOTES)

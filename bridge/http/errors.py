@@ -61,7 +61,9 @@ class ApiError(Exception):
         self.details = details
 
 
-def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict:
+def error_body(
+    code: str, message: str, details: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     error: dict[str, Any] = {"code": code, "message": message[:_MAX_MESSAGE]}
     if details:
         error["details"] = details

@@ -225,7 +225,8 @@ class HttpFace:
             with contextlib.suppress(ValueError):
                 writer.listeners.remove(ctx.hub.on_presence)
             ctx.hub.close()
-        server_task, *others = self._tasks or [None]
+        server_task = self._tasks[0] if self._tasks else None
+        others = self._tasks[1:]
         if self._server is not None and server_task is not None:
             self._server.should_exit = True
             try:

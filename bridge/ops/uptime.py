@@ -173,8 +173,8 @@ def load_transitions(
     with engine.connect() as conn:
         for row in conn.execute(rows_stmt):
             out[row.device_id].append(Transition(int(row.received_ms), row.state, row.reason))
-        for row in conn.execute(unknown):
-            out[row.device_id].append(Transition(int(row.since_ms), UNKNOWN, row.reason))
+        for gap in conn.execute(unknown):
+            out[gap.device_id].append(Transition(int(gap.since_ms), UNKNOWN, gap.reason))
     for transitions in out.values():
         transitions.sort(key=lambda t: t.at_ms)
     return dict(out)

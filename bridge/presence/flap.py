@@ -38,7 +38,7 @@ class FlapState:
 
 def decayed(flap: FlapState, now_ms: int, policy: FlapPolicy) -> float:
     elapsed = max(0, now_ms - flap.at_ms)
-    return flap.penalty * 0.5 ** (elapsed / policy.half_life_ms)
+    return float(flap.penalty * 0.5 ** (elapsed / policy.half_life_ms))
 
 
 def record_transition(

@@ -10,6 +10,7 @@ import ssl
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiomqtt
 
@@ -57,7 +58,8 @@ class AdminLink:
             await self.client.subscribe(marker, qos=1)
             await self.client.publish(marker, nonce.encode(), qos=1)
             async with asyncio.timeout(timeout_s):
-                await asyncio.wait({found, done}, return_when=asyncio.FIRST_COMPLETED)
+                waiting: set[asyncio.Future[Any]] = {found, done}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             return found.result() if found.done() else None
         finally:
             self._retained.pop(topic, None)

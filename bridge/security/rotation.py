@@ -17,6 +17,7 @@ In every case the token is scrubbed from the command's args.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 
@@ -69,8 +70,12 @@ class RotationFinisher:
                     continue
             detail = f"command {rotation.command_id} {rotation.command_state or 'missing'}"
             await asyncio.to_thread(
-                lambda r=rotation, a=action, d=detail: self._store.finish_rotation(
-                    r, applied=a in ("rotated", "rotate_forced"), action=a, detail=d
+                functools.partial(
+                    self._store.finish_rotation,
+                    rotation,
+                    applied=action in ("rotated", "rotate_forced"),
+                    action=action,
+                    detail=detail,
                 )
             )
             self._metrics.rotations.labels(action).inc()

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from bridge.commands.lifecycle import OPEN_STATES, CommandState
 from bridge.db.models import CommandRecord, Connectivity, DeviceConfigRecord, Remote
-from bridge.db.rows import utc_naive
+from bridge.db.rows import inserted_id, utc_naive
 from bridge.db.tables import table_of
 from bridge.presence import ConnState
 from bridge.security.models import (
@@ -316,7 +316,7 @@ class SecurityStore:
                         **meta,
                     )
                 )
-                remote_id = int(result.inserted_primary_key[0])
+                remote_id = inserted_id(result)
             else:
                 remote_id = int(row.id)
                 conn.execute(
@@ -409,7 +409,7 @@ class SecurityStore:
                 select(REMOTES.c.id).where(REMOTES.c.device_identifier == device_id)
             ).first()
             if row is None:
-                remote_id = int(
+                remote_id = inserted_id(
                     conn.execute(
                         insert(REMOTES).values(
                             device_identifier=device_id,
@@ -418,7 +418,7 @@ class SecurityStore:
                             created_at=now,
                             updated_at=now,
                         )
-                    ).inserted_primary_key[0]
+                    )
                 )
             else:
                 remote_id = int(row.id)

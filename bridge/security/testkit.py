@@ -251,7 +251,7 @@ class AuthClient:
     def drop(self) -> None:
         """Vanish without DISCONNECT (the broker publishes the Will)."""
         self._client.loop_stop()
-        sock = self._client.socket()
+        sock: Any = self._client.socket()  # a socket.socket; paho types it as "socket-like"
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)

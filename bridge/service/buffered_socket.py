@@ -52,7 +52,7 @@ class BufferedSocket:
         available = len(self._buffer) - self._offset
         if available == 0:
             # May raise BlockingIOError (or the TLS equivalents): paho's "try later".
-            data = self._sock.recv(READ_SIZE)
+            data: bytes = self._sock.recv(READ_SIZE)
             if len(data) <= size:
                 return data  # includes b"" at end of stream
             self._buffer, self._offset, available = data, 0, len(data)

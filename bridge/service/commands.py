@@ -248,7 +248,8 @@ class CommandDispatcher:
                 )
             properties = None
             if self._is_v5():
-                properties = Properties(PacketTypes.PUBLISH)
+                # paho's Properties.__init__ carries no annotations.
+                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 properties.MessageExpiryInterval = max(1, (expires_ms - now_ms()) // 1000)
                 properties.ResponseTopic = device_topic(
                     outgoing.device_id, TopicKind.ACK, self._prefix

@@ -182,7 +182,8 @@ class MqttLink:
         # group members start clean and a survivor re-reads the retained truth instead.
         persistent = not self._settings.shared_group
         if v5:
-            props = Properties(PacketTypes.CONNECT)
+            # paho's Properties.__init__ carries no annotations.
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self._settings.session_expiry_s if persistent else 0
             client = aiomqtt.Client(
                 protocol=aiomqtt.ProtocolVersion.V5,
