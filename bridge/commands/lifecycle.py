@@ -29,10 +29,6 @@ class CommandState(StrEnum):
     def terminal(self) -> bool:
         return _RANK[self] == _TERMINAL_RANK
 
-    @property
-    def reached_device(self) -> bool:
-        return self is CommandState.RECEIVED or self in _DEVICE_ANSWERS
-
 
 _TERMINAL_RANK = 4
 _RANK = {
@@ -52,7 +48,6 @@ _RANK = {
         _TERMINAL_RANK,
     ),
 }
-_DEVICE_ANSWERS = frozenset({CommandState.SUCCEEDED, CommandState.FAILED, CommandState.REJECTED})
 
 #: States from which the bridge (not the device) may still end a command.
 OPEN_STATES = (CommandState.QUEUED, CommandState.SENT, CommandState.DELIVERED)

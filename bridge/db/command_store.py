@@ -219,18 +219,6 @@ class CommandStore:
         )
         return config
 
-    def current_config(self, device_id: str) -> dict[str, Any] | None:
-        with self._engine.connect() as conn:
-            row = conn.execute(select(CFG).where(CFG.c.device_id == device_id)).first()
-        if row is None:
-            return None
-        return {
-            "version": int(row.version),
-            "remote_control_enabled": bool(row.remote_control_enabled),
-            "status_interval_s": int(row.status_interval_s),
-            "display_url": row.display_url,
-        }
-
     def cancel(self, ids: Sequence[str], why: str = "cancelled") -> int:
         now = self._now()
         with self._engine.begin() as conn:

@@ -295,11 +295,6 @@ def _power_of_two_pieces(rows: list[T]) -> Iterable[list[T]]:
         start += size
 
 
-def _processors(table: Any, names: list[str], dialect: Dialect) -> list[Any]:
-    # The dialect's own type (e.g. SQLite's DATETIME, which writes text), not the generic.
-    return [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
-
-
 def _bind(processors: list[Any], values: list[Any]) -> tuple[Any, ...]:
     return tuple(
         value if process is None or value is None else process(value)
