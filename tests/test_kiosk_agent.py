@@ -289,6 +289,26 @@ def test_one_birth_per_connect_and_a_clean_stop_stays_stopped(
     assert retained_now.session == second.session
 
 
+def test_the_will_queued_in_the_persistent_session_is_no_reason_for_a_second_birth(
+    mosquitto: MosquittoProcess, agents: AgentFactory, observer: PahoClient, tmp_path: Path
+) -> None:
+    # The killed agent's own subscription to its presence outlives it (persistent
+    # session), so its Will waits there and is delivered right after the next CONNACK,
+    # after the new birth was published: it is older than the birth, not an overwrite.
+    state_dir = tmp_path / "killed"
+    first = agents(mosquitto.url, state_dir=state_dir)
+    first.start(timeout=15)
+    first.kill()
+    assert isinstance(expect_presence(observer), PresenceOnline)
+    assert expect_presence(observer) == PresenceLost(session=first.session)
+    second = agents(mosquitto.url, state_dir=state_dir)
+    second.start(timeout=15)
+    time.sleep(0.5)  # room for a wrong second birth to show
+    seen = _presence_until_marker(observer, "test/marker")
+    assert [(p.state, p.session) for p in seen] == [("online", second.session)]
+    assert second.counters["heals"] == 0
+
+
 def test_a_newer_session_on_the_presence_topic_is_not_fought_over(
     mosquitto: MosquittoProcess, agents: AgentFactory, observer: PahoClient
 ) -> None:

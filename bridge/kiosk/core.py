@@ -37,7 +37,7 @@ from bridge.clock import now_ms
 from bridge.kiosk.commands import CommandHandler, CommandProcessor, ReplyRoute
 from bridge.kiosk.credentials import TokenFile
 from bridge.kiosk.drivers import ConnectParams, NetworkDriver
-from bridge.kiosk.healing import Seen, classify_presence
+from bridge.kiosk.healing import SETTLE_S, PresenceValue, Seen, classify_presence
 from bridge.kiosk.metrics import check_metric_names, is_significant
 from bridge.kiosk.options import AgentOptions, MqttProtocol
 from bridge.kiosk.state import AgentState
@@ -107,8 +107,10 @@ class _Connection:
     heals: deque[float] = field(default_factory=deque)
     #: From the birth's publish until our own offline: the only time healing applies.
     live: bool = False
-    #: Whatever arrives on presence now was published after our birth (KB-PRES-6).
-    birth_in_place: bool = False
+    #: The last value received on our presence topic: what the broker retains there.
+    last_presence: PresenceValue | None = None
+    #: Runs ``SETTLE_S`` after the last presence message (KB-PRES-7).
+    heal_timer: asyncio.TimerHandle | None = None
 
 
 @dataclass(eq=False)
@@ -458,12 +460,11 @@ class KioskCore:
             # stop() raced with the CONNACK; it waits for this connection to close.
             conn.client.disconnect()
             return
-        # Birth first, then subscribe (KB-PRES-2): the broker handles our packets in
-        # order, so the retained value replayed on subscribing is our own birth, or an
-        # older session's Will that overwrote it in between, which must be healed.
+        # Birth first, then subscribe (KB-PRES-2): the retained value replayed on
+        # subscribing is then our own birth, so a fresh session's first value needs no
+        # answer; the backlog of a resumed one settles first (KB-PRES-7).
         birth = self._publish_birth(conn)
         conn.live = True
-        conn.birth_in_place = True
         subscribed = self._subscribe(conn)
         self._publish_status()
         self._schedule_status()
@@ -525,6 +526,9 @@ class KioskCore:
 
     def _closed(self, conn: _Connection) -> None:
         conn.closed = True
+        if conn.heal_timer is not None:
+            conn.heal_timer.cancel()
+            conn.heal_timer = None
         for fut in conn.pending.values():
             if not fut.done():
                 fut.set_exception(ConnectionError("connection closed before the broker answered"))
@@ -776,23 +780,31 @@ class KioskCore:
             seen = decode_presence(payload) if payload else None
         except InvalidPayload:
             seen = None
-        verdict = classify_presence(
-            seen,
-            conn.session,
-            live=conn.live and self.mode is Mode.RUNNING,
-            birth_in_place=conn.birth_in_place,
-        )
-        if verdict is Seen.OWN_BIRTH:
-            conn.birth_in_place = True
-        if verdict is Seen.NEWER:
-            # Not answered: two clients re-publishing over each other would never stop.
+        # One topic's messages keep their order, so the last one received is what the
+        # broker retains now; it is judged once it has stood for SETTLE_S, after the
+        # backlog of a resumed session (our old Will, queued there) has passed.
+        conn.last_presence = seen
+        if seen is not None and seen.session > conn.session:
+            # Never answered: two clients re-publishing over each other would not stop.
             self.counters["presence_newer_session"] += 1
             logger.warning(
                 "%s: presence of a newer session %d than ours (%d): is this id used twice?",
                 self.device_id,
-                seen.session if seen is not None else 0,
+                seen.session,
                 conn.session,
             )
+        if conn.heal_timer is not None:
+            conn.heal_timer.cancel()
+        conn.heal_timer = self._loop.call_later(SETTLE_S, self._settle_presence, conn)
+
+    def _settle_presence(self, conn: _Connection) -> None:
+        conn.heal_timer = None
+        if conn is not self._conn or conn.closed:
+            return
+        seen = conn.last_presence
+        verdict = classify_presence(
+            seen, conn.session, live=conn.live and self.mode is Mode.RUNNING
+        )
         if verdict is not Seen.HEAL:
             return
         # An older session's value (typically its late Will) overwrote our birth while
@@ -810,8 +822,9 @@ class KioskCore:
         conn.heals.append(now)
         self.counters["heals"] += 1
         logger.info(
-            "%s: presence overwritten (%s); re-publishing birth",
+            "%s: presence overwritten by session %d (%s); re-publishing birth",
             self.device_id,
+            seen.session if seen is not None else 0,
             getattr(seen, "state", "invalid"),
         )
         self._publish_birth(conn)

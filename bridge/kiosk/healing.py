@@ -1,37 +1,47 @@
-"""The presence healing rule of contract 1.1 (KB-PRES-5, KB-PRES-6), as a pure function.
+"""The presence healing rule of contract 1.1 (KB-PRES-5 to KB-PRES-7), as a pure function.
 
-A kiosk watches its own retained presence. The one thing worth answering there is a
-value of an **older** session that arrived while this session is live: typically the
-late Last Will of a connection that died before this one, which overwrote the birth.
-Re-publishing the birth puts the retained truth right for whoever reads it next.
+A kiosk watches its own retained presence. The broker keeps one topic's messages in
+order, so the last value the kiosk has received there is what the broker retains now.
+The one thing worth answering is that last value being of an **older** session while
+this session is live: typically the late Last Will of a connection that died before
+this one, which overwrote the birth. Re-publishing the birth puts the retained truth
+right for whoever reads it next.
 
-Everything else is left alone, which is what 1.0's "anything other than my birth" got
-wrong: the kiosk's own announced ``offline`` (healing it would undo a clean stop and
-leave a finished session's birth retained), the echo of its own birth, the previous
-session's end replayed when a kiosk subscribes before publishing its birth (answering
-it is a second birth on every connect), a newer session's value (another client with
-this id: answering would start a fight), and an empty or unreadable payload.
+Only the last value counts, and only once it has stood for a moment (``SETTLE_S``):
+right after CONNACK the backlog of the persistent session arrives first (the old
+connection's subscription outlives it, so its own Will waits there), and a kiosk that
+subscribes before publishing its birth is first sent the previous session's end. Both
+are followed within milliseconds by the kiosk's own birth, and answering them would be
+a second birth on every connect, which 1.0's "anything other than my birth" caused.
+
+Never answered: the kiosk's own announced ``offline`` (healing it would undo a clean
+stop and leave a finished session's birth retained), the echo of its own birth, a newer
+session's value (another client with this id: answering would start a fight), and an
+empty or unreadable payload.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 from schemas import PresenceLost, PresenceOffline, PresenceOnline
 
 PresenceValue = PresenceOnline | PresenceOffline | PresenceLost
 
+#: How long an older session's value must stay the last one seen before the birth is
+#: re-published (KB-PRES-7): long enough for a reconnect's backlog, well inside the
+#: 5 s a conformance run allows.
+SETTLE_S: Final = 1.0
+
 
 class Seen(enum.Enum):
-    """What a value on the kiosk's own presence topic is, and whether to answer it."""
+    """What the last value on the kiosk's own presence topic is, and whether to answer."""
 
-    #: Our own birth coming back (the echo, or the retained replay after subscribing).
+    #: Our own birth (its echo, or the retained replay after subscribing).
     OWN_BIRTH = "own_birth"
     #: An offline or Will of the current session: the session is over, nothing to heal.
     OWN_END = "own_end"
-    #: Seen before our birth was in place (a subscribe-first kiosk's replay of the
-    #: previous session's end): the birth that follows replaces it anyway.
-    BEFORE_BIRTH = "before_birth"
     #: The session is not live any more (we announced offline, or are stopping).
     NOT_LIVE = "not_live"
     #: A newer session than ours: another client uses this device id.
@@ -42,17 +52,10 @@ class Seen(enum.Enum):
     HEAL = "heal"
 
 
-def classify_presence(
-    seen: PresenceValue | None, session: int, *, live: bool, birth_in_place: bool
-) -> Seen:
-    """Classify a value received on the kiosk's own presence topic.
-
-    ``session`` is the current connection's; ``live`` is true from the birth's publish
-    until the kiosk announces ``offline`` (or starts stopping); ``birth_in_place`` is
-    true once anything received can only have been published after the birth: at once
-    for a kiosk that publishes its birth before subscribing (the broker handles one
-    client's packets in order), else from the echo of its own birth on.
-    """
+def classify_presence(seen: PresenceValue | None, session: int, *, live: bool) -> Seen:
+    """Classify the value that has stood last on the kiosk's own presence topic for
+    ``SETTLE_S``; ``session`` is the current connection's, ``live`` is true from the
+    birth's publish until the kiosk announces ``offline`` (or starts stopping)."""
     if seen is None:
         return Seen.UNREADABLE
     if seen.session == session:
@@ -61,6 +64,4 @@ def classify_presence(
         return Seen.NEWER
     if not live:
         return Seen.NOT_LIVE
-    if not birth_in_place:
-        return Seen.BEFORE_BIRTH
     return Seen.HEAL
