@@ -95,7 +95,7 @@ CLAUSES: tuple[Clause, ...] = (
         "KB-NET-2",
         "silent network yields the Will",
         "the proxy stops forwarding (no FIN, no RST); the lost of the current session "
-        "comes within 1.5 x keepalive + 2.5 s",
+        "comes within 1.5 x keepalive + 5 s (brokers check keepalives coarsely)",
     ),
     Clause(
         "KB-NET-3",

@@ -29,7 +29,8 @@ FINAL_STATES = frozenset({AckState.SUCCEEDED, AckState.FAILED, AckState.REJECTED
 BIRTH_WINDOW_S = 5.0
 HEAL_WINDOW_S = 5.0
 KILL_WINDOW_S = 10.0
-SILENT_MARGIN_S = 2.5
+#: Brokers check keepalives coarsely (Mosquitto 2 took 3 x a 2 s keepalive once).
+SILENT_MARGIN_S = 5.0
 RECONNECT_TOLERANCE_S = 0.25
 RECONNECT_WITHIN_S = 20.0
 CONFIG_WINDOW_S = 5.0

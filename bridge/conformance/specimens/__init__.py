@@ -1,0 +1,1 @@
+"""Kiosks for testing the kit: :mod:`.kiosk`, a minimal one with optional flaws."""
