@@ -586,8 +586,8 @@ def _db_check_lines(report: db_check.DbCheckReport) -> Iterator[str]:
             yield f"OK    {finding.kind}"
             continue
         mark = "FIXED" if finding.ok else "FAIL "
-        rows = f"{finding.count} row{'s' if finding.count != 1 else ''} in {finding.table}"
-        yield f"{mark} {finding.kind}: {rows if finding.count else finding.table}"
+        where = f"{finding.count} row{'s' if finding.count != 1 else ''} in {finding.table}"
+        yield f"{mark} {finding.kind}: {where if finding.count else finding.table}"
         yield f"      {finding.detail}"
         if finding.sample:
             more = " ..." if finding.count > len(finding.sample) else ""
