@@ -36,15 +36,16 @@ from sqlalchemy.sql.dml import Delete, Update
 from bridge.commands.lifecycle import CommandState
 from bridge.db.models import CommandRecord, Connectivity, DeviceConfigRecord, HttpDevice, Remote
 from bridge.db.rows import utc_naive
+from bridge.db.tables import table_of
 from bridge.presence import ConnState
 from bridge.security.models import CredentialState, DeviceCredential
 
-CONN = Connectivity.__table__
-CMD = CommandRecord.__table__
-CONFIG = DeviceConfigRecord.__table__
-HTTP = HttpDevice.__table__
-REMOTES = Remote.__table__
-CRED = DeviceCredential.__table__
+CONN = table_of(Connectivity)
+CMD = table_of(CommandRecord)
+CONFIG = table_of(DeviceConfigRecord)
+HTTP = table_of(HttpDevice)
+REMOTES = table_of(Remote)
+CRED = table_of(DeviceCredential)
 
 #: Device ids shown per finding; the count is always complete.
 SAMPLE: Final = 10
