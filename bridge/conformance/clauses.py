@@ -76,8 +76,8 @@ CLAUSES: tuple[Clause, ...] = (
     Clause(
         "KB-PRES-5",
         "a clean stop is not healed",
-        "after an offline of session S (SIGTERM, reconnect command), no online of S is "
-        "ever published, and the retained value after the stop is not an online",
+        "after an offline of session S (SIGTERM, reconnect command) the same connection "
+        "publishes no online of S, and the retained value after the stop is not an online",
     ),
     Clause(
         "KB-PRES-6",
@@ -95,7 +95,8 @@ CLAUSES: tuple[Clause, ...] = (
         "KB-NET-2",
         "silent network yields the Will",
         "the proxy stops forwarding (no FIN, no RST); the lost of the current session "
-        "comes within 1.5 x keepalive + 5 s (brokers check keepalives coarsely)",
+        "comes within 3 x keepalive + 5 s (the broker acts after 1.5 x keepalive, but "
+        "checks coarsely under load)",
     ),
     Clause(
         "KB-NET-3",

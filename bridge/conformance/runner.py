@@ -403,7 +403,7 @@ class _Kit:
                 return
             session = link_session(link)
             obs.blackhole_t = await net.blackhole()
-            limit = 1.5 * link.connect.keepalive + 8.0
+            limit = 3.0 * link.connect.keepalive + 8.0
             if session is not None:
                 t0 = obs.blackhole_t
                 await wait_until(lambda: self.lost_seen(dev, session, t0), limit)

@@ -29,7 +29,8 @@ FINAL_STATES = frozenset({AckState.SUCCEEDED, AckState.FAILED, AckState.REJECTED
 BIRTH_WINDOW_S = 5.0
 HEAL_WINDOW_S = 5.0
 KILL_WINDOW_S = 10.0
-#: Brokers check keepalives coarsely (Mosquitto 2 took 3 x a 2 s keepalive once).
+#: The broker should act after 1.5 x keepalive; Mosquitto 2 under load was seen taking
+#: up to 4.5 x a 2 s keepalive, so the kit allows 3 x keepalive + this margin.
 SILENT_MARGIN_S = 5.0
 RECONNECT_TOLERANCE_S = 0.25
 RECONNECT_WITHIN_S = 20.0
@@ -317,7 +318,9 @@ def check_pres_4(obs: Observations) -> str:
         raise _Fail("no DISCONNECT after the offline (the connection was just closed)")
     if link.connect is not None and link.connect.v5 and link.disconnect.reason_code != 0:
         raise _Fail(f"DISCONNECT reason code {link.disconnect.reason_code}, not 0")
-    if session is not None and _lost_after(obs, obs.device_id, session, obs.sigterm_t):
+    will_t = _lost_after(obs, obs.device_id, session, obs.sigterm_t) if session else None
+    # Until the kit looked (later, a restart reusing the session may die with its Will).
+    if will_t is not None and (obs.stop_checked_t is None or will_t <= obs.stop_checked_t):
         raise _Fail("the broker published the Will after the clean stop")
     if obs.stop_exited is None:
         raise _Fail("announced offline but did not exit within 10 s of SIGTERM")
@@ -327,17 +330,17 @@ def check_pres_4(obs: Observations) -> str:
 def check_pres_5(obs: Observations) -> str:
     checked = 0
     for device in (obs.device_id, obs.second_device_id):
-        links = obs.device_links(device)
-        for link in links:
+        for link in obs.device_links(device):
             for t_off, _pub, off in offlines(link):
                 checked += 1
-                for other in links:
-                    for t_on, _p, on in births(other):
-                        if t_on > t_off and on.session == off.session:
-                            raise _Fail(
-                                f"online of session {on.session} re-published "
-                                f"{t_on - t_off:.2f} s after its own offline"
-                            )
+                # Within the connection: a later connection reusing the session is
+                # KB-PRES-3's failure, not a healed stop.
+                for t_on, _p, on in births(link):
+                    if t_on > t_off and on.session == off.session:
+                        raise _Fail(
+                            f"online of session {on.session} re-published "
+                            f"{t_on - t_off:.2f} s after its own offline"
+                        )
     if obs.stop_retained is not None:
         seen = _presence(obs.stop_retained)
         if isinstance(seen, PresenceOnline):
@@ -394,7 +397,7 @@ def check_net_2(obs: Observations) -> str:
     session = link_session(link) if link is not None else None
     if link is None or link.connect is None or session is None:
         raise _Fail("no connection with a session open when the network went silent")
-    limit = 1.5 * link.connect.keepalive + SILENT_MARGIN_S
+    limit = 3.0 * link.connect.keepalive + SILENT_MARGIN_S
     t = _lost_after(obs, device, session, obs.blackhole_t)
     if t is None:
         seen = _presence_after(obs, device, obs.blackhole_t)
@@ -581,7 +584,7 @@ def check_cmd_4(obs: Observations) -> str:
                     reported.append((t, decode(Status, pub.payload).config_version))
                 except ContractError:
                     continue
-    for t, version in sorted(reported):
+    for t, version in sorted(reported, key=lambda r: r[0]):
         if version == obs.config_version and t - sent.sent_t <= CONFIG_WINDOW_S:
             return f"config_version {version} reported after {t - sent.sent_t:.2f} s"
     versions = sorted({v for _, v in reported}, key=str)
