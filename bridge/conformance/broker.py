@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -82,6 +83,8 @@ class KitBroker:
                 return BrokerInfo(broker.host, broker.port, "mosquitto", True)
         from bridge.embedded_broker import EmbeddedBroker
 
+        # amqtt logs every malformed or dropped client (the kit causes both) to stderr.
+        logging.getLogger("amqtt").setLevel(logging.CRITICAL)
         embedded = EmbeddedBroker(host="127.0.0.1", port=0)
         try:
             await embedded.start()
