@@ -290,10 +290,13 @@ _CHANNELS: Final[Mapping[str, _Channel]] = MappingProxyType(
             kind=TopicKind.CMD,
             title="Device commands",
             description=(
-                "Commands to one kiosk, queued in its persistent session while it is "
-                "offline. On MQTT 5 the bridge sets Message Expiry to the time left until "
-                "expires_at, Response Topic to the kiosk's ack topic and Correlation Data "
-                "to the command id; on 3.1.1 the payload carries the same information."
+                "Commands to one kiosk. The bridge publishes only while the kiosk is online "
+                "(its birth applied): a command for an offline kiosk stays queued in the "
+                "bridge's database and is published at its next birth. On MQTT 5 the "
+                "bridge sets Message Expiry to the time left until expires_at, Response "
+                "Topic to the kiosk's ack topic (informative: the kiosk acks there "
+                "regardless) and Correlation Data to the command id as UTF-8 text (36 "
+                "bytes); on 3.1.1 the payload carries the same information."
             ),
             messages=("command",),
             action="send",
