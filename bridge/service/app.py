@@ -151,8 +151,7 @@ class Bridge:
             # Not lost: they are retained on the broker, and the next start replays them
             # (held again until their birth, or rejected as session_ahead).
             log.warning(
-                "shutdown: %d statuses were waiting for their session's birth and were not "
-                "written",
+                "shutdown: %d statuses were waiting for their session's birth and were not written",
                 len(self.ingest.held),
             )
         await cancel_and_wait(writer_task)
