@@ -90,7 +90,8 @@ def decode_for_kind(kind: TopicKind, payload: bytes | bytearray | str) -> BaseMo
     """Parse a payload received on a device topic of ``kind``."""
     if kind is TopicKind.PRESENCE:
         return decode_presence(payload)
-    return decode(MODEL_FOR_KIND[kind], payload)
+    model: type[BaseModel] = MODEL_FOR_KIND[kind]
+    return decode(model, payload)
 
 
 def decode_bridge_presence(payload: bytes | bytearray | str) -> BridgePresence:

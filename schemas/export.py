@@ -150,7 +150,8 @@ def _standalone(schema: dict[str, Any], defs: Mapping[str, Any]) -> dict[str, An
     document = {"$schema": JSON_SCHEMA_DIALECT, **schema}
     if defs:
         document["$defs"] = dict(defs)
-    return _sorted(document)
+    sorted_document: dict[str, Any] = _sorted(document)
+    return sorted_document
 
 
 def _presence_union_schema() -> dict[str, Any]:
@@ -430,7 +431,8 @@ def _component_schemas() -> dict[str, Any]:
     for message in _MESSAGES.values():
         schema, defs = _model_schema(message.model, _COMPONENT_REFS)
         _merge_defs(schemas, {message.model.__name__: schema, **defs})
-    return _sorted(schemas)
+    sorted_schemas: dict[str, Any] = _sorted(schemas)
+    return sorted_schemas
 
 
 def _operation(key: str, channel: _Channel) -> dict[str, Any]:

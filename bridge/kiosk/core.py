@@ -405,7 +405,8 @@ class KioskCore:
         self.counters["connect_attempts"] += 1
         properties = None
         if v5:
-            properties = Properties(PacketTypes.CONNECT)
+            # paho's Properties.__init__ carries no annotations.
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = self.options.session_expiry_s
         params = ConnectParams(
             self.broker.host, self.broker.port, self.options.keepalive, v5, properties
@@ -648,9 +649,9 @@ class KioskCore:
     def _birth(self, conn: _Connection) -> PresenceOnline:
         ip = self.options.ip_address
         if ip is None:
-            sock = conn.client.socket()
+            sock: Any = conn.client.socket()  # a real socket; paho types it "socket-like"
             with contextlib.suppress(OSError, AttributeError, IndexError):
-                ip = str(sock.getsockname()[0]) if sock is not None else None  # type: ignore[union-attr]
+                ip = str(sock.getsockname()[0]) if sock is not None else None
         return PresenceOnline(
             session=conn.session,
             ts=now_ms(),
@@ -721,7 +722,7 @@ class KioskCore:
         topic = self._topics[TopicKind.ACK]
         properties = None
         if item.route is not None and conn.v5 and item.route.correlation_data is not None:
-            properties = Properties(PacketTypes.PUBLISH)
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.CorrelationData = item.route.correlation_data
         sent = self._publish(conn, topic, encode(item.ack), 1, False, properties)
 
@@ -749,11 +750,11 @@ class KioskCore:
                 # Not acknowledged: the broker keeps it in our session and redelivers it
                 # when we are back, instead of it dying with this process.
                 return
-            self.commands.handle(msg.payload, self._reply_route(conn, msg))
+            self.commands.handle(bytes(msg.payload), self._reply_route(conn, msg))
         elif where.kind is TopicKind.PRESENCE:
-            self._on_presence(conn, msg.payload)
+            self._on_presence(conn, bytes(msg.payload))
         elif where.kind is TopicKind.CONFIG:
-            self._on_config(msg.payload)
+            self._on_config(bytes(msg.payload))
         self._ack_delivery(conn, msg)
 
     def _ack_delivery(self, conn: _Connection, msg: mqtt.MQTTMessage) -> None:

@@ -66,21 +66,22 @@ def _connect(client: mqtt.Client, params: ConnectParams) -> None:
         )
     else:
         client.connect(params.host, params.port, params.keepalive)
-    sock = client.socket()
+    # A socket.socket (or ssl.SSLSocket); paho types it as a narrow "socket-like".
+    sock: Any = client.socket()
     if sock is not None:
         # An ack right after ``received`` must not wait ~40 ms for Nagle's algorithm.
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _shutdown(client: mqtt.Client) -> None:
-    sock = client.socket()
+    sock: Any = client.socket()  # a real socket; see above
     if sock is None:
         return
     # shutdown, not close: the fd stays owned by paho (and its selector registration
     # valid); the peer sees EOF without DISCONNECT and the I/O side sees EOF too.
     with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class ThreadedDriver:

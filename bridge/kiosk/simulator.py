@@ -22,11 +22,11 @@ import random
 import resource
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from bridge.broker_url import parse_broker_url
 from bridge.kiosk.core import KioskCore, Mode
@@ -439,8 +439,8 @@ class Fleet:
         assert self._loop is not None
         self._timers.append(self._loop.call_later(delay, fn, *args))
 
-    def _spawn(self, coro: object) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         assert self._loop is not None
-        task = self._loop.create_task(coro)  # type: ignore[arg-type]
+        task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
