@@ -18,7 +18,7 @@ import pytest
 
 from bridge.conformance.clauses import CLAUSES
 from bridge.testing.mosquitto import MosquittoProcess
-from tests.support.services import service_unavailable
+from tests.support.node import require_node_packages
 
 ROOT = Path(__file__).resolve().parents[1]
 KIOSK_DIR = ROOT / "docs" / "examples" / "node-kiosk"
@@ -33,10 +33,7 @@ def _cli() -> list[str]:
 
 
 def _require_node() -> None:
-    if shutil.which("node") is None:
-        service_unavailable("node is not installed (apt-get install nodejs npm)")
-    if not (KIOSK_DIR / "node_modules" / "mqtt").is_dir():
-        service_unavailable("MQTT.js is not installed: run `npm ci` in docs/examples/node-kiosk")
+    require_node_packages(KIOSK_DIR, "mqtt")
 
 
 def test_the_node_kiosk_rejects_bad_arguments() -> None:

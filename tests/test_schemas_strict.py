@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from schemas.export import JSON_DIR, json_schemas
-from tests.support.services import service_unavailable
+from tests.support.node import require_node_packages
 
 ROOT = Path(__file__).resolve().parents[1]
 JS_DIR = ROOT / "tests" / "js"
@@ -156,11 +155,7 @@ def test_committed_files_are_what_ajv_reads() -> None:
 def test_ajv_strict_mode_compiles_every_schema_and_accepts_every_example(
     tmp_path: Path,
 ) -> None:
-    node = shutil.which("node")
-    if node is None:
-        service_unavailable("node is not installed (apt-get install nodejs)")
-    if not (JS_DIR / "node_modules" / "ajv").is_dir():
-        service_unavailable("ajv is not installed: run `npm ci` in tests/js")
+    node = require_node_packages(JS_DIR, "ajv")
     examples = tmp_path / "examples.json"
     examples.write_text(json.dumps(_examples()), encoding="utf-8")
     done = subprocess.run(
@@ -178,11 +173,7 @@ def test_ajv_strict_mode_compiles_every_schema_and_accepts_every_example(
 
 def test_ajv_strict_mode_would_have_refused_the_old_schemas(tmp_path: Path) -> None:
     # The check is only worth something if it fails on what issue 18 reported.
-    node = shutil.which("node")
-    if node is None:
-        service_unavailable("node is not installed (apt-get install nodejs)")
-    if not (JS_DIR / "node_modules" / "ajv").is_dir():
-        service_unavailable("ajv is not installed: run `npm ci` in tests/js")
+    node = require_node_packages(JS_DIR, "ajv")
     broken = dict(SCHEMAS["presence.json"])
     broken["discriminator"] = {"propertyName": "state"}
     (tmp_path / "presence.json").write_text(json.dumps(broken), encoding="utf-8")
