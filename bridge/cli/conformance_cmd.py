@@ -142,4 +142,8 @@ conformance.__doc__ = _HELP
 
 def register(app: typer.Typer) -> None:
     """Add ``conformance`` to ``app``."""
-    app.command("conformance", help=_HELP)(conformance)
+    # One line per paragraph: the help renderer rewraps lines but keeps their breaks.
+    paragraphs = _HELP.strip().split("\n\n")
+    app.command("conformance", help="\n\n".join(" ".join(p.split()) for p in paragraphs))(
+        conformance
+    )
