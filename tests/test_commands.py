@@ -11,14 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 from sqlalchemy import insert
+from typer.testing import CliRunner
 
+from bridge.cli import send_cmd
 from bridge.clock import now_ms
 from bridge.commands.api import CommandRequestError, enqueue
 from bridge.db.command_store import CommandStore, NewCommand
 from bridge.db.engine import create_schema
-from bridge.db.models import CommandRecord
+from bridge.db.models import CommandRecord, Remote
 from bridge.db.rows import utc_naive
+from bridge.db.tables import table_of
 from bridge.embedded_broker import EmbeddedBroker
 from bridge.kiosk.agent import KioskAgent
 from bridge.testing.mosquitto import MosquittoProcess
@@ -503,3 +507,31 @@ def test_a_command_answered_before_its_puback_never_reads_finished_but_undeliver
     store.mark_delivered([cid])
     [row] = store.get([cid])
     assert row.delivered_at == delivered
+
+
+def test_the_readmes_wipe_example_gets_the_wipe_ttl(sqlite_db: Db, sqlite_url: str) -> None:
+    """``kiosk-bridge send wipe lobby-1 --yes --reason ...`` as the README shows it: with no
+    --ttl a wipe gets its own default (its 600 s maximum), not the hour of other kinds."""
+    with sqlite_db.engine.begin() as conn:
+        conn.execute(
+            insert(table_of(Remote)).values(
+                device_identifier="lobby-1", status="Disconnected", remote_control_enabled=False
+            )
+        )
+    app = typer.Typer()
+    send_cmd.register(app)
+    result = CliRunner().invoke(
+        app,
+        ["wipe", "lobby-1", "--yes", "--reason", "stolen, ticket 4711", "--db", sqlite_url],
+        env={"KB_DB": None},
+    )
+    assert result.exit_code == 0, result.output
+    [row] = CommandStore(sqlite_db.engine, clock=now_ms).get(
+        [line.strip() for line in result.output.splitlines() if line.startswith("  ")]
+    )
+    assert row.type == "wipe"
+    assert (row.expires_at - row.created_at).total_seconds() == pytest.approx(600, abs=1)
+    # Other kinds keep the hour.
+    [refresh] = enqueue(sqlite_db.engine, "refresh", ["lobby-1"], {})
+    [made] = CommandStore(sqlite_db.engine, clock=now_ms).get([refresh])
+    assert (made.expires_at - made.created_at).total_seconds() == pytest.approx(3600, abs=1)

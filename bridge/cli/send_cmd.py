@@ -64,7 +64,10 @@ def send(
     where: Annotated[
         list[str] | None, typer.Option(help="Filter, e.g. state=online (repeatable)")
     ] = None,
-    ttl: Annotated[str, typer.Option(help="Give up after this long, e.g. 10m, 1h")] = "1h",
+    ttl: Annotated[
+        str | None,
+        typer.Option(help="Give up after this long, e.g. 10m, 1h (default: 1h; wipe: 10m)"),
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Block until every command finishes")] = False,
     timeout: Annotated[str, typer.Option(help="How long --wait waits")] = "60s",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
@@ -109,7 +112,7 @@ def send(
             if value is not None:
                 args[key] = value
     try:
-        ttl_s = parse_duration(ttl) / 1000
+        ttl_s = parse_duration(ttl) / 1000 if ttl is not None else None
         timeout_s = parse_duration(timeout) / 1000
         targets = Targets(
             devices=tuple(devices or ()),

@@ -33,6 +33,12 @@ WIPE_MAX_TTL_S = 600.0
 WIPE_RATE_PER_MINUTE = 10
 
 
+def default_ttl_s(type_: str) -> float:
+    """The TTL a command of ``type_`` gets when the caller names none: a wipe's is its
+    maximum (it must find the device soon or not at all), every other kind's an hour."""
+    return WIPE_MAX_TTL_S if type_ == CommandType.WIPE else DEFAULT_TTL_S
+
+
 class CommandRequestError(ValueError):
     """The request is refused; the message says why in words for a person."""
 
@@ -135,13 +141,16 @@ def enqueue(
     devices: Sequence[str],
     args: dict[str, Any] | None = None,
     *,
-    ttl_s: float = DEFAULT_TTL_S,
+    ttl_s: float | None = None,
     requested_by: str | None = None,
     reason: str | None = None,
 ) -> list[str]:
-    """Validate and queue one command per device; returns the command ids in order."""
+    """Validate and queue one command per device; returns the command ids in order.
+    ``ttl_s`` ``None``: the kind's default (:func:`default_ttl_s`)."""
     if not devices:
         raise CommandRequestError("no device matched")
+    if ttl_s is None:
+        ttl_s = default_ttl_s(type_)
     if not 0 < ttl_s <= MAX_TTL_S:
         raise CommandRequestError(f"TTL must be between 1s and {MAX_TTL_S / 86400:.0f} days")
     if type_ == CommandType.ROTATE_TOKEN:

@@ -246,7 +246,8 @@ class CommandRequest(BaseModel):
         Field(min_length=1, max_length=1000),
     ]
     args: dict[str, Any] = Field(default_factory=dict)
-    ttl_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] = 3600.0
+    #: Unset: the kind's default (an hour; a wipe 600 s, its maximum).
+    ttl_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600)] | None = None
     reason: Annotated[str, Field(max_length=1000, pattern=_NO_NUL)] | None = None
     requested_by: Annotated[str, Field(max_length=128, pattern=_NO_NUL)] | None = None
 
