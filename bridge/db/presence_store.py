@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from bridge.db.dialect import capabilities
 from bridge.db.models import Connectivity, PresenceHistory, Remote
 from bridge.db.rows import state_columns, to_device_state, utc_naive
 from bridge.db.tables import table_of
@@ -101,16 +102,14 @@ class PresenceStore:
         self._rules = rules
         self._grace_ms = grace_ms
         self._clock = clock
-        self._lock_rows = engine.dialect.name != "sqlite"
+        self._caps = capabilities(engine)
 
     # -- reads under lock --------------------------------------------------------------
 
     def _lock_connectivity(self, conn: Connection, device_ids: Sequence[str]) -> dict[str, Any]:
         found: dict[str, Any] = {}
         for part in chunks(sorted(set(device_ids))):
-            stmt = select(CONN).where(CONN.c.device_id.in_(part))
-            if self._lock_rows:
-                stmt = stmt.with_for_update()
+            stmt = self._caps.locked(select(CONN).where(CONN.c.device_id.in_(part)))
             found.update({row.device_id: row for row in conn.execute(stmt)})
         return found
 

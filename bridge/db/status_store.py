@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.engine import Dialect
 
+from bridge.db.dialect import Capabilities, capabilities
 from bridge.db.models import Connectivity, Remote
 from bridge.db.presence_store import CHUNK, chunks
 from bridge.db.rows import utc_naive
@@ -130,11 +131,11 @@ class _StatusSql:
     are updated one statement per row.
     """
 
-    def __init__(self, dialect: Dialect, *, lock_rows: bool) -> None:
+    def __init__(self, dialect: Dialect, caps: Capabilities) -> None:
         self.mark = "?" if dialect.paramstyle == "qmark" else "%s"
-        self.lock = " FOR UPDATE" if lock_rows else ""
+        self.lock = " FOR UPDATE" if caps.row_locks else ""
         self.dialect = dialect.name
-        self.set_based = dialect.name in ("sqlite", "mysql", "mariadb")
+        self.set_based = caps.set_based_status
         self.row_proc = [
             column.type.dialect_impl(dialect).bind_processor(dialect) for column in _ROW_TYPES
         ]
@@ -306,7 +307,7 @@ class StatusStore:
     def __init__(self, engine: Engine, *, writer: str) -> None:
         self._engine = engine
         self._writer = writer
-        self._sql = _StatusSql(engine.dialect, lock_rows=engine.dialect.name != "sqlite")
+        self._sql = _StatusSql(engine.dialect, capabilities(engine))
 
     def apply_status(self, items: Sequence[StatusItem]) -> StatusResult:
         result = StatusResult()

@@ -22,6 +22,7 @@ from sqlalchemy import Connection, Engine, and_, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from bridge.commands.lifecycle import CommandState
+from bridge.db.dialect import capabilities
 from bridge.db.models import CommandRecord, Connectivity, HttpDevice, Remote
 from bridge.db.rows import inserted_id, utc_naive
 from bridge.db.tables import table_of
@@ -165,10 +166,10 @@ class DeviceStore:
         self._token_storage = token_storage
         #: Tokens in ``remotes.token`` by hash; the face loads and refreshes it.
         self.tokens = CmsTokenIndex(engine, token_storage)
-        self._lock_rows = engine.dialect.name != "sqlite"
+        self._caps = capabilities(engine)
 
     def _locked(self, stmt: Any) -> Any:
-        return stmt.with_for_update() if self._lock_rows else stmt
+        return self._caps.locked(stmt)
 
     # -- tokens ------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from bridge.commands.lifecycle import OPEN_STATES, CommandState
+from bridge.db.dialect import capabilities
 from bridge.db.models import CommandRecord, Connectivity, DeviceConfigRecord, Remote
 from bridge.db.rows import inserted_id, utc_naive
 from bridge.db.tables import table_of
@@ -109,14 +110,14 @@ class SecurityStore:
         self._engine = engine
         self._clock = clock
         self._token_storage = token_storage
-        self._lock_rows = engine.dialect.name != "sqlite"
+        self._caps = capabilities(engine)
 
     @property
     def engine(self) -> Engine:
         return self._engine
 
     def _locked(self, stmt: Any) -> Any:
-        return stmt.with_for_update() if self._lock_rows else stmt
+        return self._caps.locked(stmt)
 
     def stored_token(self, token: str) -> str:
         """What goes into ``remotes.token`` for ``token`` (see README: the trade-off)."""
