@@ -24,6 +24,7 @@ from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
 from bridge._compat.amqtt import ContractBroker
+from bridge.addresses import host_port
 
 if TYPE_CHECKING:
     from bridge.security.embedded import BrokerSecurity
@@ -107,7 +108,7 @@ def broker_config(host: str, port: int, security: BrokerSecurity | None = None) 
         else {f"{OpenAuthPlugin.__module__}.{OpenAuthPlugin.__qualname__}": {}}
     )
     return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "listeners": {"default": {"type": "tcp", "bind": host_port(host, port)}},
         # An explicit "plugins" map replaces amqtt's defaults (packet/event loggers and a
         # $SYS publisher every 20 s), which only add noise here.
         "plugins": plugins,
@@ -143,7 +144,7 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self._host}:{self._port}"
+        return f"mqtt://{host_port(self._host, self._port)}"
 
     @property
     def broker(self) -> Broker:

@@ -4,7 +4,7 @@
 ``remotes.token`` has no index in the CMS's schema, and the bridge leaves that table's
 schema as it is: looking a presented token up there would read every row, for every
 unknown token an attacker cares to send. Instead the column is read once at start and
-again every ``KB_HTTP_TOKEN_REFRESH_S`` (in the background, in one pass), and kept here
+again every ``KB_HTTP__TOKEN_REFRESH_S`` (in the background, in one pass), and kept here
 by SHA-256 digest: an unknown token costs a dictionary lookup. A hit is only a
 candidate: the device's row is then read by its unique ``device_identifier`` and the
 token compared against it, so a stale entry can never authenticate anyone. A token the
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import re
 import threading
@@ -32,6 +31,7 @@ from sqlalchemy import Engine
 from bridge.db.models import Remote
 from bridge.db.tables import table_of
 from bridge.http.settings import TokenStorage
+from bridge.security.passwords import token_sha256
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class CmsTokenIndex:
         if self._storage == "sha256":
             # The column holds the hash; the token itself (the hash presented) is refused.
             return (_key(stored),) if _HEX64.fullmatch(stored) else ()
-        digest = hashlib.sha256(stored.encode("utf-8", "surrogatepass")).hexdigest()
+        digest = token_sha256(stored)
         if _HEX64.fullmatch(stored):
             # Plaintext mode still accepts a column that holds the token's hash.
             return (_key(digest), _key(stored))

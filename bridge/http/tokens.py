@@ -1,17 +1,13 @@
-"""Device tokens: generated with ``secrets``, compared and stored by their SHA-256."""
+"""Device tokens, as the HTTP face names them.
+
+One generator and one hash serve both the HTTP face and credential management, since both
+write and compare the same ``remotes.token`` column: they live in
+:mod:`bridge.security.passwords`, and the names here are kept for the HTTP face's modules.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import secrets
+from bridge.security.passwords import TOKEN_HEX_CHARS, new_token
+from bridge.security.passwords import token_sha256 as token_hash
 
-TOKEN_HEX_CHARS = 64
-
-
-def new_token() -> str:
-    """64 hex characters (256 random bits): the length the CMS column and APK expect."""
-    return secrets.token_hex(TOKEN_HEX_CHARS // 2)
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+__all__ = ["TOKEN_HEX_CHARS", "new_token", "token_hash"]

@@ -65,8 +65,14 @@ def is_token(value: object) -> bool:
 
 
 def token_sha256(token: str) -> str:
-    """What ``remotes.token`` holds in ``sha256`` mode (the HTTP API accepts it too)."""
-    return hashlib.sha256(token.encode()).hexdigest()
+    """What ``remotes.token`` holds in ``sha256`` mode, and how every presented token is
+    looked up (HTTP bearer, provisioning proof): the one token hash of the package.
+
+    ``surrogatepass``: a bearer decoded from JSON may hold a lone surrogate (``"\\ud800"``);
+    it must hash to a digest that matches nothing, not raise. Every valid string hashes as
+    plain UTF-8, so stored digests are unchanged.
+    """
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def nonce_sha256(nonce: str) -> str:

@@ -22,6 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from bridge.addresses import host_port
 from bridge.backoff import Backoff
 from bridge.clock import now_ms
 from bridge.service.buffered_socket import buffer_reads
@@ -203,7 +204,7 @@ class MqttLink:
     async def run(self) -> None:
         """Connect and consume forever; returns only by cancellation."""
         address = self._settings.broker_address
-        shown = address.url if address else "mqtt://{}:{}".format(*self._settings.listen_address)
+        shown = address.url if address else f"mqtt://{host_port(*self._settings.listen_address)}"
         attempt = 0
         while True:
             attempt += 1
