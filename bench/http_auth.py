@@ -267,9 +267,9 @@ def run(scale: float) -> Result:
         result.figures["token map load s"] = index_load_s(db_url)
         port = free_port()
         env = {
-            "KB_HTTP_AUTH_FAIL_BURST": LIFTED,
-            "KB_HTTP_AUTH_FAIL_PER_S": LIFTED,
-            "KB_API_KEYS": "bench-key",
+            "KB_HTTP__AUTH_FAIL_BURST": LIFTED,
+            "KB_HTTP__AUTH_FAIL_PER_S": LIFTED,
+            "KB_HTTP__API_KEYS": "bench-key",
         }
         with mosquitto(work) as broker, floor(db_url) as floor_port:
             bridge = BridgeProcess(broker.url, db_url, work, "--http", f"127.0.0.1:{port}", env=env)

@@ -1,18 +1,71 @@
 """The one typed settings object, built once at the edge (CLI) and passed down.
 
-Values come from, in rising priority: defaults, ``KB_*`` environment variables, CLI
-flags. Nothing else in the package reads the environment.
+Values come from, in rising priority: defaults, the renamed variables below (for one
+release), ``KB_*`` environment variables, CLI flags. Nothing else in the package reads
+the environment: the sections (:class:`HttpSettings` as ``Settings.http``,
+:class:`SecuritySettings` as ``Settings.security``) are plain frozen models filled from
+here, a section's field ``F`` from ``KB_<SECTION>__F`` (``env_nested_delimiter``), e.g.
+``KB_HTTP__AUTH_FAIL_BURST``, ``KB_SECURITY__TOKEN_STORAGE``.
+
+Renamed variables. The old names still work for one release: each one used raises a
+``DeprecationWarning`` naming its new name (and ``run`` logs a warning at start); when
+both are set, the new name wins.
+
+==================================  ==========================================
+old                                 new
+==================================  ==========================================
+``KB_API_KEYS``                     ``KB_HTTP__API_KEYS``
+``KB_HTTP_<FIELD>``                 ``KB_HTTP__<FIELD>``, e.g.
+                                    ``KB_HTTP__LISTEN``, ``KB_HTTP__AUTH_FAIL_BURST``,
+                                    ``KB_HTTP__TRUSTED_PROXIES``,
+                                    ``KB_HTTP__REGISTRATION_SECRET`` (every field of
+                                    :class:`HttpSettings`)
+``KB_TOKEN_STORAGE``                ``KB_SECURITY__TOKEN_STORAGE``
+``KB_HTTP_TOKEN_STORAGE``           ``KB_SECURITY__TOKEN_STORAGE`` (if
+                                    ``KB_TOKEN_STORAGE`` is unset)
+``KB_CREDENTIAL_BACKEND``           ``KB_SECURITY__CREDENTIAL_BACKEND``
+``KB_PROVISIONING``                 ``KB_SECURITY__PROVISIONING``
+``KB_TLS_CA``                       ``KB_SECURITY__TLS_CA``
+``KB_ROTATION_DEADLINE_S``          ``KB_SECURITY__ROTATION_DEADLINE_S``
+``KB_ROTATION_POLL_S``              ``KB_SECURITY__ROTATION_POLL_S``
+``KB_PREVIOUS_TOKEN_PROOF_S``       ``KB_SECURITY__PREVIOUS_TOKEN_PROOF_S``
+``KB_PROOF_REQUIRED_RETRY_S``       ``KB_SECURITY__PROOF_REQUIRED_RETRY_S``
+``KB_BRIDGE_USERNAME``              ``KB_SECURITY__BRIDGE_USERNAME``
+``KB_OPS_USERNAME``                 ``KB_SECURITY__OPS_USERNAME``
+``KB_CLAIM_USERNAME``               ``KB_SECURITY__CLAIM_USERNAME``
+==================================  ==========================================
+
+``remotes.token`` has one storage setting, ``security.token_storage``. Unset, it is
+``plaintext`` when the HTTP face serves (``--http`` / ``KB_HTTP__LISTEN``: the CMS behind
+it reads and issues tokens in clear, and in ``sha256`` mode a CMS-issued token is
+refused) and ``sha256`` otherwise: what each side wrote by default before.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
+from bridge.addresses import parse_host_port
 from bridge.broker_url import BrokerAddress, parse_broker_url
 from bridge.http.settings import HttpSettings
 from bridge.presence import FlapPolicy, PresenceRules
@@ -28,8 +81,63 @@ def _default_instance() -> str:
     return f"kb-{socket.gethostname()}"[:64]
 
 
+def _renamed() -> tuple[tuple[str, str, tuple[str, str]], ...]:
+    """(old variable, new variable, (section, field)), in falling priority for a field
+    that two old names fed (``token_storage``)."""
+    table: list[tuple[str, str, tuple[str, str]]] = []
+    for field in HttpSettings.model_fields:
+        old = "KB_API_KEYS" if field == "api_keys" else f"KB_HTTP_{field.upper()}"
+        table.append((old, f"KB_HTTP__{field.upper()}", ("http", field)))
+    for field in SecuritySettings.model_fields:
+        table.append((f"KB_{field.upper()}", f"KB_SECURITY__{field.upper()}", ("security", field)))
+    # The HTTP face's own name for the same column: it decides only without the other.
+    table.append(
+        ("KB_HTTP_TOKEN_STORAGE", "KB_SECURITY__TOKEN_STORAGE", ("security", "token_storage"))
+    )
+    return tuple(table)
+
+
+#: The variables renamed when the sections moved under ``Settings`` (see the table above).
+RENAMED_VARIABLES = _renamed()
+#: Where the names of the renamed variables in use travel from the source to the object.
+_RENAMED_KEY = "_kb_renamed_in_use"
+
+
+class _RenamedEnvSource(PydanticBaseSettingsSource):
+    """The old, flat variable names, below the new ones in priority, each with a warning."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self._environ = environ
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        # Unused: __call__ builds the nested values itself.
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, dict[str, Any]] = {}
+        in_use: list[str] = []
+        for old, new, (section, field) in RENAMED_VARIABLES:
+            if old not in self._environ:
+                continue
+            in_use.append(f"{old} -> {new}")
+            if new in self._environ:
+                note = f"{old} is deprecated and ignored: {new} is set and wins"
+            elif field in values.get(section, {}):
+                note = (
+                    f"{old} is deprecated and ignored: a prior old name already set it; use {new}"
+                )
+            else:
+                note = f"{old} is deprecated: use {new} (the old name goes in the next release)"
+                values.setdefault(section, {})[field] = self._environ[old]
+            warnings.warn(note, DeprecationWarning, stacklevel=2)
+        return {**values, _RENAMED_KEY: tuple(in_use)} if in_use else {}
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KB_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="KB_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
 
     broker: str | None = Field(
         default=None,
@@ -82,9 +190,9 @@ class Settings(BaseSettings):
     #: Publishes awaiting PUBACK at once: paces a fan-out.
     command_inflight: int = Field(default=200, ge=1, le=10_000)
 
-    #: The HTTP face and the credential management read their own ``KB_*`` variables;
-    #: they are parts of this one object, built at the same time.
+    #: ``KB_HTTP__*``: the HTTP face.
     http: HttpSettings = Field(default_factory=HttpSettings)
+    #: ``KB_SECURITY__*``: credential management, and ``remotes.token``'s storage.
     security: SecuritySettings = Field(default_factory=SecuritySettings)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -93,6 +201,38 @@ class Settings(BaseSettings):
     #: History rows and finished commands older than this are pruned (0 keeps them).
     retention_days: float = Field(default=90.0, ge=0)
     retention_every_s: float = Field(default=3600.0, gt=0)
+
+    _renamed_in_use: tuple[str, ...] = PrivateAttr(default=())
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Below the new names, so that the new name wins when both are set.
+        renamed = _RenamedEnvSource(settings_cls, os.environ)
+        return init_settings, env_settings, renamed, dotenv_settings, file_secret_settings
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _sections(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Settings:
+        in_use: tuple[str, ...] = ()
+        if isinstance(data, dict):
+            data = dict(data)
+            in_use = tuple(data.pop(_RENAMED_KEY, ()))
+            data["security"] = _with_token_storage(data.get("security"), data.get("http"))
+        settings: Settings = handler(data)
+        settings._renamed_in_use = in_use
+        return settings
+
+    @property
+    def renamed_in_use(self) -> tuple[str, ...]:
+        """``"OLD -> NEW"`` for each renamed variable this object was built with."""
+        return self._renamed_in_use
 
     @field_validator("instance")
     @classmethod
@@ -121,10 +261,7 @@ class Settings(BaseSettings):
 
     @property
     def listen_address(self) -> tuple[str, int]:
-        host, _, port = self.listen.rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"--listen {self.listen!r} must be HOST:PORT, e.g. 127.0.0.1:1883")
-        return host, int(port)
+        return parse_host_port(self.listen, option="--listen", example="127.0.0.1:1883")
 
     @property
     def embedded_credentials_path(self) -> Path:
@@ -153,10 +290,35 @@ class Settings(BaseSettings):
         return int(self.offline_grace_s * 1000)
 
 
+def _given(section: object, field: str) -> Any:
+    """A section's field as given (model or dict), or ``None`` when it was not given."""
+    if isinstance(section, BaseModel):
+        return getattr(section, field) if field in section.model_fields_set else None
+    if isinstance(section, Mapping):
+        return section.get(field)
+    return None
+
+
+def _with_token_storage(security: object, http: object) -> object:
+    """``security`` with ``token_storage`` filled in when it was not given: ``plaintext``
+    if the HTTP face serves (its CMS reads and issues ``remotes.token`` in clear, and a
+    CMS-issued token in clear is refused in ``sha256`` mode), else ``sha256`` - each
+    side's default from when they were two settings, so neither kind of deployment
+    changes."""
+    if _given(security, "token_storage") is not None:
+        return security
+    storage = "plaintext" if _given(http, "listen") else "sha256"
+    if isinstance(security, SecuritySettings):
+        return security.model_copy(update={"token_storage": storage})
+    if isinstance(security, Mapping):
+        return {**security, "token_storage": storage}
+    return {"token_storage": storage}
+
+
 def load_settings(**overrides: object) -> Settings:
     """Environment plus explicit overrides (``None`` overrides are ignored)."""
     given = {key: value for key, value in overrides.items() if value is not None}
     return Settings(**given)  # type: ignore[arg-type]
 
 
-__all__ = ["MqttProtocol", "Settings", "load_settings"]
+__all__ = ["RENAMED_VARIABLES", "MqttProtocol", "Settings", "load_settings"]

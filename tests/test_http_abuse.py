@@ -137,7 +137,7 @@ async def test_forwarded_for_from_a_trusted_proxy_is_honoured(
     mosquitto: MosquittoProcess, sqlite_url: str
 ) -> None:
     async with served(
-        mosquitto.url, sqlite_url, http={"http_trusted_proxies": "127.0.0.0/8, ::1"}
+        mosquitto.url, sqlite_url, http={"trusted_proxies": "127.0.0.0/8, ::1"}
     ) as api:
         token = (await api.register("behind01"))["token"]
 
@@ -208,10 +208,10 @@ async def test_distinct_registrations_from_one_address_are_limited(
     ]
     elapsed = time.monotonic() - started
     codes = Counter(a.status_code for a in answers)
-    burst = api.face.settings.http_register_address_burst
+    burst = api.face.settings.register_address_burst
     assert [a.status_code for a in answers[:burst]] == [200] * burst
     assert set(codes) == {200, 429}
-    allowed = burst + int(elapsed * api.face.settings.http_register_address_per_s) + 1
+    allowed = burst + int(elapsed * api.face.settings.register_address_per_s) + 1
     assert codes[200] <= allowed, codes
     refused = next(a for a in answers if a.status_code == 429)
     assert code_of(refused) == "register_rate_limited" and "retry-after" in refused.headers
@@ -227,9 +227,9 @@ async def test_the_global_registration_cap_holds_across_addresses(
     mosquitto: MosquittoProcess, sqlite_url: str
 ) -> None:
     limits = {
-        "http_trusted_proxies": "127.0.0.1",
-        "http_register_global_burst": 10,
-        "http_register_global_per_s": 0.01,
+        "trusted_proxies": "127.0.0.1",
+        "register_global_burst": 10,
+        "register_global_per_s": 0.01,
     }
     async with served(mosquitto.url, sqlite_url, http=limits) as api:
         codes = []
@@ -248,7 +248,7 @@ async def test_registration_secret_is_required_when_set(
     mosquitto: MosquittoProcess, sqlite_url: str
 ) -> None:
     secret = "reg-secret-0123456789"
-    async with served(mosquitto.url, sqlite_url, http={"http_registration_secret": secret}) as api:
+    async with served(mosquitto.url, sqlite_url, http={"registration_secret": secret}) as api:
         first = await api.client.post(
             "/api/devices/register",
             json={"device_id": "owned001"},
@@ -281,7 +281,7 @@ async def test_registration_secret_is_required_when_set(
 async def test_registration_secret_warn_mode_lets_old_apks_in_and_counts_them(
     mosquitto: MosquittoProcess, sqlite_url: str
 ) -> None:
-    limits = {"http_registration_secret": "s3cret-s3cret", "http_registration_secret_mode": "warn"}
+    limits = {"registration_secret": "s3cret-s3cret", "registration_secret_mode": "warn"}
     async with served(mosquitto.url, sqlite_url, http=limits) as api:
         await api.register("oldapk01")  # sends no secret
         assert sample(api, "kb_http_registrations_without_secret_total") == 1.0
@@ -332,7 +332,7 @@ async def _slow_client(
             await writer.wait_closed()
 
 
-SLOW = {"http_header_timeout_s": 2.0, "http_body_timeout_s": 2.0}
+SLOW = {"header_timeout_s": 2.0, "body_timeout_s": 2.0}
 #: What a kiosk would keep sending: far more than the deadline lets through.
 DRIP = b"x" * 200
 

@@ -35,7 +35,7 @@ def db(http_db_url: str) -> Iterator[Db]:
 
 @pytest.fixture
 async def api(mosquitto: MosquittoProcess, http_db_url: str) -> AsyncIterator[Served]:
-    async with served(mosquitto.url, http_db_url, http={"http_rate_burst": 20}) as face:
+    async with served(mosquitto.url, http_db_url, http={"rate_burst": 20}) as face:
         yield face
 
 

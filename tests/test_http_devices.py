@@ -36,7 +36,7 @@ def db(http_db_url: str) -> Iterator[Db]:
 
 @pytest.fixture
 async def api(mosquitto: MosquittoProcess, http_db_url: str) -> AsyncIterator[Served]:
-    limits = {"http_rate_burst": 20, "http_token_refresh_s": 0.5}
+    limits = {"rate_burst": 20, "token_refresh_s": 0.5}
     async with served(mosquitto.url, http_db_url, http=limits) as face:
         yield face
 
@@ -196,7 +196,7 @@ async def test_token_issued_by_the_cms_is_accepted(api: Served, db: Db) -> None:
 async def test_heartbeat_too_fast_is_rate_limited(
     mosquitto: MosquittoProcess, http_db_url: str
 ) -> None:
-    limits = {"http_rate_burst": 3, "http_rate_per_s": 0.01}
+    limits = {"rate_burst": 3, "rate_per_s": 0.01}
     async with served(mosquitto.url, http_db_url, http=limits) as api:
         token = (await api.register("fast0001"))["token"]
         codes = [(await api.heartbeat(token)).status_code for _ in range(5)]
@@ -243,7 +243,7 @@ async def test_unknown_path_and_method_are_structured(api: Served) -> None:
 async def test_http_only_device_times_out_to_lost_and_comes_back(
     mosquitto: MosquittoProcess, http_db_url: str, db: Db
 ) -> None:
-    fast = {"http_heartbeat_interval_s": 0.4, "http_sweep_s": 0.1}  # lost after 1 s
+    fast = {"heartbeat_interval_s": 0.4, "sweep_s": 0.1}  # lost after 1 s
     async with served(mosquitto.url, http_db_url, http=fast) as api:
         token = (await api.register("quiet001"))["token"]
         assert (await api.heartbeat(token)).status_code == 200
@@ -272,7 +272,7 @@ async def test_http_only_device_times_out_to_lost_and_comes_back(
 async def test_mqtt_device_heartbeats_only_refresh_telemetry(
     mosquitto: MosquittoProcess, http_db_url: str, db: Db
 ) -> None:
-    fast = {"http_heartbeat_interval_s": 0.2, "http_sweep_s": 0.1}
+    fast = {"heartbeat_interval_s": 0.2, "sweep_s": 0.1}
     kiosk = FakeKiosk(mosquitto.url, "both0001", session=100)
     try:
         async with served(mosquitto.url, http_db_url, http=fast) as api:

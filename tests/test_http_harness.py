@@ -57,7 +57,7 @@ class Served:
 
 
 def http_settings(**overrides: Any) -> HttpSettings:
-    values: dict[str, Any] = {"api_keys": API_KEY, "http_mqtt_url": None}
+    values: dict[str, Any] = {"api_keys": API_KEY, "mqtt_url": None}
     values.update(overrides)
     return HttpSettings(**values)
 
@@ -71,9 +71,12 @@ async def served(
     **bridge_overrides: Any,
 ) -> AsyncIterator[Served]:
     """A synced bridge, its HTTP face on 127.0.0.1:<free port>, and a client."""
+    # The face's section is the bridge's, as in `run --http`: with the face serving,
+    # remotes.token defaults to plaintext storage (Settings.security.token_storage).
+    settings = http_settings(listen="127.0.0.1:0", **(http or {}))
     async with (
-        running_bridge(broker_url, db_url, **bridge_overrides) as bridge,
-        HttpFace(bridge, "127.0.0.1", 0, settings=http_settings(**(http or {}))) as face,
+        running_bridge(broker_url, db_url, http=settings, **bridge_overrides) as bridge,
+        HttpFace(bridge, "127.0.0.1", 0) as face,
         httpx.AsyncClient(base_url=face.url, timeout=CLIENT_TIMEOUT_S) as client,
     ):
         yield Served(bridge, face, client)

@@ -74,10 +74,10 @@ def face_in_thread(broker_url: str, db_url: str) -> Iterator[dict[str, Any]]:
         try:
             # No rate limit to speak of: the fuzzer hammers one token (and bad ones) on purpose.
             limits = {
-                "http_rate_burst": 10_000,
-                "http_auth_fail_burst": 100_000,
-                "http_register_address_burst": 100_000,
-                "http_register_global_burst": 100_000,
+                "rate_burst": 10_000,
+                "auth_fail_burst": 100_000,
+                "register_address_burst": 100_000,
+                "register_global_burst": 100_000,
             }
             async with served(broker_url, db_url, http=limits) as api:
                 box["url"] = api.face.url

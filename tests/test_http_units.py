@@ -125,20 +125,20 @@ def test_tokens_are_64_hex_and_hashed() -> None:
 
 
 def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KB_API_KEYS", " one, two ,,")
-    monkeypatch.setenv("KB_HTTP_HEARTBEAT_INTERVAL_S", "10")
-    settings = HttpSettings()
+    monkeypatch.setenv("KB_HTTP__API_KEYS", " one, two ,,")
+    monkeypatch.setenv("KB_HTTP__HEARTBEAT_INTERVAL_S", "10")
+    settings = Settings().http
     assert settings.api_key_list == ("one", "two")
-    assert settings.http_timeout_ms == 25_000
+    assert settings.timeout_ms == 25_000
     assert settings.sweep_interval_s == pytest.approx(2.5)
 
 
 def test_listen_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_listen("0.0.0.0:8080") == ("0.0.0.0", 8080)
     assert parse_listen("[::1]:9000") == ("::1", 9000)
-    assert HttpSettings(http_listen="127.0.0.1:81").listen_address == ("127.0.0.1", 81)
-    monkeypatch.delenv("KB_HTTP_LISTEN", raising=False)
-    assert HttpSettings().listen_address is None
+    assert HttpSettings(listen="127.0.0.1:81").listen_address == ("127.0.0.1", 81)
+    monkeypatch.delenv("KB_HTTP__LISTEN", raising=False)
+    assert Settings().http.listen_address is None
     for bad in ("8080", "host:", "host:http", "host:70000"):
         with pytest.raises(ValueError, match="HOST:PORT"):
             parse_listen(bad)
@@ -199,21 +199,21 @@ def test_client_address_trusts_forwarded_for_only_from_proxies() -> None:
 
 
 def test_abuse_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KB_HTTP_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/8")
-    monkeypatch.setenv("KB_HTTP_REGISTRATION_SECRET", "s3cret")
-    monkeypatch.setenv("KB_HTTP_BODY_TIMEOUT_S", "4")
-    settings = HttpSettings()
+    monkeypatch.setenv("KB_HTTP__TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/8")
+    monkeypatch.setenv("KB_HTTP__REGISTRATION_SECRET", "s3cret")
+    monkeypatch.setenv("KB_HTTP__BODY_TIMEOUT_S", "4")
+    settings = Settings().http
     assert [str(n) for n in settings.trusted_proxy_networks] == ["127.0.0.1/32", "10.0.0.0/8"]
-    assert settings.http_registration_secret is not None
-    assert settings.http_registration_secret.get_secret_value() == "s3cret"
+    assert settings.registration_secret is not None
+    assert settings.registration_secret.get_secret_value() == "s3cret"
     assert "s3cret" not in repr(settings)
-    assert (settings.http_auth_fail_burst, settings.http_auth_fail_per_s) == (60, 1.0)
-    assert settings.http_body_timeout_s == 4.0
-    monkeypatch.setenv("KB_HTTP_REGISTRATION_SECRET", "")
-    assert HttpSettings().http_registration_secret is None
-    monkeypatch.setenv("KB_HTTP_TRUSTED_PROXIES", "10.0.0.0/8, proxy.local")
+    assert (settings.auth_fail_burst, settings.auth_fail_per_s) == (60, 1.0)
+    assert settings.body_timeout_s == 4.0
+    monkeypatch.setenv("KB_HTTP__REGISTRATION_SECRET", "")
+    assert Settings().http.registration_secret is None
+    monkeypatch.setenv("KB_HTTP__TRUSTED_PROXIES", "10.0.0.0/8, proxy.local")
     with pytest.raises(ValueError, match=r"proxy\.local"):
-        HttpSettings()
+        Settings()
 
 
 def test_token_map_files_digests_and_keeps_puts_made_during_a_pass(

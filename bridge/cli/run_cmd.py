@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -12,12 +13,12 @@ from pydantic import ValidationError
 
 from bridge.db.engine import create_schema, make_engine
 from bridge.embedded_broker import PortInUseError
-from bridge.http.settings import parse_listen
 from bridge.logs import configure_logging
 from bridge.service.runner import run_bridge
 from bridge.settings import Settings, load_settings
 
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+log = logging.getLogger(__name__)
 
 
 def settings_or_exit(**overrides: object) -> Settings:
@@ -95,13 +96,19 @@ def run(
         log_level=log_level.upper() if log_level else None,
         metrics_port=metrics_port,
         metrics_host=metrics_host,
+        # In the settings, not beside them: whether the face serves decides the default
+        # storage of remotes.token (Settings.security.token_storage).
+        http={"listen": http} if http else None,
     )
     configure_logging(settings.log_level)
+    # DeprecationWarnings are hidden outside __main__ by default: say it where it is read.
+    for renamed in settings.renamed_in_use:
+        log.warning("renamed variable %s: the old name goes in the next release", renamed)
+    log.info("remotes.token storage: %s", settings.security.token_storage)
     try:
         settings.listen_address  # noqa: B018 - validates --listen before anything starts
         make_engine(settings.db)
-        http_address = parse_listen(http) if http else settings.http.listen_address
-        asyncio.run(run_bridge(settings, http=http_address))
+        asyncio.run(run_bridge(settings, http=settings.http.listen_address))
     except (PortInUseError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

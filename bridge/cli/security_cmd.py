@@ -70,7 +70,9 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _store(settings: Settings, security: SecuritySettings) -> SecurityStore:
+def _store(settings: Settings, security: SecuritySettings | None = None) -> SecurityStore:
+    """``security``: a section adjusted for this command; default the settings' own."""
+    security = security or settings.security
     engine = make_engine(settings.db)
     create_schema(engine)
     create_security_schema(engine)
@@ -92,7 +94,8 @@ def _embedded_admin_url(settings: Settings) -> str:
 
 
 @asynccontextmanager
-async def _admin(settings: Settings, security: SecuritySettings) -> AsyncIterator[SecurityAdmin]:
+async def _admin(settings: Settings) -> AsyncIterator[SecurityAdmin]:
+    security = settings.security
     url = settings.broker
     if url is None:
         # The embedded broker's credential store is the database its plugin reads.
@@ -156,7 +159,7 @@ def rotate_token_cmd(
         deadline_s = parse_duration(deadline) / 1000
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
-    store = _store(settings, SecuritySettings())
+    store = _store(settings)
     try:
         ticket = request_rotation(
             store, device_id, deadline_s=deadline_s, requested_by=_who(requested_by)
@@ -200,7 +203,7 @@ def allow_claim_cmd(
         validate_device_id(device_id)
     except ContractError as exc:
         raise _fail(str(exc), 2) from None
-    store = _store(settings, SecuritySettings())
+    store = _store(settings)
     try:
         facts = store.facts(device_id)
         if facts.deleted or facts.credential == "revoked":
@@ -236,7 +239,7 @@ def revoke_cmd(
     settings = settings_or_exit(broker=broker, db=db)
 
     async def act() -> Any:
-        async with _admin(settings, SecuritySettings()) as admin:
+        async with _admin(settings) as admin:
             return await admin.revoke(device_id, requested_by=_who(requested_by), reason=reason)
 
     result = _run(act)
@@ -265,7 +268,7 @@ def delete_cmd(
     settings = settings_or_exit(broker=broker, db=db)
 
     async def act() -> Any:
-        async with _admin(settings, SecuritySettings()) as admin:
+        async with _admin(settings) as admin:
             return await admin.delete(device_id, requested_by=_who(requested_by), reason=reason)
 
     _run(act)
@@ -283,7 +286,7 @@ def restore_cmd(
     settings = settings_or_exit(broker=broker, db=db)
 
     async def act() -> Any:
-        async with _admin(settings, SecuritySettings()) as admin:
+        async with _admin(settings) as admin:
             return await admin.restore(device_id, requested_by=_who(requested_by))
 
     undeleted, reactivated = _run(act)
@@ -326,7 +329,7 @@ def enroll_cmd(
     settings = settings_or_exit(broker=broker, db=db)
 
     async def act() -> None:
-        async with _admin(settings, SecuritySettings()) as admin:
+        async with _admin(settings) as admin:
             for device_id in ids:
                 await admin.enroll(device_id, password, requested_by=_who(requested_by))
 
@@ -355,7 +358,7 @@ def broker_init_cmd(
         typer.echo(f"{out} exists; left as it is")
         return
     settings = settings_or_exit(prefix=prefix)
-    security = SecuritySettings()
+    security = settings.security
     names = ("KB_BRIDGE_PASSWORD", "KB_OPS_PASSWORD", "KB_CLAIM_PASSWORD")
     if generate:
         values = [secrets.token_urlsafe(24) for _ in names]
@@ -390,7 +393,7 @@ def broker_upgrade_cmd(broker: BrokerOpt = None, db: DbOpt = None) -> None:
 
     async def act() -> int:
         async with open_admin_link(
-            url, prefix=settings.prefix, ca_file=SecuritySettings().tls_ca
+            url, prefix=settings.prefix, ca_file=settings.security.tls_ca
         ) as link:
             return await DynsecBackend(link.dynsec, prefix=settings.prefix).adopt_devices()
 

@@ -64,10 +64,10 @@ def create_app(ctx: HttpContext | None, settings: HttpSettings | None = None) ->
     app.add_exception_handler(DeviceGone, on_gone)
     # The last added runs first: the failed-authentication block, then the body's time
     # and size limits, then the app.
-    app.add_middleware(BodySizeLimit, limit=settings.http_max_body_bytes, respond=too_large)
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes, respond=too_large)
     app.add_middleware(
         BodyTimeout,
-        timeout_s=settings.http_body_timeout_s,
+        timeout_s=settings.body_timeout_s,
         respond=too_slow,
         on_cut=(lambda: ctx.metrics.slow_clients.labels("body").inc()) if ctx else lambda: None,
     )

@@ -50,18 +50,18 @@ class HttpContext:
         settings = self.settings
         for group in LIMITED:
             self.limiters[group] = RateLimiter(
-                settings.http_rate_burst * _BURST_FACTOR.get(group, 1), settings.http_rate_per_s
+                settings.rate_burst * _BURST_FACTOR.get(group, 1), settings.rate_per_s
             )
         #: Per client address: failed authentication (``limits.FailedAuthLimit``) ...
         self.limiters[AUTH_FAILURES] = RateLimiter(
-            settings.http_auth_fail_burst, settings.http_auth_fail_per_s
+            settings.auth_fail_burst, settings.auth_fail_per_s
         )
         #: ... and registrations; plus one bucket for all registrations together.
         self.limiters[REGISTER_ADDRESS] = RateLimiter(
-            settings.http_register_address_burst, settings.http_register_address_per_s
+            settings.register_address_burst, settings.register_address_per_s
         )
         self.limiters[REGISTER_GLOBAL] = RateLimiter(
-            settings.http_register_global_burst, settings.http_register_global_per_s, max_keys=1
+            settings.register_global_burst, settings.register_global_per_s, max_keys=1
         )
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -22,7 +22,7 @@ _api_key = APIKeyHeader(
     name="X-API-Key",
     auto_error=False,
     scheme_name="ApiKey",
-    description="One of the keys in KB_API_KEYS",
+    description="One of the keys in KB_HTTP__API_KEYS",
 )
 
 
@@ -30,7 +30,7 @@ _registration_secret = APIKeyHeader(
     name="X-Registration-Secret",
     auto_error=False,
     scheme_name="RegistrationSecret",
-    description="KB_HTTP_REGISTRATION_SECRET, when the bridge is configured with one",
+    description="KB_HTTP__REGISTRATION_SECRET, when the bridge is configured with one",
 )
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,9 @@ DeviceToken = Annotated[str, Depends(device_token)]
 def api_key(ctx: Ctx, key: Annotated[str | None, Security(_api_key)]) -> str:
     keys = ctx.settings.api_key_list
     if not keys:
-        raise ApiError(403, "api_disabled", "the CMS API is disabled: no KB_API_KEYS configured")
+        raise ApiError(
+            403, "api_disabled", "the CMS API is disabled: no KB_HTTP__API_KEYS configured"
+        )
     if not key:
         raise ApiError(401, "missing_api_key", "send an API key in the X-API-Key header")
     presented = key.encode("utf-8", "surrogatepass")
@@ -94,13 +96,13 @@ def registration_secret(
     address: ClientAddress,
     secret: Annotated[str | None, Security(_registration_secret)],
 ) -> None:
-    """With ``KB_HTTP_REGISTRATION_SECRET`` set, registration needs it: missing (in
+    """With ``KB_HTTP__REGISTRATION_SECRET`` set, registration needs it: missing (in
     ``require`` mode) or wrong is a 401, and so counts as a failed authentication."""
-    expected = ctx.settings.http_registration_secret
+    expected = ctx.settings.registration_secret
     if expected is None:
         return
     if not secret:
-        if ctx.settings.http_registration_secret_mode == "warn":
+        if ctx.settings.registration_secret_mode == "warn":
             ctx.metrics.registrations_without_secret.inc()
             log.warning("registration from %s without X-Registration-Secret accepted", address)
             return

@@ -115,7 +115,9 @@ class HttpFace:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, create_http_schema, bridge.engine)
-            devices = DeviceStore(bridge.engine, token_storage=self.settings.http_token_storage)
+            # One storage rule for remotes.token, shared with credential management.
+            storage = bridge.settings.security.token_storage
+            devices = DeviceStore(bridge.engine, token_storage=storage)
             hub = EventHub()
             ctx = HttpContext(
                 bridge=bridge,
@@ -136,7 +138,7 @@ class HttpFace:
             )
             ctx.managed = await loop.run_in_executor(self._executor, devices.http_managed)
             self.refresher = TokenRefresher(
-                devices.tokens, self._run_db, interval_s=self.settings.http_token_refresh_s
+                devices.tokens, self._run_db, interval_s=self.settings.token_refresh_s
             )
             await self.refresher.start()
             self.ctx = ctx
@@ -170,10 +172,10 @@ class HttpFace:
             ws="none",
             # h11 with a deadline for request headers (uvicorn has none of its own).
             http=header_deadline_protocol(
-                self.settings.http_header_timeout_s,
+                self.settings.header_timeout_s,
                 lambda: ctx.metrics.slow_clients.labels("headers").inc(),
             ),
-            # X-Forwarded-For is honoured only from KB_HTTP_TRUSTED_PROXIES, by the app
+            # X-Forwarded-For is honoured only from KB_HTTP__TRUSTED_PROXIES, by the app
             # (bridge.http.clients); uvicorn's own handling trusts loopback by default.
             proxy_headers=False,
             server_header=False,

@@ -85,7 +85,7 @@ def mqtt_details(ctx: HttpContext, device_id: str, token: str) -> MqttDetails:
     prefix = ctx.bridge.settings.prefix
     open_broker = broker_takes_device_tokens(ctx.bridge.settings)
     return MqttDetails(
-        url=ctx.settings.http_mqtt_url or _default_mqtt_url(ctx),
+        url=ctx.settings.mqtt_url or _default_mqtt_url(ctx),
         client_id=device_id,
         username=device_id,
         password=token if open_broker else None,
@@ -138,7 +138,7 @@ async def register(
         remote_id=done.remote_id,
         token=done.token,
         remote_control_enabled=done.remote_control_enabled,
-        websocket_url=ctx.settings.http_websocket_url,
+        websocket_url=ctx.settings.websocket_url,
         mqtt=mqtt_details(ctx, done.device_id, done.token),
     )
 
@@ -182,7 +182,7 @@ async def heartbeat(ctx: Ctx, token: DeviceToken, request: Request) -> Heartbeat
         ctx.devices.pending,
         device_id,
         hand_out=plan.transport is Transport.HTTP,
-        limit=ctx.settings.http_pending_max,
+        limit=ctx.settings.pending_max,
         now_ms=now,
     )
     data = HeartbeatData(

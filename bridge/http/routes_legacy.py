@@ -47,7 +47,7 @@ async def send_refresh_device(
             ctx.bridge.engine,
             device.device_id,
             url=url,
-            ttl_s=ctx.settings.http_refresh_ttl_s,
+            ttl_s=ctx.settings.refresh_ttl_s,
             idempotency_key=idempotency_key,
         )
     except CommandRequestError as exc:

@@ -41,7 +41,7 @@ class TimeoutSweeper:
         """One pass; returns the devices declared lost."""
         ctx = self._ctx
         now = ctx.clock()
-        silent = await ctx.db(ctx.devices.silent_http_devices, now - ctx.settings.http_timeout_ms)
+        silent = await ctx.db(ctx.devices.silent_http_devices, now - ctx.settings.timeout_ms)
         ingest = ctx.bridge.ingest
         lost: list[str] = []
         for device_id, session in silent:
@@ -60,7 +60,7 @@ class TimeoutSweeper:
             ctx.metrics.lost.inc(len(lost))
             log.info(
                 "HTTP heartbeat timeout (%.1fs): lost %s",
-                ctx.settings.http_timeout_ms / 1000,
+                ctx.settings.timeout_ms / 1000,
                 ", ".join(lost[:20]) + (" ..." if len(lost) > 20 else ""),
             )
         before = set(ctx.managed)

@@ -1,6 +1,6 @@
 """Credential management inside the running bridge, plugged into its MQTT link.
 
-    security = SecurityRuntime.for_bridge(bridge, SecuritySettings())
+    security = SecurityRuntime.for_bridge(bridge)  # its settings: bridge.settings.security
     security.install(bridge.link)   # before the bridge connects: adds its route
     async with bridge, security:    # provisioning and rotations run
         ...
@@ -167,10 +167,10 @@ class SecurityRuntime:
     @classmethod
     def for_bridge(cls, bridge: Bridge, settings: SecuritySettings | None = None) -> Self:
         """Built from a :class:`bridge.service.app.Bridge`, sharing its engine, metrics
-        registry, client and ingest."""
+        registry, client and ingest; ``settings`` default to the bridge's section."""
         return cls(
             bridge.engine,
-            settings or SecuritySettings(),
+            settings or bridge.settings.security,
             client=lambda: bridge.command_link.client,
             metrics=SecurityMetrics(bridge.metrics.registry),
             reject=lambda reason: bridge.metrics.rejected.labels(reason).inc(),

@@ -1,28 +1,34 @@
-"""Settings of credential management, from ``KB_*`` like the bridge's own.
+"""Settings of credential management: the ``security`` section of
+:class:`bridge.settings.Settings`.
 
-Kept apart from :class:`bridge.settings.Settings` so this package can ship before the
-bridge wires it; the lead may fold these fields into ``Settings``.
+A plain frozen model: it reads no environment of its own. ``Settings`` fills it from
+``KB_SECURITY__*`` variables (``KB_SECURITY__TLS_CA`` is ``tls_ca`` here).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from bridge.security.acl import StaticUsers
 
+#: What ``remotes.token`` holds. One setting for the one column, which both credential
+#: management (provisioning, rotation) and the HTTP face (registration) write.
+TokenStorage = Literal["sha256", "plaintext"]
 
-class SecuritySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KB_", frozen=True, extra="ignore")
+
+class SecuritySettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     #: dynsec: Mosquitto's dynamic-security plugin; database: the embedded broker's
     #: plugin reads the bridge's table.
     credential_backend: Literal["dynsec", "database"] = "dynsec"
-    #: What ``remotes.token`` holds: the token's SHA-256 (the HTTP API accepts both), or
-    #: the token itself for a CMS that compares it in clear.
-    token_storage: Literal["sha256", "plaintext"] = "sha256"
+    #: What ``remotes.token`` holds: the token's SHA-256, or the token itself for a CMS
+    #: that reads or issues it in clear (what the HTTP face's CMS does). Left unset,
+    #: :class:`bridge.settings.Settings` picks ``plaintext`` when the HTTP face serves and
+    #: ``sha256`` otherwise: each side's default before the two settings were one.
+    token_storage: TokenStorage = "sha256"
     #: Answer provisioning requests (the claim flow).
     provisioning: bool = True
     #: CA bundle to verify an mqtts:// broker with (default: the system's CAs).
