@@ -30,6 +30,7 @@ from sqlalchemy import (
 )
 
 from bridge.commands.lifecycle import OPEN_STATES, SUPERSEDABLE, CommandState, advance
+from bridge.db.dialect import capabilities
 from bridge.db.models import CommandRecord, Connectivity, DeviceConfigRecord, Remote
 from bridge.db.presence_store import chunks
 from bridge.db.rows import utc_naive
@@ -121,6 +122,7 @@ class CommandStore:
         rng: random.Random | None = None,
     ) -> None:
         self._engine = engine
+        self._caps = capabilities(engine)
         self._clock = clock
         self._ack_timeout_s = ack_timeout_s
         self._retry_cap_s = retry_cap_s
@@ -366,6 +368,22 @@ class CommandStore:
                 for row in conn.execute(select(CMD).where(CMD.c.id.in_(part)))
             }
             states = {cid: CommandState(row.state) for cid, row in rows.items()}
+            wiped = sorted(
+                {
+                    row.device_id
+                    for _, ack, _ in acks
+                    if (row := rows.get(str(ack.id))) is not None
+                    and row.type == "wipe"
+                    and _ACK_TO_STATE[ack.state] is CommandState.SUCCEEDED
+                }
+            )
+            if wiped:
+                # A wipe's success marks its device's connectivity row below, after an
+                # earlier ack of the batch may already have updated a command row: lock
+                # the connectivity row first (bridge/db/locks.py).
+                conn.execute(
+                    self._caps.locked(select(CONN.c.device_id).where(CONN.c.device_id.in_(wiped)))
+                )
             # A command's acks in one batch (``received`` and ``succeeded`` usually come
             # together) become one UPDATE, fenced on the state read above, carrying the
             # values of every transition in order; the first ``acked_at`` wins.

@@ -377,13 +377,13 @@ class SecurityStore:
                 )
             )
         else:
-            if current.password_hash:
-                self._keep_previous(conn, device_id, _hash_of(current), now_ms)
             conn.execute(
                 update(CRED)
                 .where(CRED.c.device_id == device_id)
                 .values(generation=int(current.generation) + 1, **values)
             )
+            if current.password_hash:
+                self._keep_previous(conn, device_id, _hash_of(current), now_ms)
 
     def _keep_previous(
         self, conn: Connection, device_id: str, replaced: PasswordHash, now_ms: int
@@ -523,6 +523,7 @@ class SecurityStore:
                 "rotation_requested_by": None,
                 "updated_ms": now_ms,
             }
+            cred = None
             if applied and rotation.pending is not None:
                 cred = conn.execute(
                     select(
@@ -532,8 +533,6 @@ class SecurityStore:
                         CRED.c.iterations,
                     ).where(CRED.c.device_id == rotation.device_id)
                 ).first()
-                if cred is not None and cred.password_hash:
-                    self._keep_previous(conn, rotation.device_id, _hash_of(cred), now_ms)
                 values.update(
                     password_hash=rotation.pending.hash_b64,
                     password_salt=rotation.pending.salt_b64,
@@ -545,14 +544,18 @@ class SecurityStore:
                         .where(REMOTES.c.device_identifier == rotation.device_id)
                         .values(token=self.stored_token(rotation.token), updated_at=now)
                     )
-            conn.execute(
+            adopted = conn.execute(
                 update(CRED)
                 .where(
                     CRED.c.device_id == rotation.device_id,
                     CRED.c.rotation_command_id == rotation.command_id,
                 )
                 .values(**values)
-            )
+            ).rowcount
+            if applied and adopted and cred is not None and cred.password_hash:
+                # After the credential row (bridge/db/locks.py), and only when this call
+                # ended the rotation.
+                self._keep_previous(conn, rotation.device_id, _hash_of(cred), now_ms)
             conn.execute(
                 update(CMD)
                 .where(CMD.c.id == rotation.command_id, CMD.c.state.in_(_OPEN))
