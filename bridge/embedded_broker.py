@@ -108,7 +108,9 @@ def broker_config(host: str, port: int, security: BrokerSecurity | None = None) 
         else {f"{OpenAuthPlugin.__module__}.{OpenAuthPlugin.__qualname__}": {}}
     )
     return {
-        "listeners": {"default": {"type": "tcp", "bind": host_port(host, port)}},
+        # Unbracketed even for IPv6: amqtt splits on the last ':' and keeps brackets in
+        # the address it binds ('[::1]' fails to resolve), so '::1:1883' is what works.
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
         # An explicit "plugins" map replaces amqtt's defaults (packet/event loggers and a
         # $SYS publisher every 20 s), which only add noise here.
         "plugins": plugins,

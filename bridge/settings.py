@@ -315,10 +315,20 @@ def _with_token_storage(security: object, http: object) -> object:
     return {"token_storage": storage}
 
 
+def setting_name(loc: tuple[int | str, ...]) -> str:
+    """How a user names the setting at ``loc`` (a validation error's): the flag for a
+    top-level field (``--offline-grace-s``), the variable for a section's
+    (``KB_HTTP__AUTH_FAIL_BURST``), which has no flag."""
+    parts = [str(part) for part in loc]
+    if len(parts) > 1 and parts[0] in ("http", "security"):
+        return "KB_" + "__".join(parts[:2]).upper()
+    return "--" + "-".join(parts).replace("_", "-")
+
+
 def load_settings(**overrides: object) -> Settings:
     """Environment plus explicit overrides (``None`` overrides are ignored)."""
     given = {key: value for key, value in overrides.items() if value is not None}
     return Settings(**given)  # type: ignore[arg-type]
 
 
-__all__ = ["RENAMED_VARIABLES", "MqttProtocol", "Settings", "load_settings"]
+__all__ = ["RENAMED_VARIABLES", "MqttProtocol", "Settings", "load_settings", "setting_name"]

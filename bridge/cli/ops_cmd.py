@@ -39,7 +39,7 @@ from bridge.ops.durations import parse_duration
 from bridge.ops.errors import BrokerUnreachable, DatabaseUnreachable, OpsError, UsageError
 from bridge.ops.mqtt import connect, read_retained
 from bridge.security.embedded import broker_url, local_host, read_credentials
-from bridge.settings import MqttProtocol, Settings, load_settings
+from bridge.settings import MqttProtocol, Settings, load_settings, setting_name
 from schemas import (
     ContractError,
     DeviceConfig,
@@ -99,8 +99,7 @@ def _settings(**overrides: object) -> Settings:
         return load_settings(**overrides)
     except ValidationError as exc:
         lines = [
-            f"  --{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}"
-            for err in exc.errors(include_url=False)
+            f"  {setting_name(err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
         ]
         typer.echo("error: invalid settings:\n" + "\n".join(lines), err=True)
         raise typer.Exit(2) from None

@@ -15,7 +15,7 @@ from bridge.db.engine import create_schema, make_engine
 from bridge.embedded_broker import PortInUseError
 from bridge.logs import configure_logging
 from bridge.service.runner import run_bridge
-from bridge.settings import Settings, load_settings
+from bridge.settings import Settings, load_settings, setting_name
 
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 log = logging.getLogger(__name__)
@@ -26,8 +26,7 @@ def settings_or_exit(**overrides: object) -> Settings:
         return load_settings(**overrides)
     except ValidationError as exc:
         lines = [
-            f"  --{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}"
-            for err in exc.errors(include_url=False)
+            f"  {setting_name(err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
         ]
         typer.echo("invalid settings:\n" + "\n".join(lines), err=True)
         raise typer.Exit(2) from None
