@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
@@ -131,12 +132,36 @@ class Bridge:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.security.__aexit__(exc_type, exc, tb)
         writer_task, link_task, command_link_task, commands_task, retention_task = self._tasks
-        for task in (retention_task, commands_task, command_link_task, link_task):
-            if task is link_task:
-                await self.link.announce_offline()
-            await cancel_and_wait(task)
+        self._tasks = []
+        failures: list[BaseException] = []
+
+        async def step(what: str, action: Callable[[], Awaitable[object]]) -> None:
+            # Isolated: a task that died with an error (re-raised by cancel_and_wait) or a
+            # failing exit must not skip the drain, the database thread or the engines.
+            try:
+                await action()
+            except Exception as failure:
+                log.error("shutdown: %s failed: %s", what, failure, exc_info=failure)
+                failures.append(failure)
+
+        async def sync(action: Callable[[], object]) -> None:
+            action()
+
+        await step("security", lambda: self.security.__aexit__(exc_type, exc, tb))
+        await step("retention", lambda: cancel_and_wait(retention_task))
+        await step("command dispatcher", lambda: cancel_and_wait(commands_task))
+        await step("command link", lambda: cancel_and_wait(command_link_task))
+        await step("offline announcement", self.link.announce_offline)
+        await step("presence link", lambda: cancel_and_wait(link_task))
+        await step("drain", self._drain)
+        await step("database writer", lambda: cancel_and_wait(writer_task))
+        await step("database thread", lambda: sync(lambda: self._executor.shutdown(wait=True)))
+        await step("engines", lambda: sync(self._dispose_engines))
+        if failures:
+            raise failures[0]
+
+    async def _drain(self) -> None:
         try:
             async with asyncio.timeout(_DRAIN_S):
                 await self.writer.drain()
@@ -154,11 +179,10 @@ class Bridge:
                 "shutdown: %d statuses were waiting for their session's birth and were not written",
                 len(self.ingest.held),
             )
-        await cancel_and_wait(writer_task)
-        self._executor.shutdown(wait=True)
+
+    def _dispose_engines(self) -> None:
         self.engine.dispose()
         self.read_engine.dispose()
-        self._tasks = []
 
     async def wait_synced(self) -> None:
         """Until the retained snapshot of the current connection is reconciled."""
