@@ -11,10 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine
 
+from bridge.db.engine import create_schema, make_engine
 from bridge.embedded_broker import EmbeddedBroker
 from bridge.testing.mosquitto import MosquittoNotFound, MosquittoProcess, find_binary
+from tests.support.bridge_harness import Db
 from tests.support.databases import DatabaseUnavailable, mariadb_database, postgres_database
+from tests.support.devices import FakeKiosk
 from tests.support.ports import free_port
 from tests.support.services import service_unavailable
 
@@ -115,3 +119,32 @@ def postgres_url() -> Iterator[str]:
 def db_url(request: pytest.FixtureRequest) -> str:
     """The same test against SQLite, MariaDB and PostgreSQL (ids by backend name)."""
     return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+# -- on top of db_url: the same three, in every module that asks for them -----------
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on ``db_url`` with the bridge's schema."""
+    made = make_engine(db_url)
+    create_schema(made)
+    yield made
+    made.dispose()
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Db]:
+    """Blocking reads of ``db_url`` for assertions."""
+    handle = Db(db_url)
+    yield handle
+    handle.close()
+
+
+@pytest.fixture
+async def kiosks() -> AsyncIterator[list[FakeKiosk]]:
+    """Fake kiosks a test makes; closed at its end."""
+    made: list[FakeKiosk] = []
+    yield made
+    for kiosk in made:
+        kiosk.close()

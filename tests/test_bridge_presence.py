@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 
-import pytest
 from sqlalchemy import insert
 
 from bridge.db.engine import create_schema
@@ -15,21 +13,6 @@ from bridge.testing.mosquitto import MosquittoProcess
 from schemas import OfflineReason, PresenceLost, TopicKind, device_topic, encode
 from tests.support.bridge_harness import Db, eventually, running_bridge
 from tests.support.devices import FakeKiosk, publish_raw
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Db]:
-    handle = Db(db_url)
-    yield handle
-    handle.close()
-
-
-@pytest.fixture
-async def kiosks() -> AsyncIterator[list[FakeKiosk]]:
-    made: list[FakeKiosk] = []
-    yield made
-    for kiosk in made:
-        kiosk.close()
 
 
 def _kiosk(made: list[FakeKiosk], url: str, device_id: str, session: int) -> FakeKiosk:

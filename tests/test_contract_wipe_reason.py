@@ -4,29 +4,10 @@ value needs no migration on SQLite, MariaDB or PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-
-import pytest
-
 from bridge.testing.mosquitto import MosquittoProcess
 from schemas import OfflineReason, PresenceOffline, decode_presence, encode
 from tests.support.bridge_harness import Db, eventually, running_bridge
 from tests.support.devices import FakeKiosk
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Db]:
-    handle = Db(db_url)
-    yield handle
-    handle.close()
-
-
-@pytest.fixture
-async def kiosks() -> AsyncIterator[list[FakeKiosk]]:
-    made: list[FakeKiosk] = []
-    yield made
-    for kiosk in made:
-        kiosk.close()
 
 
 def test_wipe_is_an_offline_reason_of_the_contract() -> None:

@@ -5,17 +5,14 @@ ones are fixed, and the exit code says whether problems remain."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-import pytest
 from click.testing import Result
 from sqlalchemy import Engine, delete, insert, select
 from typer.testing import CliRunner
 
 from bridge.cli import app
-from bridge.db.engine import create_schema, make_engine
 from bridge.db.models import CommandRecord, Connectivity, DeviceConfigRecord, HttpDevice, Remote
 from bridge.ops import consistency
 from bridge.ops.db_check import FIXED_BY, check_database
@@ -47,14 +44,6 @@ EXPECTED = {
     "config_of_missing_device": (1, False),
     "http_device_of_missing_device": (1, False),
 }
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    create_schema(engine)
-    yield engine
-    engine.dispose()
 
 
 def _conn_row(device_id: str, **values: Any) -> dict[str, Any]:

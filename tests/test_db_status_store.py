@@ -6,10 +6,8 @@ from __future__ import annotations
 import random
 import sqlite3
 import threading
-from collections.abc import Iterator
 from datetime import datetime
 
-import pytest
 from sqlalchemy import Engine, select
 
 from bridge.clock import now_ms
@@ -20,14 +18,6 @@ from bridge.db.rows import utc_naive
 from bridge.db.status_store import StatusItem, StatusStore
 from bridge.presence import ConnState, PresenceEvent, PresenceRules
 from schemas import Status
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    create_schema(engine)
-    yield engine
-    engine.dispose()
 
 
 def _born(engine: Engine, *device_ids: str, session: int = 7) -> None:

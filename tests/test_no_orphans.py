@@ -5,14 +5,11 @@ creates no ``kb_connectivity`` row. A birth still creates the device."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from datetime import datetime
 
-import pytest
 from sqlalchemy import Engine, func, insert, select
 
 from bridge.clock import now_ms
-from bridge.db.engine import create_schema, make_engine
 from bridge.db.models import Connectivity, PresenceHistory, Remote
 from bridge.db.presence_store import UNKNOWN_DEVICE, PresenceItem, PresenceStore
 from bridge.ops.db_check import check_database
@@ -32,21 +29,6 @@ from tests.support.devices import publish_raw
 CONN = Connectivity.__table__
 HIST = PresenceHistory.__table__
 REMOTES = Remote.__table__
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    create_schema(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Db]:
-    handle = Db(db_url)
-    yield handle
-    handle.close()
 
 
 def _store(engine: Engine) -> PresenceStore:

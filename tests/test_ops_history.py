@@ -9,14 +9,12 @@ test, and these queries only read what the bridge writes.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, insert, select
 
-from bridge.db.engine import create_schema, make_engine
 from bridge.db.models import CommandRecord, Connectivity, PresenceHistory, Remote
 from bridge.db.rows import utc_naive
 from bridge.ops import fleet, timeline, top
@@ -33,14 +31,6 @@ NOW = 1_764_331_200_000
 MIN = 60_000
 HOUR = 60 * MIN
 DAY = 24 * HOUR
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    made = make_engine(db_url)
-    create_schema(made)
-    yield made
-    made.dispose()
 
 
 def _history(engine: Engine, device_id: str, rows: list[tuple[int, str, str, str | None]]) -> None:

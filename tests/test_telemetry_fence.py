@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,29 +30,6 @@ from tests.support.bridge_harness import Db, bridge_settings, eventually, runnin
 from tests.support.devices import FakeKiosk, publish_raw
 
 CONN = Connectivity.__table__
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    create_schema(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Db]:
-    handle = Db(db_url)
-    yield handle
-    handle.close()
-
-
-@pytest.fixture
-async def kiosks() -> AsyncIterator[list[FakeKiosk]]:
-    made: list[FakeKiosk] = []
-    yield made
-    for kiosk in made:
-        kiosk.close()
 
 
 def _presence(
