@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from bridge.conformance.clauses import BY_ID, CLAUSES, Outcome, Verdict
 from bridge.conformance.observations import LinkRecord, Observations
-from bridge.conformance.wire import Publish
+from bridge.conformance.wire import Connect, Publish
 from schemas import (
     Ack,
     AckState,
@@ -153,6 +153,14 @@ def _both(obs: Observations) -> Iterator[LinkRecord]:
         yield from obs.device_links(device)
 
 
+def _connects(obs: Observations) -> list[tuple[LinkRecord, Connect]]:
+    """Every link of both kiosks that carried a CONNECT, with it; none is a failure."""
+    found = [(link, link.connect) for link in _both(obs) if link.connect is not None]
+    if not found:
+        raise _Fail("no CONNECT seen")
+    return found
+
+
 def _lost_after(obs: Observations, device_id: str, session: int, t: float) -> float | None:
     topic = _topic(device_id, TopicKind.PRESENCE)
     for msg in obs.broker_messages:
@@ -174,27 +182,18 @@ def _presence_after(obs: Observations, device_id: str, t: float) -> str:
 
 
 def check_conn_1(obs: Observations) -> str:
-    count = 0
-    for link in _both(obs):
-        if link.connect is None:
-            continue
-        count += 1
-        if link.connect.client_id != link.device_id:
-            raise _Fail(f"client id {link.connect.client_id!r}, not {link.device_id!r}")
-        if link.connect.username is not None and link.connect.username != link.device_id:
-            raise _Fail(f"username {link.connect.username!r}, not {link.device_id!r}")
-    if not count:
-        raise _Fail("no CONNECT seen")
-    return f"{count} CONNECTs"
+    links = _connects(obs)
+    for link, connect in links:
+        if connect.client_id != link.device_id:
+            raise _Fail(f"client id {connect.client_id!r}, not {link.device_id!r}")
+        if connect.username is not None and connect.username != link.device_id:
+            raise _Fail(f"username {connect.username!r}, not {link.device_id!r}")
+    return f"{len(links)} CONNECTs"
 
 
 def check_conn_2(obs: Observations) -> str:
-    count = 0
-    for link in _both(obs):
-        connect = link.connect
-        if connect is None:
-            continue
-        count += 1
+    links = _connects(obs)
+    for link, connect in links:
         if connect.protocol_level not in (4, 5):
             raise _Fail(f"protocol level {connect.protocol_level} (3.1.1 or 5 required)")
         if connect.clean:
@@ -205,9 +204,7 @@ def check_conn_2(obs: Observations) -> str:
                 f"MQTT 5 CONNECT {link.number} without a Session Expiry Interval > 0 "
                 "(the session ends with the connection)"
             )
-    if not count:
-        raise _Fail("no CONNECT seen")
-    return f"{count} CONNECTs persistent"
+    return f"{len(links)} CONNECTs persistent"
 
 
 def check_conn_3(obs: Observations) -> str:
@@ -225,12 +222,8 @@ def check_conn_3(obs: Observations) -> str:
 
 
 def check_pres_1(obs: Observations) -> str:
-    count = 0
-    for link in _both(obs):
-        connect = link.connect
-        if connect is None:
-            continue
-        count += 1
+    links = _connects(obs)
+    for link, connect in links:
         will = connect.will
         if will is None:
             raise _Fail(f"CONNECT {link.number} has no Will")
@@ -247,9 +240,7 @@ def check_pres_1(obs: Observations) -> str:
         born = births(link)
         if born and born[0][2].session != seen.session:
             raise _Fail(f"Will session {seen.session}, birth session {born[0][2].session}")
-    if not count:
-        raise _Fail("no CONNECT seen")
-    return f"{count} Wills, retained QoS 1, of the current session"
+    return f"{len(links)} Wills, retained QoS 1, of the current session"
 
 
 def check_pres_2(obs: Observations) -> str:
