@@ -535,3 +535,35 @@ def test_the_readmes_wipe_example_gets_the_wipe_ttl(sqlite_db: Db, sqlite_url: s
     [refresh] = enqueue(sqlite_db.engine, "refresh", ["lobby-1"], {})
     [made] = CommandStore(sqlite_db.engine, clock=now_ms).get([refresh])
     assert (made.expires_at - made.created_at).total_seconds() == pytest.approx(3600, abs=1)
+
+
+def test_send_offers_the_contracts_kinds_and_any_of_their_args(
+    sqlite_db: Db, sqlite_url: str
+) -> None:
+    with sqlite_db.engine.begin() as conn:
+        conn.execute(
+            insert(table_of(Remote)).values(
+                device_identifier="kinds-1", status="Disconnected", remote_control_enabled=False
+            )
+        )
+    app = typer.Typer()
+    send_cmd.register(app)
+
+    def send(*args: str) -> Any:
+        return CliRunner().invoke(app, [*args, "--db", sqlite_url], env={"KB_DB": None})
+
+    assert set(send_cmd.SENDABLE) == {"refresh", "reconnect", "wipe", "set-config"}
+    refused = send("rotate-token", "kinds-1")
+    assert refused.exit_code == 2 and "rotate-token" in refused.output
+    queued = send("refresh", "kinds-1", "--arg", "url=https://cms.example.com/d/1", "--json")
+    assert queued.exit_code == 0, queued.output
+    [command_id] = json.loads(queued.output)["queued"]
+    [row] = CommandStore(sqlite_db.engine, clock=now_ms).get([command_id])
+    assert json.loads(row.args) == {"url": "https://cms.example.com/d/1"}
+    typed = send("reconnect", "kinds-1", "--arg", "delay_s=5", "--json")
+    assert typed.exit_code == 0, typed.output
+    [row] = CommandStore(sqlite_db.engine, clock=now_ms).get(json.loads(typed.output)["queued"])
+    assert json.loads(row.args) == {"delay_s": 5}
+    for bad in (["--arg", "no-equals"], ["--arg", "delay_s=-1"]):
+        result = send("reconnect", "kinds-1", *bad)
+        assert result.exit_code == 2, result.output

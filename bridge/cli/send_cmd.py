@@ -5,8 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 from datetime import UTC
-from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import typer
 from rich.console import Console
@@ -26,13 +25,34 @@ from bridge.commands.lifecycle import CommandState
 from bridge.commands.waiting import wait_for_commands
 from bridge.db.engine import create_schema, make_engine
 from bridge.ops.durations import parse_duration
+from schemas import CommandType
+
+#: What ``send`` may queue, from the contract's command kinds (``set_config`` is spelled
+#: ``set-config`` on the command line): every kind but ``rotate_token``, which only
+#: ``kiosk-bridge device rotate-token`` sends. A new kind in ``schemas`` appears here.
+SENDABLE: Final = tuple(
+    kind.replace("_", "-") for kind in CommandType if kind is not CommandType.ROTATE_TOKEN
+)
 
 
-class Kind(StrEnum):
-    REFRESH = "refresh"
-    RECONNECT = "reconnect"
-    WIPE = "wipe"
-    SET_CONFIG = "set-config"
+def _sendable(kind: str) -> str:
+    if kind not in SENDABLE:
+        raise typer.BadParameter(f"{kind!r} is not one of {', '.join(SENDABLE)}")
+    return kind
+
+
+def _arg_pairs(pairs: list[str]) -> dict[str, Any]:
+    """``--arg key=value`` (the value as JSON when it parses, else a string)."""
+    found: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--arg")
+        try:
+            found[key] = json.loads(raw)
+        except ValueError:
+            found[key] = raw
+    return found
 
 
 _GOOD = {CommandState.SUCCEEDED}
@@ -58,7 +78,12 @@ def _row_json(row: Any) -> dict[str, Any]:
 
 
 def send(
-    kind: Annotated[Kind, typer.Argument(help="What to send")],
+    kind: Annotated[
+        str,
+        typer.Argument(
+            help=f"What to send: {', '.join(SENDABLE)}", metavar="KIND", callback=_sendable
+        ),
+    ],
     devices: Annotated[list[str] | None, typer.Argument(help="Device ids")] = None,
     all_devices: Annotated[bool, typer.Option("--all", help="Every (non-deleted) device")] = False,
     where: Annotated[
@@ -80,6 +105,10 @@ def send(
     ] = None,
     status_interval: Annotated[int | None, typer.Option(help="set-config: seconds")] = None,
     display_url: Annotated[str | None, typer.Option(help="set-config: display URL")] = None,
+    extra: Annotated[
+        list[str] | None,
+        typer.Option("--arg", help="Any argument of the kind, KEY=VALUE (JSON values), repeatable"),
+    ] = None,
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default sqlite)")] = None,
     requested_by: Annotated[str | None, typer.Option(help="Who asks (default: $USER)")] = None,
 ) -> None:
@@ -90,20 +119,21 @@ def send(
     """
     console = Console(stderr=as_json)
     settings = settings_or_exit(db=db)
-    args: dict[str, Any] = {}
-    if kind is Kind.REFRESH and url:
+    command_type = CommandType(kind.replace("-", "_"))
+    args: dict[str, Any] = _arg_pairs(extra or [])
+    if command_type is CommandType.REFRESH and url:
         args["url"] = url
-    if kind is Kind.RECONNECT:
+    if command_type is CommandType.RECONNECT:
         if delay is not None:
             args["delay_s"] = delay
         if reason:
             args["reason"] = reason
-    if kind is Kind.WIPE:
+    if command_type is CommandType.WIPE:
         if not yes:
             typer.echo("error: wipe erases the device; confirm with --yes", err=True)
             raise typer.Exit(2)
         args["reason"] = reason
-    if kind is Kind.SET_CONFIG:
+    if command_type is CommandType.SET_CONFIG:
         for key, value in (
             ("remote_control_enabled", remote_control),
             ("status_interval_s", status_interval),
@@ -123,7 +153,7 @@ def send(
         create_schema(engine)
         ids = enqueue(
             engine,
-            kind.value.replace("-", "_"),
+            command_type.value,
             resolve_targets(engine, targets),
             {k: v for k, v in args.items() if v is not None},
             ttl_s=ttl_s,
@@ -140,7 +170,7 @@ def send(
         if as_json:
             typer.echo(json.dumps({"queued": ids}))
         else:
-            console.print(f"queued {len(ids)} {kind.value} command(s)")
+            console.print(f"queued {len(ids)} {kind} command(s)")
             for command_id in ids[:20]:
                 console.print(f"  {command_id}")
         return
@@ -153,7 +183,7 @@ def send(
         disable=as_json,
         transient=True,
     ) as bar:
-        task = bar.add_task(f"{kind.value}", total=len(ids))
+        task = bar.add_task(f"{kind}", total=len(ids))
         rows = wait_for_commands(
             engine,
             ids,
@@ -164,7 +194,7 @@ def send(
     if as_json:
         typer.echo(json.dumps({"ok": ok, "commands": [_row_json(r) for r in rows]}))
     else:
-        table = Table("device", "state", "attempts", "error", title=f"{kind.value} results")
+        table = Table("device", "state", "attempts", "error", title=f"{kind} results")
         for row in rows:
             style = "green" if CommandState(row.state) in _GOOD else "red"
             table.add_row(
