@@ -574,11 +574,15 @@ def test_reconnect_command_announces_and_returns_with_a_new_session(
     assert agent.executed[cmd.id] == 1
 
 
-def test_ack_goes_to_the_response_topic_with_the_correlation_data(
-    mosquitto: MosquittoProcess, agents: AgentFactory
-) -> None:
-    agent = agents(mosquitto.url)
-    agent.start(timeout=15)
+def _acks_to(
+    mosquitto: MosquittoProcess,
+    watch: list[str],
+    cmd: Command,
+    response_topic: str,
+    correlation: bytes,
+) -> list[paho.MQTTMessage]:
+    """Send ``cmd`` over MQTT 5 with a Response Topic and Correlation Data; return the
+    two acks (received, then the result) seen on the ``watch`` filters."""
     got: queue.Queue[paho.MQTTMessage] = queue.Queue()
     subscribed = threading.Event()
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
@@ -587,18 +591,25 @@ def test_ack_goes_to_the_response_topic_with_the_correlation_data(
     client.connect(mosquitto.host, mosquitto.port)
     client.loop_start()
     try:
-        reply_to = topic(TopicKind.ACK)
-        client.subscribe(reply_to, qos=1)
+        client.subscribe([(f, 1) for f in watch])
         assert subscribed.wait(10)
         props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = reply_to
-        props.CorrelationData = b"req-42"
-        cmd = make_command("refresh")
+        props.ResponseTopic = response_topic
+        props.CorrelationData = correlation
         client.publish(topic(TopicKind.CMD), encode(cmd), qos=1, properties=props)
-        acks = [got.get(timeout=15) for _ in range(2)]
+        return [got.get(timeout=15) for _ in range(2)]
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_ack_goes_to_the_response_topic_with_the_correlation_data(
+    mosquitto: MosquittoProcess, agents: AgentFactory
+) -> None:
+    agent = agents(mosquitto.url)
+    agent.start(timeout=15)
+    reply_to = topic(TopicKind.ACK)
+    acks = _acks_to(mosquitto, [reply_to], make_command("refresh"), reply_to, b"req-42")
     assert [decode(Ack, m.payload).state for m in acks] == [AckState.RECEIVED, AckState.SUCCEEDED]
     assert [m.properties.CorrelationData for m in acks] == [b"req-42", b"req-42"]
 
@@ -611,25 +622,14 @@ def test_acks_go_to_the_own_ack_topic_whatever_the_response_topic_says(
     # text, what the bridge sends) is echoed unchanged.
     agent = agents(mosquitto.url)
     agent.start(timeout=15)
-    got: queue.Queue[paho.MQTTMessage] = queue.Queue()
-    subscribed = threading.Event()
-    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-    client.on_message = lambda _c, _u, msg: got.put(msg)
-    client.on_subscribe = lambda *_args: subscribed.set()
-    client.connect(mosquitto.host, mosquitto.port)
-    client.loop_start()
-    try:
-        client.subscribe([(topic(TopicKind.ACK), 1), ("elsewhere/#", 1)])
-        assert subscribed.wait(10)
-        cmd = make_command("refresh")
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = "elsewhere/acks"
-        props.CorrelationData = str(cmd.id).encode()
-        client.publish(topic(TopicKind.CMD), encode(cmd), qos=1, properties=props)
-        acks = [got.get(timeout=15) for _ in range(2)]
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    cmd = make_command("refresh")
+    acks = _acks_to(
+        mosquitto,
+        [topic(TopicKind.ACK), "elsewhere/#"],
+        cmd,
+        "elsewhere/acks",
+        str(cmd.id).encode(),
+    )
     assert [m.topic for m in acks] == [topic(TopicKind.ACK)] * 2
     assert [m.properties.CorrelationData for m in acks] == [str(cmd.id).encode()] * 2
     assert len(acks[0].properties.CorrelationData) == 36
