@@ -25,6 +25,7 @@ from typing import Annotated, Any
 
 import aiomqtt
 import typer
+from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.cli.run_cmd import settings_or_exit
 from bridge.clock import now_ms
@@ -39,7 +40,7 @@ from bridge.security.embedded import broker_url, local_host, read_credentials
 from bridge.security.models import create_security_schema
 from bridge.security.operations import SecurityAdmin, UnknownDevice, request_rotation
 from bridge.security.settings import SecuritySettings
-from bridge.security.store import SecurityStore
+from bridge.security.store import SecurityStore, needs_proof
 from bridge.settings import Settings
 from schemas import ContractError
 from schemas.device_id import validate_device_id
@@ -74,8 +75,12 @@ def _store(settings: Settings, security: SecuritySettings | None = None) -> Secu
     """``security``: a section adjusted for this command; default the settings' own."""
     security = security or settings.security
     engine = make_engine(settings.db)
-    create_schema(engine)
-    create_security_schema(engine)
+    try:
+        create_schema(engine)
+        create_security_schema(engine)
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise _fail(f"database {settings.db}: {str(exc).splitlines()[0]}", 3) from None
     return SecurityStore(engine, clock=now_ms, token_storage=security.token_storage)
 
 
@@ -209,13 +214,15 @@ def allow_claim_cmd(
         if facts.deleted or facts.credential == "revoked":
             what = "deleted" if facts.deleted else "revoked"
             raise _fail(f"{device_id} is {what}: run 'kiosk-bridge device restore {device_id}'")
-        if facts.credential != "active":
+        if not needs_proof(facts):
             typer.echo(
                 f"{device_id} holds no credential: it can claim one without a window; "
                 "nothing changed"
             )
             return
         until_ms = store.open_claim_window(device_id, for_ms, _who(requested_by))
+    except SQLAlchemyError as exc:
+        raise _fail(f"database {settings.db}: {str(exc).splitlines()[0]}", 3) from None
     finally:
         store.engine.dispose()
     until = datetime.fromtimestamp(until_ms / 1000, tz=UTC).isoformat(timespec="seconds")

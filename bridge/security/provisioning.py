@@ -40,7 +40,7 @@ from bridge.security.backend import CredentialBackend
 from bridge.security.dynsec import DynsecError
 from bridge.security.metrics import SecurityMetrics
 from bridge.security.passwords import hash_password, new_token, nonce_sha256, verify_password
-from bridge.security.store import DeviceGone, SecurityStore, is_online
+from bridge.security.store import DeviceGone, SecurityStore, is_online, needs_proof
 from schemas import DEFAULT_PREFIX, ContractError, encode
 from schemas.provisioning import (
     ProvisionAccepted,
@@ -207,7 +207,7 @@ class ProvisioningService:
                 _RETRY_ONLINE_S,
             )
         granted_by = None
-        if facts.credential == "active" and facts.holds_token:
+        if needs_proof(facts):
             granted_by = await self._proven(request, facts.claim_window)
         try:
             claimed = await asyncio.to_thread(

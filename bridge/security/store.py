@@ -736,5 +736,12 @@ class SecurityStore:
 _OPEN = [s.value for s in OPEN_STATES]
 
 
+def needs_proof(facts: DeviceFacts) -> bool:
+    """Whether a claim of this device needs proof (its token) or an operator's window:
+    it holds an active credential with a password. A device never provisioned, or a
+    CMS-only one revoked and restored (a row with no password), is claimed without."""
+    return facts.credential == CredentialState.ACTIVE.value and facts.holds_token
+
+
 def is_online(facts: DeviceFacts) -> bool:
     return facts.state == ConnState.ONLINE.value
