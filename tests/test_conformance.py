@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from bridge.conformance.clauses import CLAUSES, Outcome
-from bridge.conformance.observations import LinkRecord, Observations
+from bridge.conformance.observations import LinkRecord, Observations, Recorder
 from bridge.conformance.process import render_command
 from bridge.conformance.runner import KitOptions, run_kit
 from bridge.conformance.specimens.kiosk import FLAWS
 from bridge.conformance.verdicts import backoff_problem, judge
-from bridge.conformance.wire import Connack, Connect, Publish, StreamParser
+from bridge.conformance.wire import Connack, Connect, Publish, StreamParser, Suback, Subscribe
 from bridge.testing.mosquitto import MosquittoProcess
 
 ALL_IDS = {c.id for c in CLAUSES}
@@ -82,6 +82,33 @@ def test_wire_reads_a_v5_connect_with_will_and_credentials_split_anywhere() -> N
     assert (publish.topic, publish.qos, publish.retain, publish.payload) == ("t", 1, True, b"hi")
     down = StreamParser(v5=True)
     assert down.feed(_frame(0x20, b"\x00\x00")) == [Connack(0)]
+
+
+def test_a_subscription_counts_once_its_suback_grants_it() -> None:
+    # The kit sends its first command only once the kiosk's command filter is granted.
+    links: list = []
+    rec = Recorder("k-1", links)
+    connect = _mqtt_str("MQTT") + bytes([4, 0x02]) + struct.pack(">H", 10) + _mqtt_str("k-1")
+    subscribe = (
+        struct.pack(">H", 7)
+        + _mqtt_str("kiosk/v1/k-1/cmd")
+        + b"\x01"
+        + _mqtt_str("kiosk/v1/k-1/config")
+        + b"\x01"
+    )
+    rec.tap(1, True, _frame(0x10, connect) + _frame(0x82, subscribe))
+    (link,) = links
+    assert not link.subscribed_to("kiosk/v1/k-1/cmd")
+    assert StreamParser().feed(_frame(0x82, subscribe)) == [
+        Subscribe(7, ("kiosk/v1/k-1/cmd", "kiosk/v1/k-1/config"))
+    ]
+    # The broker grants the first filter and refuses the second (0x80).
+    rec.tap(1, False, _frame(0x90, struct.pack(">H", 7) + b"\x01\x80"))
+    assert StreamParser().feed(_frame(0x90, struct.pack(">H", 7) + b"\x01\x80")) == [
+        Suback(7, (1, 0x80))
+    ]
+    assert link.subscribed_to("kiosk/v1/k-1/cmd")
+    assert not link.subscribed_to("kiosk/v1/k-1/config")
 
 
 def test_backoff_verdicts() -> None:

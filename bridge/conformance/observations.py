@@ -11,7 +11,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from bridge.conformance.wire import Connack, Connect, Disconnect, Publish, StreamParser
+from paho.mqtt.client import topic_matches_sub
+
+from bridge.conformance.wire import (
+    Connack,
+    Connect,
+    Disconnect,
+    Publish,
+    StreamParser,
+    Suback,
+    Subscribe,
+)
 
 
 @dataclass
@@ -30,6 +40,14 @@ class LinkRecord:
     disconnect_t: float | None = None
     closed_t: float | None = None
     malformed: str | None = None
+    #: SUBSCRIBEs waiting for their SUBACK, by packet id.
+    pending_subscribes: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    #: Filters the broker granted on this link, with the time of their SUBACK.
+    subscribed: list[tuple[float, str]] = field(default_factory=list)
+
+    def subscribed_to(self, topic: str) -> bool:
+        """Whether a granted filter on this link matches ``topic``."""
+        return any(topic_matches_sub(f, topic) for _, f in list(self.subscribed))
 
     @property
     def accepted(self) -> bool:
@@ -124,6 +142,13 @@ class Recorder:
             link.connect, link.connect_t = packet, now
         elif upward and isinstance(packet, Publish):
             link.publishes.append((now, packet))
+        elif upward and isinstance(packet, Subscribe):
+            link.pending_subscribes[packet.packet_id] = packet.filters
+        elif not upward and isinstance(packet, Suback):
+            filters = link.pending_subscribes.pop(packet.packet_id, ())
+            for topic_filter, code in zip(filters, packet.reason_codes, strict=False):
+                if code < 0x80:
+                    link.subscribed.append((now, topic_filter))
         elif upward and isinstance(packet, Disconnect) and link.disconnect is None:
             link.disconnect, link.disconnect_t = packet, now
         elif not upward and isinstance(packet, Connack) and link.connack is None:

@@ -2,9 +2,9 @@
 
 Only what the clauses need is decoded: CONNECT (client id, clean flag, keepalive, Will,
 credentials, session expiry), PUBLISH (topic, QoS, retain, payload, correlation data),
-DISCONNECT (reason code) and CONNACK (return code). Every other packet is framed and
-skipped. MQTT 3.1.1 (level 4) and 5 (level 5) are understood; 3.1 (level 3) is framed
-as 3.1.1.
+SUBSCRIBE (packet id, filters), SUBACK (packet id, reason codes), DISCONNECT (reason
+code) and CONNACK (return code). Every other packet is framed and skipped. MQTT 3.1.1
+(level 4) and 5 (level 5) are understood; 3.1 (level 3) is framed as 3.1.1.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-CONNECT, CONNACK, PUBLISH, DISCONNECT = 1, 2, 3, 14
+CONNECT, CONNACK, PUBLISH, SUBSCRIBE, SUBACK, DISCONNECT = 1, 2, 3, 8, 9, 14
 
 # MQTT 5 property identifiers -> value kind (b byte, h 2 bytes, i 4 bytes, v varint,
 # s UTF-8 string, d binary data, p string pair).
@@ -77,7 +77,20 @@ class Connack:
     return_code: int
 
 
-Packet = Connect | Publish | Disconnect | Connack
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    packet_id: int
+    filters: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Suback:
+    packet_id: int
+    #: One per filter: the granted QoS (0-2), or 0x80 and above for a refusal.
+    reason_codes: tuple[int, ...]
+
+
+Packet = Connect | Publish | Subscribe | Suback | Disconnect | Connack
 
 
 class _Cursor:
@@ -210,6 +223,26 @@ def parse_publish(flags: int, body: bytes, v5: bool, aliases: dict[int, str]) ->
     )
 
 
+def parse_subscribe(body: bytes, v5: bool) -> Subscribe:
+    cur = _Cursor(body)
+    packet_id = cur.u16()
+    if v5:
+        _properties(cur)
+    filters: list[str] = []
+    while cur.pos < len(cur.data):
+        filters.append(cur.text())
+        cur.byte()  # subscription options / requested QoS
+    return Subscribe(packet_id, tuple(filters))
+
+
+def parse_suback(body: bytes, v5: bool) -> Suback:
+    cur = _Cursor(body)
+    packet_id = cur.u16()
+    if v5:
+        _properties(cur)
+    return Suback(packet_id, tuple(cur.rest()))
+
+
 @dataclass
 class StreamParser:
     """Frames one direction of one connection; feed chunks, get packets.
@@ -271,6 +304,10 @@ class StreamParser:
             return connect
         if kind == PUBLISH:
             return parse_publish(flags, body, self.v5, self._aliases)
+        if kind == SUBSCRIBE:
+            return parse_subscribe(body, self.v5)
+        if kind == SUBACK:
+            return parse_suback(body, self.v5)
         if kind == DISCONNECT:
             return Disconnect(body[0] if body else 0)
         if kind == CONNACK:
