@@ -3,7 +3,7 @@
 1,000 online simulated kiosks (``Fleet``; each agent acks ``received`` then
 ``succeeded``) on Mosquitto, and ``kiosk-bridge run`` on SQLite in its own process.
 
-1. Round trip: ``bridge.commands.api.enqueue`` of one ``refresh`` (the outbox insert a
+1. Round trip: ``bridge.outbox.api.enqueue`` of one ``refresh`` (the outbox insert a
    CMS would do) until the row reads ``succeeded``, found by polling it every 1 ms from
    a process of its own (the CMS side; see ``Cms``);
    sequential commands to random devices. The bridge finds new rows with a read-only
@@ -53,9 +53,9 @@ from common import (
     write_json,
 )
 
-from bridge.commands.api import enqueue
 from bridge.db.engine import make_engine
 from bridge.kiosk.simulator import Fleet
+from bridge.outbox.api import enqueue
 from bridge.testing.mosquitto import MosquittoProcess
 
 DEFAULT_POLL_S = 0.5

@@ -40,7 +40,7 @@ from sqlalchemy import insert, text
 
 from bridge.db.engine import create_schema, make_engine
 from bridge.db.models import Remote
-from bridge.http.token_index import CmsTokenIndex
+from bridge.db.token_index import CmsTokenIndex
 
 ROWS = 100_000
 REQUESTS = 2_000

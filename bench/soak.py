@@ -40,10 +40,10 @@ from common import (
     write_json,
 )
 
-from bridge.commands.api import enqueue
 from bridge.db.engine import make_engine
 from bridge.kiosk.simulator import Fleet
 from bridge.ops.consistency import ConsistencyReport, compare_retained_with_table
+from bridge.outbox.api import enqueue
 
 OPEN_STATES = ("queued", "sent", "delivered", "received")
 SOAK_TAG = "bench-soak"

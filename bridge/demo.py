@@ -23,7 +23,7 @@ from rich.live import Live
 from rich.text import Text
 
 from bridge.clock import now_ms
-from bridge.commands.api import enqueue
+from bridge.db.security_store import SecurityStore
 from bridge.embedded_broker import EmbeddedBroker, pick_free_listen
 from bridge.kiosk.credentials import claim_until_accepted
 from bridge.kiosk.scenario import FaultStep, Scenario
@@ -31,10 +31,10 @@ from bridge.kiosk.simulator import Fleet, fleet_ids
 from bridge.ops.db import open_read_engine
 from bridge.ops.fleet import load_fleet, summarize
 from bridge.ops.render import fleet_summary_line, fleet_table
+from bridge.outbox.api import enqueue
+from bridge.passwords import hash_password, new_token
 from bridge.security.bootstrap import BootstrapSecrets
 from bridge.security.embedded import BrokerSecurity, load_or_create_credentials
-from bridge.security.passwords import hash_password, new_token
-from bridge.security.store import SecurityStore
 from bridge.service.app import Bridge
 from bridge.service.runner import embedded_bridge_settings
 from bridge.settings import Settings

@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 from bridge.cli import send_cmd
 from bridge.clock import now_ms
-from bridge.commands.api import CommandRequestError, enqueue
 from bridge.db.command_store import CommandStore, NewCommand
 from bridge.db.engine import create_schema
 from bridge.db.models import CommandRecord, Remote
@@ -25,6 +24,7 @@ from bridge.db.rows import utc_naive
 from bridge.db.tables import table_of
 from bridge.embedded_broker import EmbeddedBroker
 from bridge.kiosk.agent import KioskAgent
+from bridge.outbox.api import CommandRequestError, enqueue
 from bridge.testing.mosquitto import MosquittoProcess
 from schemas import Ack, AckState, Command, TopicKind, device_topic, encode
 from tests.support.bridge_harness import Db, eventually, running_bridge

@@ -176,8 +176,8 @@ def test_broker_healthcheck_command_works_against_the_production_config(
 ) -> None:
     if shutil.which("mosquitto_sub") is None:
         pytest.skip("mosquitto_sub (mosquitto-clients) is not installed")
-    from bridge.security.testkit import secure_broker
     from bridge.testing.mosquitto import MosquittoNotFound
+    from bridge.testing.secure_broker import secure_broker
     from tests.support.services import service_unavailable
 
     try:

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from bridge.cli import app
 from bridge.db.models import CommandRecord, Connectivity, DeviceConfigRecord, HttpDevice, Remote
+from bridge.db.security_models import DeviceCredential
 from bridge.ops import consistency
 from bridge.ops.db_check import FIXED_BY, check_database
-from bridge.security.models import DeviceCredential
 from schemas import PresenceLost, PresenceOnline
 
 CONN = Connectivity.__table__

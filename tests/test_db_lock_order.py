@@ -15,21 +15,21 @@ import pytest
 from sqlalchemy import Engine, event, update
 
 from bridge.clock import now_ms
-from bridge.commands.api import enqueue
 from bridge.db.command_store import CommandStore
+from bridge.db.device_store import DeviceStore, Registration
 from bridge.db.engine import create_schema, make_engine
+from bridge.db.http_models import create_http_schema
 from bridge.db.locks import APPEND_ONLY, LOCK_ORDER, out_of_order
 from bridge.db.models import CommandRecord
 from bridge.db.presence_store import PresenceItem, PresenceStore
+from bridge.db.security_models import create_security_schema
+from bridge.db.security_store import SecurityStore
 from bridge.db.status_store import StatusItem, StatusStore
 from bridge.db.tables import table_of
-from bridge.http.device_store import DeviceStore, Registration
-from bridge.http.models import create_http_schema
+from bridge.outbox.api import enqueue
+from bridge.passwords import hash_password, new_token
 from bridge.presence import ConnState, PresenceEvent, PresenceRules
-from bridge.security.models import create_security_schema
 from bridge.security.operations import request_rotation
-from bridge.security.passwords import hash_password, new_token
-from bridge.security.store import SecurityStore
 from schemas import Ack, AckState, Status
 from schemas.provisioning import ProvisionRequest
 

@@ -8,9 +8,9 @@ import uuid
 from pathlib import Path
 
 from bridge.clock import now_ms
-from bridge.commands.api import enqueue
 from bridge.db.command_store import CommandStore
 from bridge.db.engine import make_engine
+from bridge.outbox.api import enqueue
 from bridge.testing.mosquitto import MosquittoProcess
 from bridge.testing.tcp_proxy import TcpProxy
 from tests.support.bridge_harness import eventually

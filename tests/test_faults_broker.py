@@ -9,9 +9,9 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from bridge.clock import now_ms
-from bridge.commands.api import enqueue
 from bridge.db.command_store import CommandStore
 from bridge.db.engine import make_engine
+from bridge.outbox.api import enqueue
 from bridge.testing.tcp_proxy import TcpProxy
 from tests.conftest import MosquittoFactory
 from tests.support.bridge_harness import eventually, running_bridge

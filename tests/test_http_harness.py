@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+from bridge.db.device_store import DeviceStore
 from bridge.http import HttpFace, HttpSettings
-from bridge.http.device_store import DeviceStore
 from bridge.service.app import Bridge
 from tests.support.bridge_harness import running_bridge
 

@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert
 
+from bridge.db import token_index
 from bridge.db.engine import create_schema, make_engine
 from bridge.db.models import Remote
-from bridge.http import token_index
+from bridge.db.token_index import CmsTokenIndex
 from bridge.http.clients import client_address, limit_key
 from bridge.http.limits import RateLimiter, retry_after_header
 from bridge.http.refresh import refresh_id
 from bridge.http.routes_devices import broker_takes_device_tokens
 from bridge.http.settings import HttpSettings, parse_listen, parse_networks
 from bridge.http.telemetry import METRICS, telemetry
-from bridge.http.token_index import CmsTokenIndex
 from bridge.http.tokens import new_token, token_hash
-from bridge.http.uptime import Change, uptime
+from bridge.presence.uptime import Change, uptime
 from bridge.settings import Settings
 from schemas import Status
 

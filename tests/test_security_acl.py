@@ -17,12 +17,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from bridge.passwords import new_token
 from bridge.security.acl import Access, Role, acl_file_text, allowed
 from bridge.security.admin_link import open_admin_link
 from bridge.security.backend import DynsecBackend
-from bridge.security.passwords import new_token
-from bridge.security.testkit import ACL_FILE, AuthClient, SecureBroker, secure_broker
 from bridge.testing.mosquitto import MosquittoNotFound
+from bridge.testing.secure_broker import ACL_FILE, AuthClient, SecureBroker, secure_broker
 from schemas import TopicKind, device_topic
 from schemas.topics import bridge_sync_topic, provision_topic
 from tests.support.services import service_unavailable

@@ -20,14 +20,14 @@ from sqlalchemy import select
 
 from bridge.clock import now_ms
 from bridge.db.models import CommandRecord
+from bridge.db.security_models import DeviceCredential
+from bridge.db.security_store import REDACTED, SecurityStore
 from bridge.kiosk.credentials import TokenFile
-from bridge.security.models import DeviceCredential
-from bridge.security.passwords import new_token, token_sha256
+from bridge.passwords import new_token, token_sha256
 from bridge.security.runtime import SecurityRuntime
 from bridge.security.settings import SecuritySettings
-from bridge.security.store import REDACTED, SecurityStore
-from bridge.security.testkit import AuthClient, SecureBroker, running_secure_bridge
 from bridge.service.app import Bridge
+from bridge.testing.secure_broker import AuthClient, SecureBroker, running_secure_bridge
 from tests.support.bridge_harness import Db, eventually
 from tests.support.faults.bridge_process import bridge_command, run_cli
 from tests.support.secure_fixtures import (

@@ -12,10 +12,10 @@ from typer.testing import CliRunner, Result
 from bridge.cli import security_cmd
 from bridge.clock import now_ms
 from bridge.db.engine import make_engine
+from bridge.db.security_models import ClaimWindow
+from bridge.db.security_store import SecurityStore
 from bridge.db.tables import table_of
-from bridge.security.models import ClaimWindow
-from bridge.security.passwords import hash_password, new_token
-from bridge.security.store import SecurityStore
+from bridge.passwords import hash_password, new_token
 
 
 def _invoke(*args: str) -> Result:

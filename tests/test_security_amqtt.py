@@ -14,16 +14,16 @@ import pytest
 
 from bridge.clock import now_ms
 from bridge.db.engine import create_schema, make_engine
+from bridge.db.security_models import create_security_schema
+from bridge.db.security_store import PendingRotation, SecurityStore
 from bridge.embedded_broker import EmbeddedBroker
 from bridge.kiosk.agent import KioskAgent
 from bridge.kiosk.credentials import claim_credentials
+from bridge.passwords import hash_password, new_token
 from bridge.security.bootstrap import BootstrapSecrets
 from bridge.security.embedded import BrokerSecurity
-from bridge.security.models import create_security_schema
-from bridge.security.passwords import hash_password, new_token
 from bridge.security.settings import SecuritySettings
-from bridge.security.store import PendingRotation, SecurityStore
-from bridge.security.testkit import AuthClient, running_secure_bridge
+from bridge.testing.secure_broker import AuthClient, running_secure_bridge
 from schemas import TopicKind, device_topic
 from schemas.provisioning import ProvisionAccepted
 from schemas.topics import bridge_sync_topic, provision_topic

@@ -23,11 +23,11 @@ from sqlalchemy import func, select
 
 from bridge.clock import now_ms
 from bridge.db.models import CommandRecord, Connectivity, PresenceHistory, Remote
-from bridge.security.models import DeviceCredential
+from bridge.db.security_models import DeviceCredential
 from bridge.security.settings import SecuritySettings
-from bridge.security.testkit import running_secure_bridge
 from bridge.service.app import Bridge
 from bridge.testing.mosquitto import MosquittoProcess
+from bridge.testing.secure_broker import running_secure_bridge
 from schemas import PresenceOnline, Status, TopicKind, device_topic, encode
 from schemas.topics import provision_topic
 from tests.support.bridge_harness import Db, eventually

@@ -23,15 +23,15 @@ import pytest
 from sqlalchemy import select
 
 from bridge.clock import now_ms
+from bridge.db.security_models import DeviceCredential
+from bridge.db.security_store import SecurityStore
 from bridge.kiosk.agent import KioskAgent
 from bridge.kiosk.credentials import claim_credentials
+from bridge.passwords import new_token
 from bridge.security.admin_link import open_admin_link
-from bridge.security.models import DeviceCredential
-from bridge.security.passwords import new_token
 from bridge.security.runtime import SecurityRuntime
-from bridge.security.store import SecurityStore
-from bridge.security.testkit import AuthClient, SecureBroker
 from bridge.service.app import Bridge
+from bridge.testing.secure_broker import AuthClient, SecureBroker
 from schemas import encode
 from schemas.provisioning import (
     ProvisionAccepted,

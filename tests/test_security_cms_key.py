@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bridge.security.passwords import token_sha256
+from bridge.passwords import token_sha256
 from bridge.testing.mosquitto import MosquittoProcess
 from tests.support.bridge_harness import Db, eventually
 from tests.test_http_harness import API_KEY, Served, served

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from bridge.passwords import new_token
 from bridge.security.acl import ROLE_BRIDGE, ROLE_CLAIM, ROLE_DYNSEC_ADMIN, ROLE_OPS
 from bridge.security.admin_link import open_admin_link
 from bridge.security.bootstrap import write_dynsec_config
 from bridge.security.dynsec import DynsecClient, DynsecError, DynsecUnavailable
-from bridge.security.passwords import new_token
-from bridge.security.testkit import (
+from bridge.testing.mosquitto import MosquittoNotFound, MosquittoProcess
+from bridge.testing.secure_broker import (
     ACL_FILE,
     DYNSEC_FILE,
     PRODUCTION_CONF,
@@ -28,7 +29,6 @@ from bridge.security.testkit import (
     random_secrets,
     secure_broker,
 )
-from bridge.testing.mosquitto import MosquittoNotFound, MosquittoProcess
 from schemas import TopicKind, device_topic
 from tests.support.services import service_unavailable
 

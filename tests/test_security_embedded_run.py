@@ -27,8 +27,8 @@ from bridge.security.embedded import (
     load_or_create_credentials,
     read_credentials,
 )
-from bridge.security.testkit import AuthClient
 from bridge.settings import Settings
+from bridge.testing.secure_broker import AuthClient
 from schemas import PresenceOnline, TopicKind, device_topic, encode
 from tests.support.bridge_harness import Db, eventually
 from tests.support.faults.bridge_process import (

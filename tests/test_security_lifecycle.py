@@ -20,23 +20,23 @@ from typer.testing import CliRunner
 from bridge.cli import ops_cmd, security_cmd
 from bridge.clock import now_ms
 from bridge.db.models import CommandRecord
+from bridge.db.security_models import DeviceCredential
+from bridge.db.security_store import REDACTED, SecurityStore
 from bridge.kiosk.agent import KioskAgent
 from bridge.kiosk.credentials import TokenFile, claim_credentials
+from bridge.passwords import token_sha256
 from bridge.security.admin_link import open_admin_link
 from bridge.security.backend import DynsecBackend
-from bridge.security.models import DeviceCredential
 from bridge.security.operations import SecurityAdmin, request_rotation
-from bridge.security.passwords import token_sha256
 from bridge.security.runtime import SecurityRuntime
-from bridge.security.store import REDACTED, SecurityStore
-from bridge.security.testkit import (
+from bridge.service.app import Bridge
+from bridge.testing.mosquitto import MosquittoNotFound, MosquittoProcess
+from bridge.testing.secure_broker import (
     SECURE_TEMPLATE,
     AuthClient,
     SecureBroker,
     security_conf_lines,
 )
-from bridge.service.app import Bridge
-from bridge.testing.mosquitto import MosquittoNotFound, MosquittoProcess
 from schemas import Command
 from schemas.provisioning import ProvisionAccepted, ProvisionRefused, RefusalReason
 from tests.support.bridge_harness import Db, eventually

@@ -15,17 +15,17 @@ from sqlalchemy import insert, select, update
 
 from bridge.clock import now_ms
 from bridge.db.models import Remote
+from bridge.db.security_models import DeviceCredential
+from bridge.db.security_store import SecurityStore
 from bridge.kiosk.agent import KioskAgent
 from bridge.kiosk.credentials import claim_credentials, send_claim
+from bridge.passwords import PasswordHash, token_sha256, verify_password
 from bridge.security.admin_link import open_admin_link
 from bridge.security.backend import DynsecBackend
-from bridge.security.models import DeviceCredential
 from bridge.security.operations import SecurityAdmin
-from bridge.security.passwords import PasswordHash, token_sha256, verify_password
 from bridge.security.runtime import SecurityRuntime
-from bridge.security.store import SecurityStore
-from bridge.security.testkit import AuthClient, SecureBroker, running_secure_bridge
 from bridge.service.app import Bridge
+from bridge.testing.secure_broker import AuthClient, SecureBroker, running_secure_bridge
 from schemas import encode
 from schemas.provisioning import (
     ProvisionAccepted,

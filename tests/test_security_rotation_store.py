@@ -15,11 +15,11 @@ from bridge.clock import now_ms
 from bridge.db.command_store import CommandStore, NewCommand
 from bridge.db.engine import create_schema, make_engine
 from bridge.db.models import CommandRecord
+from bridge.db.security_models import DeviceCredential
+from bridge.db.security_store import SecurityStore
+from bridge.passwords import hash_password, new_token
 from bridge.security import operations
-from bridge.security.models import DeviceCredential
 from bridge.security.operations import request_rotation
-from bridge.security.passwords import hash_password, new_token
-from bridge.security.store import SecurityStore
 
 
 @pytest.fixture

@@ -30,9 +30,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from bridge.kiosk.agent import KioskAgent
 from bridge.kiosk.credentials import claim_credentials
 from bridge.security.admin_link import open_admin_link
-from bridge.security.testkit import AuthClient, SecureBroker, running_secure_bridge, secure_broker
 from bridge.service.buffered_socket import BufferedSocket
 from bridge.testing.mosquitto import MosquittoNotFound
+from bridge.testing.secure_broker import (
+    AuthClient,
+    SecureBroker,
+    running_secure_bridge,
+    secure_broker,
+)
 from schemas.provisioning import ProvisionAccepted
 from tests.support.bridge_harness import Db, eventually
 from tests.support.ports import free_port

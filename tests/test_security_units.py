@@ -11,6 +11,15 @@ from typing import Any
 
 import pytest
 
+from bridge.db.security_store import PendingRotation
+from bridge.passwords import (
+    PasswordHash,
+    hash_password,
+    is_token,
+    new_token,
+    token_sha256,
+    verify_password,
+)
 from bridge.security.acl import (
     DEFAULT_ACL_ACCESS,
     ROLE_BRIDGE,
@@ -25,17 +34,8 @@ from bridge.security.acl import (
 from bridge.security.bootstrap import BootstrapSecrets, dynsec_config, write_dynsec_config
 from bridge.security.dynsec import RESPONSE_TOPIC, DynsecClient, DynsecUnavailable
 from bridge.security.metrics import SecurityMetrics
-from bridge.security.passwords import (
-    PasswordHash,
-    hash_password,
-    is_token,
-    new_token,
-    token_sha256,
-    verify_password,
-)
 from bridge.security.rotation import RotationFinisher
 from bridge.security.runtime import SecurityRoute
-from bridge.security.store import PendingRotation
 from schemas import ContractError, InvalidDeviceId, InvalidPayload, InvalidTopic, encode
 from schemas.provisioning import (
     PROVISIONING_MODELS,

@@ -9,7 +9,7 @@ import pytest
 from bridge.addresses import host_port, parse_host_port
 from bridge.http.settings import HttpSettings, parse_listen
 from bridge.http.tokens import token_hash
-from bridge.security.passwords import token_sha256
+from bridge.passwords import token_sha256
 from bridge.security.settings import SecuritySettings
 from bridge.settings import RENAMED_VARIABLES, Settings
 

@@ -30,6 +30,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from bridge.cli.run_cmd import settings_or_exit
 from bridge.clock import now_ms
 from bridge.db.engine import create_schema, make_engine
+from bridge.db.security_models import create_security_schema
+from bridge.db.security_store import SecurityStore, needs_proof
 from bridge.ops.durations import parse_duration
 from bridge.security.acl import StaticUsers, acl_file_text
 from bridge.security.admin_link import open_admin_link
@@ -37,10 +39,8 @@ from bridge.security.backend import CredentialBackend, DatabaseBackend, DynsecBa
 from bridge.security.bootstrap import BootstrapSecrets, write_dynsec_config
 from bridge.security.dynsec import DynsecError
 from bridge.security.embedded import broker_url, local_host, read_credentials
-from bridge.security.models import create_security_schema
 from bridge.security.operations import SecurityAdmin, UnknownDevice, request_rotation
 from bridge.security.settings import SecuritySettings
-from bridge.security.store import SecurityStore, needs_proof
 from bridge.settings import Settings
 from schemas import ContractError
 from schemas.device_id import validate_device_id

@@ -14,17 +14,17 @@ from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.cli.run_cmd import settings_or_exit
-from bridge.commands.api import (
+from bridge.commands.lifecycle import CommandState
+from bridge.db.engine import create_schema, make_engine
+from bridge.ops.durations import parse_duration
+from bridge.outbox.api import (
     CommandRequestError,
     Targets,
     enqueue,
     parse_where,
     resolve_targets,
 )
-from bridge.commands.lifecycle import CommandState
-from bridge.commands.waiting import wait_for_commands
-from bridge.db.engine import create_schema, make_engine
-from bridge.ops.durations import parse_duration
+from bridge.outbox.waiting import wait_for_commands
 from schemas import CommandType
 
 #: What ``send`` may queue, from the contract's command kinds (``set_config`` is spelled

@@ -11,8 +11,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlmodel import SQLModel
 
 from bridge.db import models
+from bridge.db.security_models import SECURITY_TABLES
 from bridge.db.tables import table_of
-from bridge.security.models import SECURITY_TABLES
 
 log = logging.getLogger(__name__)
 

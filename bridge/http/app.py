@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from bridge.db.device_store import AuthFailure, DeviceGone
 from bridge.http import routes_cms, routes_devices, routes_legacy
 from bridge.http.context import AUTH_FAILURES, HttpContext
-from bridge.http.device_store import AuthFailure, DeviceGone
 from bridge.http.errors import (
     ApiError,
     auth_blocked,

@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from bridge.db.cms_store import CmsStore
+from bridge.db.device_store import DeviceStore
 from bridge.http.clients import limit_key
-from bridge.http.cms_store import CmsStore
-from bridge.http.device_store import DeviceStore
 from bridge.http.errors import ApiError
 from bridge.http.events import CommandPoller, EventHub
 from bridge.http.limits import RateLimiter, retry_after_header

@@ -26,17 +26,17 @@ from typing import TYPE_CHECKING, Any, Self
 import uvicorn
 
 from bridge.clock import now_ms
+from bridge.db.cms_store import CmsStore
+from bridge.db.device_store import DeviceStore
+from bridge.db.http_models import create_http_schema
+from bridge.db.token_index import TokenRefresher
 from bridge.http.app import create_app
-from bridge.http.cms_store import CmsStore
 from bridge.http.context import HttpContext
-from bridge.http.device_store import DeviceStore
 from bridge.http.events import CommandPoller, EventHub
 from bridge.http.metrics import HttpMetrics
-from bridge.http.models import create_http_schema
 from bridge.http.protocol import header_deadline_protocol
 from bridge.http.settings import HttpSettings
 from bridge.http.sweeper import TimeoutSweeper
-from bridge.http.token_index import TokenRefresher
 
 if TYPE_CHECKING:
     from bridge.service.app import Bridge

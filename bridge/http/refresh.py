@@ -16,8 +16,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
 from bridge.clock import now_ms
-from bridge.commands.api import enqueue, validate_args
 from bridge.db.command_store import CommandStore, NewCommand
+from bridge.outbox.api import enqueue, validate_args
 
 #: Namespace of refresh ids derived from an Idempotency-Key (fixed: ids must be stable).
 REFRESH_NAMESPACE = uuid.UUID("6b1e0f9c-31a5-4c55-9d0b-6a3f1e2c8b71")

@@ -12,7 +12,6 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 
-from bridge.commands.api import CommandRequestError, Targets, enqueue, resolve_targets
 from bridge.http.bodies import (
     CommandRef,
     CommandRequest,
@@ -31,6 +30,7 @@ from bridge.http.deps import ApiKey, Ctx
 from bridge.http.errors import ApiError
 from bridge.http.events import KINDS, Subscription
 from bridge.http.responses import errors
+from bridge.outbox.api import CommandRequestError, Targets, enqueue, resolve_targets
 from schemas import DEVICE_ID_PATTERN
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Path, Request
 
 from bridge.commands.lifecycle import CommandState
 from bridge.db.command_store import AckOutcome
+from bridge.db.device_store import Registration, Transport
 from bridge.db.presence_store import PresenceItem
 from bridge.http.bodies import (
     AckResponse,
@@ -26,7 +27,6 @@ from bridge.http.bodies import (
 )
 from bridge.http.context import HttpContext
 from bridge.http.deps import ClientAddress, Ctx, DeviceToken, RegistrationSecret
-from bridge.http.device_store import Registration, Transport
 from bridge.http.errors import ApiError, MalformedBody
 from bridge.http.feed import online_event
 from bridge.http.responses import errors

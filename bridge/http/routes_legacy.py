@@ -6,12 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
 
-from bridge.commands.api import CommandRequestError
 from bridge.http.bodies import RefreshAccepted, RefreshResponse
 from bridge.http.deps import Ctx
 from bridge.http.errors import ApiError
 from bridge.http.refresh import request_refresh
 from bridge.http.responses import errors
+from bridge.outbox.api import CommandRequestError
 
 router = APIRouter(tags=["cms-legacy"])
 

@@ -36,9 +36,9 @@ from sqlalchemy.sql.dml import Delete, Update
 from bridge.commands.lifecycle import CommandState
 from bridge.db.models import CommandRecord, Connectivity, DeviceConfigRecord, HttpDevice, Remote
 from bridge.db.rows import utc_naive
+from bridge.db.security_models import CredentialState, DeviceCredential
 from bridge.db.tables import table_of
 from bridge.presence import ConnState
-from bridge.security.models import CredentialState, DeviceCredential
 
 CONN = table_of(Connectivity)
 CMD = table_of(CommandRecord)

@@ -7,7 +7,7 @@ Modules, by concern:
   Mosquitto's pattern file, its dynsec roles and the embedded broker's plugin);
 * :mod:`~bridge.security.dynsec` - the dynamic-security plugin's command API;
 * :mod:`~bridge.security.bootstrap` - the broker's first credential file;
-* :mod:`~bridge.security.store` / :mod:`~bridge.security.models` - SQL;
+* :mod:`~bridge.db.security_store` / :mod:`~bridge.db.security_models` - SQL;
 * :mod:`~bridge.security.provisioning`, :mod:`~bridge.security.rotation`,
   :mod:`~bridge.security.operations` - what happens to a device's credential;
 * :mod:`~bridge.security.runtime` - all of it inside the running bridge;

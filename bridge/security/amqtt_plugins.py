@@ -37,10 +37,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from bridge._compat.amqtt import session_entry
 from bridge.db.engine import make_engine
+from bridge.db.security_models import CredentialState, DeviceCredential
 from bridge.db.tables import table_of
+from bridge.passwords import PasswordHash, hash_password, verify_password
 from bridge.security.acl import Access, Role, StaticUsers, allowed
-from bridge.security.models import CredentialState, DeviceCredential
-from bridge.security.passwords import PasswordHash, hash_password, verify_password
 from schemas import DEFAULT_PREFIX, is_valid_device_id
 from schemas.provisioning import is_claim_client_id
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bridge.passwords import hash_password
 from bridge.security.acl import (
     DEFAULT_ACL_ACCESS,
     ROLE_BRIDGE,
@@ -23,7 +24,6 @@ from bridge.security.acl import (
     static_groups,
     static_roles,
 )
-from bridge.security.passwords import hash_password
 from schemas import DEFAULT_PREFIX
 
 #: Shortest password accepted for a fixed principal: these are long-lived secrets.

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from bridge.clock import now_ms
 from bridge.db.command_store import CommandStore, NewCommand
+from bridge.db.security_store import SecurityStore
+from bridge.passwords import hash_password, new_token
 from bridge.security.backend import CredentialBackend
-from bridge.security.passwords import hash_password, new_token
-from bridge.security.store import SecurityStore
 from schemas import (
     DEFAULT_PREFIX,
     CommandType,

@@ -35,12 +35,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
+from bridge.db.security_store import DeviceGone, SecurityStore, is_online, needs_proof
+from bridge.passwords import hash_password, new_token, nonce_sha256, verify_password
 from bridge.security.acl import is_reserved_id
 from bridge.security.backend import CredentialBackend
 from bridge.security.dynsec import DynsecError
 from bridge.security.metrics import SecurityMetrics
-from bridge.security.passwords import hash_password, new_token, nonce_sha256, verify_password
-from bridge.security.store import DeviceGone, SecurityStore, is_online, needs_proof
 from schemas import DEFAULT_PREFIX, ContractError, encode
 from schemas.provisioning import (
     ProvisionAccepted,

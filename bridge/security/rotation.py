@@ -22,10 +22,10 @@ import logging
 from collections.abc import Callable
 
 from bridge.commands.lifecycle import CommandState
+from bridge.db.security_store import PendingRotation, SecurityStore
 from bridge.security.backend import CredentialBackend
 from bridge.security.dynsec import DynsecError
 from bridge.security.metrics import SecurityMetrics
-from bridge.security.store import PendingRotation, SecurityStore
 
 log = logging.getLogger(__name__)
 

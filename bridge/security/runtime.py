@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Self
 import aiomqtt
 
 from bridge.clock import now_ms
+from bridge.db.security_models import create_security_schema
+from bridge.db.security_store import SecurityStore
 from bridge.security.backend import CredentialBackend, DatabaseBackend, DynsecBackend
 from bridge.security.dynsec import RESPONSE_TOPIC, DynsecClient, DynsecUnavailable
 from bridge.security.metrics import SecurityMetrics
-from bridge.security.models import create_security_schema
 from bridge.security.operations import SecurityAdmin
 from bridge.security.provisioning import ProvisioningService
 from bridge.security.rotation import RotationFinisher
 from bridge.security.settings import SecuritySettings
-from bridge.security.store import SecurityStore
 from schemas import DEFAULT_PREFIX, ContractError
 from schemas.constants import PROVISION_SEGMENT
 from schemas.provisioning import parse_provision_topic, provision_request_filter

@@ -11,11 +11,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# What ``remotes.token`` holds: one setting for the one column, which both credential
+# management (provisioning, rotation) and the HTTP face (registration) write.
+from bridge.passwords import TokenStorage as TokenStorage
 from bridge.security.acl import StaticUsers
-
-#: What ``remotes.token`` holds. One setting for the one column, which both credential
-#: management (provisioning, rotation) and the HTTP face (registration) write.
-TokenStorage = Literal["sha256", "plaintext"]
 
 
 class SecuritySettings(BaseModel):

@@ -22,8 +22,8 @@ from bridge.db.engine import create_schema, make_engine
 from bridge.db.outbox_probe import OutboxProbe
 from bridge.db.presence_store import PresenceStore
 from bridge.db.status_store import StatusStore
+from bridge.outbox.dispatcher import CommandDispatcher
 from bridge.security.runtime import SecurityRuntime
-from bridge.service.commands import CommandDispatcher
 from bridge.service.housekeeping import retention_loop
 from bridge.service.ingest import Ingest
 from bridge.service.metrics import BridgeMetrics

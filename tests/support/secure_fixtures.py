@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 
 from bridge.db.engine import create_schema
-from bridge.security.models import create_security_schema
+from bridge.db.security_models import create_security_schema
 from bridge.security.runtime import SecurityRuntime
-from bridge.security.testkit import SecureBroker, running_secure_bridge, secure_broker
 from bridge.service.app import Bridge
 from bridge.testing.mosquitto import MosquittoNotFound
+from bridge.testing.secure_broker import SecureBroker, running_secure_bridge, secure_broker
 from tests.support.bridge_harness import Db
 from tests.support.services import service_unavailable
 

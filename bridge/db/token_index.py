@@ -30,8 +30,7 @@ from sqlalchemy import Engine
 
 from bridge.db.models import Remote
 from bridge.db.tables import table_of
-from bridge.http.settings import TokenStorage
-from bridge.security.passwords import token_sha256
+from bridge.passwords import TokenStorage, token_sha256
 
 log = logging.getLogger(__name__)
 

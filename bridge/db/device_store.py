@@ -26,9 +26,9 @@ from bridge.db.dialect import capabilities
 from bridge.db.models import CommandRecord, Connectivity, HttpDevice, Remote
 from bridge.db.rows import inserted_id, utc_naive
 from bridge.db.tables import table_of
-from bridge.http.settings import TokenStorage
-from bridge.http.token_index import CmsTokenIndex
-from bridge.http.tokens import new_token, token_hash
+from bridge.db.token_index import CmsTokenIndex
+from bridge.passwords import TokenStorage, new_token
+from bridge.passwords import token_sha256 as token_hash
 
 log = logging.getLogger(__name__)
 

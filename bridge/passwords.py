@@ -14,7 +14,11 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
+
+#: How ``remotes.token`` is stored: hashed (the bridge alone issues tokens) or in clear
+#: (a CMS that reads and issues tokens itself).
+TokenStorage = Literal["sha256", "plaintext"]
 
 #: Mosquitto 2.0's own default. Tokens are 256 random bits, so the hash never has to
 #: slow down a guesser; a low count keeps a reconnect storm of thousands cheap.

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, and_, case, literal, select
 from bridge.db.models import CommandRecord, Connectivity, HttpDevice, PresenceHistory, Remote
 from bridge.db.status_store import METRICS
 from bridge.db.tables import table_of
-from bridge.http.uptime import Change, uptime
+from bridge.presence.uptime import Change, uptime
 
 REMOTES = table_of(Remote)
 CONN = table_of(Connectivity)

@@ -21,9 +21,7 @@ from bridge.commands.lifecycle import OPEN_STATES, CommandState
 from bridge.db.dialect import capabilities
 from bridge.db.models import CommandRecord, Connectivity, DeviceConfigRecord, Remote
 from bridge.db.rows import inserted_id, utc_naive
-from bridge.db.tables import table_of
-from bridge.presence import ConnState
-from bridge.security.models import (
+from bridge.db.security_models import (
     ClaimWindow,
     CredentialState,
     DeviceCredential,
@@ -31,7 +29,9 @@ from bridge.security.models import (
     ProvisionNonce,
     SecurityAudit,
 )
-from bridge.security.passwords import ITERATIONS, PasswordHash, token_sha256
+from bridge.db.tables import table_of
+from bridge.passwords import ITERATIONS, PasswordHash, token_sha256
+from bridge.presence import ConnState
 from schemas import DeviceConfig
 from schemas.provisioning import ProvisionRequest
 
