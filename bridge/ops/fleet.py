@@ -50,6 +50,8 @@ class FleetRow:
     last_seen_ms: int | None
     app_version: str | None
     deleted: bool = False
+    #: Wiped successfully: the device must be provisioned (claim or enroll) again.
+    needs_provisioning: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -96,6 +98,7 @@ def load_fleet(engine: Engine, *, include_deleted: bool = False) -> list[FleetRo
         CONN.c.reason,
         CONN.c.session,
         CONN.c.flapping,
+        CONN.c.needs_provisioning,
     ).select_from(REMOTES.outerjoin(CONN, CONN.c.device_id == REMOTES.c.device_identifier))
     if not include_deleted:
         stmt = stmt.where(REMOTES.c.deleted_at.is_(None))
@@ -116,6 +119,7 @@ def load_fleet(engine: Engine, *, include_deleted: bool = False) -> list[FleetRo
             last_seen_ms=naive_utc_to_ms(row.last_seen_at),
             app_version=row.app_version,
             deleted=row.deleted_at is not None,
+            needs_provisioning=bool(row.needs_provisioning),
         )
         for row in rows
     ]

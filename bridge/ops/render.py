@@ -73,6 +73,8 @@ def fleet_table(rows: Sequence[FleetRow], now_ms: int, *, compact: bool = False)
             state.append(f" ({row.reason})", style="dim")
         if row.deleted:
             state.append(" [deleted]", style="dim")
+        if row.needs_provisioning:
+            state.append(" [wiped: needs provisioning]", style="bold yellow")
         cells = (
             row.device_id,
             state,
@@ -131,6 +133,15 @@ def device_report(report: DeviceReport) -> RenderableType:
         if c.flapping:
             state.append(f"  FLAPPING ({c.transitions} transitions)", style="magenta")
     facts.add_row("state", state)
+    if c is not None and c.needs_provisioning:
+        facts.add_row(
+            "provisioning",
+            Text(
+                "needed: wiped by a command; the device gets a credential again by a "
+                "claim or `kiosk-bridge device enroll`",
+                style="bold yellow",
+            ),
+        )
     r = report.remote
     if r is not None:
         facts.add_row("CMS status", f"{r.status}   last seen {ago(r.last_seen_ms, now)}")

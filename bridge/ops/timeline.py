@@ -63,6 +63,8 @@ class ConnectivityView:
     legacy_status: str | None
     writer: str | None
     updated_ms: int
+    #: Set by a successful wipe: the device must be provisioned again.
+    needs_provisioning: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,6 +471,7 @@ def _connectivity_view(row: Any) -> ConnectivityView:
         legacy_status=row.legacy_status,
         writer=row.writer,
         updated_ms=int(row.updated_ms),
+        needs_provisioning=bool(row.needs_provisioning),
     )
 
 
