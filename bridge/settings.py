@@ -86,7 +86,9 @@ def _renamed() -> tuple[tuple[str, str, tuple[str, str]], ...]:
     that two old names fed (``token_storage``)."""
     table: list[tuple[str, str, tuple[str, str]]] = []
     for field in HttpSettings.model_fields:
-        old = "KB_API_KEYS" if field == "api_keys" else f"KB_HTTP_{field.upper()}"
+        # ``KB_UI_KEYS`` is the name issue 21 gave the fleet page's keys: an alias too.
+        flat = {"api_keys": "KB_API_KEYS", "ui_keys": "KB_UI_KEYS"}
+        old = flat.get(field, f"KB_HTTP_{field.upper()}")
         table.append((old, f"KB_HTTP__{field.upper()}", ("http", field)))
     for field in SecuritySettings.model_fields:
         table.append((f"KB_{field.upper()}", f"KB_SECURITY__{field.upper()}", ("security", field)))

@@ -18,6 +18,7 @@ from bridge.http.errors import (
 )
 from bridge.http.limits import BodySizeLimit, BodyTimeout, FailedAuthLimit
 from bridge.http.settings import HttpSettings
+from bridge.http.ui import router as ui_router
 
 TITLE = "kiosk-bridge HTTP API"
 #: Version of this HTTP API (not of the package), so the committed spec does not drift
@@ -44,6 +45,7 @@ def create_app(ctx: HttpContext | None, settings: HttpSettings | None = None) ->
     app.include_router(routes_devices.router)
     app.include_router(routes_legacy.router)
     app.include_router(routes_cms.router)
+    app.include_router(ui_router)  # the fleet page at / (issue 21)
     install_error_handlers(app)
 
     async def on_auth(_request: Request, exc: Exception) -> JSONResponse:

@@ -29,6 +29,12 @@ class HttpSettings(BaseModel):
     listen: str | None = None
     #: ``KB_HTTP__API_KEYS``: comma-separated keys for ``X-API-Key``; empty disables /api/v2.
     api_keys: str = ""
+    #: ``KB_HTTP__UI_KEYS`` (or ``KB_UI_KEYS``): comma-separated read-only keys for the
+    #: fleet page at ``/`` (``bridge/http/ui``); the API keys open it too. They are never
+    #: accepted by /api/v2, so they cannot send commands.
+    ui_keys: str = ""
+    #: How long a fleet page login lasts before the key must be entered again.
+    ui_session_s: float = Field(default=12 * 3600.0, gt=0, le=30 * 24 * 3600)
     #: How often legacy kiosks heartbeat (the APK's fixed 30 s).
     heartbeat_interval_s: float = Field(default=30.0, gt=0)
     #: An HTTP-only device is ``lost`` after this many intervals without a heartbeat.
@@ -98,6 +104,10 @@ class HttpSettings(BaseModel):
     @property
     def api_key_list(self) -> tuple[str, ...]:
         return tuple(key.strip() for key in self.api_keys.split(",") if key.strip())
+
+    @property
+    def ui_key_list(self) -> tuple[str, ...]:
+        return tuple(key.strip() for key in self.ui_keys.split(",") if key.strip())
 
     @property
     def timeout_ms(self) -> int:
