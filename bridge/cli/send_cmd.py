@@ -1,31 +1,27 @@
-"""``kiosk-bridge send``: queue tracked commands, optionally wait for them to finish."""
+"""``kiosk-bridge send``: queue tracked commands, optionally wait for them to finish.
+
+A fan-out (``--all``, ``--where``, many ids) shows a progress bar by state on a terminal
+and ends with one line per final state, each with why its commands did not succeed;
+``--verbose`` adds a row per device. Heavy imports wait until the command runs, so
+``send --help`` starts fast.
+"""
 
 from __future__ import annotations
 
-import getpass
 import json
-from datetime import UTC
-from typing import Annotated, Any, Final
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from sqlalchemy.exc import SQLAlchemyError
 
-from bridge.cli.run_cmd import settings_or_exit
-from bridge.commands.lifecycle import CommandState
-from bridge.db.engine import create_schema, make_engine
-from bridge.ops.durations import parse_duration
-from bridge.outbox.api import (
-    CommandRequestError,
-    Targets,
-    enqueue,
-    parse_where,
-    resolve_targets,
-)
-from bridge.outbox.waiting import wait_for_commands
+from bridge.cli.common import console as make_console
+from bridge.cli.common import fail, reporting, settings
+from bridge.exit_codes import ExitCode
 from schemas import CommandType
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from sqlalchemy import Engine
 
 #: What ``send`` may queue, from the contract's command kinds (``set_config`` is spelled
 #: ``set-config`` on the command line): every kind but ``rotate_token``, which only
@@ -53,28 +49,6 @@ def _arg_pairs(pairs: list[str]) -> dict[str, Any]:
         except ValueError:
             found[key] = raw
     return found
-
-
-_GOOD = {CommandState.SUCCEEDED}
-
-
-def _iso(value: Any) -> str | None:
-    return None if value is None else value.replace(tzinfo=UTC).isoformat()
-
-
-def _row_json(row: Any) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "device_id": row.device_id,
-        "type": row.type,
-        "state": row.state,
-        "attempts": row.attempts,
-        "created_at": _iso(row.created_at),
-        "delivered_at": _iso(row.delivered_at),
-        "acked_at": _iso(row.acked_at),
-        "finished_at": _iso(row.finished_at),
-        "last_error": row.last_error,
-    }
 
 
 def send(
@@ -111,14 +85,17 @@ def send(
     ] = None,
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default sqlite)")] = None,
     requested_by: Annotated[str | None, typer.Option(help="Who asks (default: $USER)")] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="With --wait: a row per device as well")
+    ] = False,
 ) -> None:
     """Queue a tracked command per device; the running bridge delivers it.
 
     Exit 0 when queued (with --wait: when all succeeded), 1 when any failed or timed out,
     2 for a bad request, 3 when the database is unreachable.
     """
-    console = Console(stderr=as_json)
-    settings = settings_or_exit(db=db)
+    console = make_console(stderr=as_json)
+    config = settings(db=db)
     command_type = CommandType(kind.replace("-", "_"))
     args: dict[str, Any] = _arg_pairs(extra or [])
     if command_type is CommandType.REFRESH and url:
@@ -130,8 +107,7 @@ def send(
             args["reason"] = reason
     if command_type is CommandType.WIPE:
         if not yes:
-            typer.echo("error: wipe erases the device; confirm with --yes", err=True)
-            raise typer.Exit(2)
+            fail("wipe erases the device; confirm with --yes", ExitCode.USAGE)
         args["reason"] = reason
     if command_type is CommandType.SET_CONFIG:
         for key, value in (
@@ -141,70 +117,165 @@ def send(
         ):
             if value is not None:
                 args[key] = value
-    try:
-        ttl_s = parse_duration(ttl) / 1000 if ttl is not None else None
-        timeout_s = parse_duration(timeout) / 1000
-        targets = Targets(
-            devices=tuple(devices or ()),
-            all_devices=all_devices,
-            where=tuple(parse_where(w) for w in where or ()),
+    with reporting():
+        engine, ids = _enqueue(
+            config.db,
+            command_type.value,
+            Request(
+                devices=tuple(devices or ()),
+                all_devices=all_devices,
+                where=tuple(where or ()),
+                args={k: v for k, v in args.items() if v is not None},
+                ttl=ttl,
+                requested_by=requested_by,
+                reason=reason,
+            ),
         )
-        engine = make_engine(settings.db)
+        try:
+            if not wait:
+                _print_queued(console, kind, ids, as_json=as_json)
+                return
+            from bridge.ops.durations import parse_duration
+
+            try:
+                timeout_s = parse_duration(timeout) / 1000
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--timeout") from None
+            ok = _wait(console, engine, kind, ids, timeout_s, as_json=as_json, verbose=verbose)
+        finally:
+            engine.dispose()
+    if not ok:
+        raise typer.Exit(ExitCode.BAD_STATE)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What the command line asked to queue, before it is resolved against the table."""
+
+    devices: tuple[str, ...]
+    all_devices: bool
+    where: tuple[str, ...]
+    args: dict[str, Any]
+    ttl: str | None
+    requested_by: str | None
+    reason: str | None
+
+
+def _enqueue(url: str, kind: str, request: Request) -> tuple[Engine, list[str]]:
+    """Queue the commands; a bad request exits 2, an unreachable database 3."""
+    import getpass
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from bridge.db.engine import create_schema, make_engine
+    from bridge.ops.durations import parse_duration
+    from bridge.outbox.api import (
+        CommandRequestError,
+        Targets,
+        enqueue,
+        parse_where,
+        resolve_targets,
+    )
+
+    try:
+        ttl_s = parse_duration(request.ttl) / 1000 if request.ttl is not None else None
+        targets = Targets(
+            devices=request.devices,
+            all_devices=request.all_devices,
+            where=tuple(parse_where(w) for w in request.where),
+        )
+        engine = make_engine(url)
+    except (CommandRequestError, ValueError) as exc:
+        fail(str(exc), ExitCode.USAGE)
+    try:
         create_schema(engine)
         ids = enqueue(
             engine,
-            command_type.value,
+            kind,
             resolve_targets(engine, targets),
-            {k: v for k, v in args.items() if v is not None},
+            request.args,
             ttl_s=ttl_s,
-            requested_by=requested_by or getpass.getuser(),
-            reason=reason,
+            requested_by=request.requested_by or getpass.getuser(),
+            reason=request.reason,
         )
     except (CommandRequestError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except SQLAlchemyError as exc:
-        typer.echo(f"error: database {settings.db}: {str(exc).splitlines()[0]}", err=True)
-        raise typer.Exit(3) from None
-    if not wait:
-        if as_json:
-            typer.echo(json.dumps({"queued": ids}))
-        else:
-            console.print(f"queued {len(ids)} {kind} command(s)")
-            for command_id in ids[:20]:
-                console.print(f"  {command_id}")
+        engine.dispose()
+        fail(str(exc), ExitCode.USAGE)
+    except SQLAlchemyError:
+        engine.dispose()
+        raise
+    return engine, ids
+
+
+def _print_queued(console: Console, kind: str, ids: list[str], *, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps({"queued": ids}))
         return
+    console.print(f"queued {len(ids)} {kind} command(s)")
+    for command_id in ids[:20]:
+        console.print(f"  {command_id}")
+    if len(ids) > 20:
+        console.print(f"  ... and {len(ids) - 20} more: kiosk-bridge commands --state queued")
+
+
+def _wait(
+    console: Console,
+    engine: Engine,
+    kind: str,
+    ids: list[str],
+    timeout_s: float,
+    *,
+    as_json: bool,
+    verbose: bool,
+) -> bool:
+    """Wait for ``ids`` with a progress bar on a terminal; print the outcome; ``True``
+    when every command succeeded."""
+    from collections import Counter
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from bridge.clock import now_ms
+    from bridge.ops import commands, render_commands
+
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("{task.fields[states]}"),
         TimeElapsedColumn(),
         console=console,
-        disable=as_json,
+        # Only a terminal gets a bar: in a pipe or a log it would be noise.
+        disable=as_json or not console.is_terminal,
         transient=True,
     ) as bar:
-        task = bar.add_task(f"{kind}", total=len(ids))
-        rows = wait_for_commands(
-            engine,
-            ids,
-            timeout_s=timeout_s,
-            progress=lambda done, _total: bar.update(task, completed=done),
-        )
-    ok = all(CommandState(row.state) in _GOOD for row in rows) and len(rows) == len(ids)
+        task = bar.add_task(kind, total=len(ids), states="")
+
+        def show(rows: list[commands.CommandRow]) -> None:
+            counts = Counter(row.state for row in rows)
+            states = ", ".join(f"{counts[s]} {s}" for s in commands.STATES if counts.get(s))
+            bar.update(task, completed=sum(row.finished for row in rows), states=states)
+
+        rows = commands.wait_finished(engine, ids, timeout_s=timeout_s, on_poll=show)
+    now = now_ms()
+    ok = len(rows) == len(ids) and all(row.state == "succeeded" for row in rows)
     if as_json:
-        typer.echo(json.dumps({"ok": ok, "commands": [_row_json(r) for r in rows]}))
-    else:
-        table = Table("device", "state", "attempts", "error", title=f"{kind} results")
-        for row in rows:
-            style = "green" if CommandState(row.state) in _GOOD else "red"
-            table.add_row(
-                row.device_id, f"[{style}]{row.state}[/]", str(row.attempts), row.last_error or ""
-            )
-        console.print(table)
-        if not ok and any(not CommandState(r.state).terminal for r in rows):
-            console.print("some commands did not finish in time: is `kiosk-bridge run` running?")
-    if not ok:
-        raise typer.Exit(1)
+        typer.echo(json.dumps({"ok": ok, "commands": [row.to_json(now) for row in rows]}))
+        return ok
+    console.print(render_commands.grouped_results(rows, now, verbose=verbose))
+    unfinished = sum(not row.finished for row in rows)
+    if unfinished:
+        console.print(
+            f"{unfinished} of {len(rows)} did not finish within {timeout_s:g}s; they stay "
+            "queued until they expire (kiosk-bridge commands --state queued)",
+            style="yellow",
+        )
+    return ok
 
 
 def register(app: typer.Typer) -> None:

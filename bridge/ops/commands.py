@@ -8,7 +8,8 @@ without a database.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -37,9 +38,9 @@ STATES: Final = (
     "superseded",
 )
 FINISHED: Final = frozenset(STATES[4:])
-#: A queued command for an online device is normally claimed within 0.5 s (the
-#: dispatcher's full pass); well past that, nobody is dispatching.
-UNDISPATCHED_AFTER_MS: Final = 5_000
+#: A queued command for an online device is claimed within 0.5 s (the dispatcher's
+#: full pass; the outbox probe is faster): four passes later, nobody is dispatching.
+UNDISPATCHED_AFTER_MS: Final = 2_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,3 +289,23 @@ def _row(r: Any) -> CommandRow:
         last_error=r.last_error,
         device=device,
     )
+
+
+def wait_finished(
+    engine: Engine,
+    ids: Sequence[str],
+    *,
+    timeout_s: float,
+    poll_s: float = 0.2,
+    on_poll: Callable[[list[CommandRow]], None] | None = None,
+) -> list[CommandRow]:
+    """Read ``ids`` every ``poll_s`` until all are finished or ``timeout_s`` passed (a
+    bridge in another process finishes them: there is nothing to wait on but the table)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = get_commands(engine, ids)
+        if on_poll is not None:
+            on_poll(rows)
+        if all(row.finished for row in rows) or time.monotonic() >= deadline:
+            return rows
+        time.sleep(poll_s)
