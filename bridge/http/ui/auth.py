@@ -92,6 +92,10 @@ def same_origin_post(request: Request) -> bool:
     fetch_site = request.headers.get("sec-fetch-site")
     if fetch_site is not None and fetch_site not in ("same-origin", "none"):
         return False
+    if fetch_site == "same-origin":
+        # Set by the browser itself (a page cannot forge a Sec- header); it holds even
+        # where the browser sends ``Origin: null``.
+        return True
     origin = request.headers.get("origin")
     if origin is None:
         # Browsers send Origin on every POST; a client without it is not a browser
