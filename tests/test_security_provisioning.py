@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -320,3 +321,27 @@ async def test_a_revoked_cms_only_device_cannot_claim_until_restored(
     accepted = await claim(broker, "prov-legacy")
     assert isinstance(accepted, ProvisionAccepted)
     assert await asyncio.to_thread(can_connect, broker, "prov-legacy", accepted.token)
+
+
+async def test_a_1_0_claim_client_id_is_refused_and_the_same_claim_from_claim_is_accepted(
+    broker: SecureBroker, running: tuple[Bridge, SecurityRuntime], db: Db
+) -> None:
+    """Contract 1.0 let a claim connection use "a random client id of its own"; 1.1 asks
+    for ``claim-<random>`` (docs/CONTRACT.md, "What changed in 1.1"). A 1.0 app's claim
+    under a UUID is refused and consumes nothing: the same request, byte for byte, from
+    a ``claim-`` client id is accepted."""
+    bridge, _ = running
+    # A 1.0 request: no proof_token.
+    payload = encode(ProvisionRequest(device_id="prov-v10", nonce=secrets.token_urlsafe(24)))
+    assert b"proof_token" not in payload
+    legacy_id = str(uuid.uuid4())
+    refused = await raw_claim(broker, payload, legacy_id)
+    assert isinstance(refused, ProvisionRefused)
+    assert refused.reason is RefusalReason.INVALID_CLIENT_ID
+    assert counted(bridge, "refused", "invalid_client_id") == 1
+    assert rows(db, "prov-v10") == [] and credential(db, "prov-v10") is None
+    # The one change a 1.0 app makes: its claim client id.
+    accepted = await raw_claim(broker, payload, f"claim-{legacy_id}")
+    assert isinstance(accepted, ProvisionAccepted)
+    assert accepted.device_id == "prov-v10"
+    assert await asyncio.to_thread(can_connect, broker, "prov-v10", accepted.token)
