@@ -25,6 +25,7 @@ import aiomqtt
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.json import JSON
 from rich.live import Live
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -172,11 +173,35 @@ def _engine(settings: Settings) -> Engine:
 # --- watch -------------------------------------------------------------------------------
 
 
+def _topic_filter(value: str | None) -> str | None:
+    """An MQTT topic filter, checked before connecting: a bad one is a usage error."""
+    if value is None:
+        return None
+    try:
+        aiomqtt.Wildcard(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not a valid MQTT topic filter: '#' may only be the whole last "
+            "level, '+' only a whole level (e.g. 'kiosk/v1/+/presence', 'kiosk/v1/#')",
+            param_hint="FILTER",
+        ) from None
+    return value
+
+
 def watch_cmd(
     filter_: Annotated[
-        str | None, typer.Argument(metavar="FILTER", help="Topic filter (default PREFIX/#)")
+        str | None,
+        typer.Argument(
+            metavar="FILTER",
+            help="Topic filter (default PREFIX/#); any filter, topics outside the contract "
+            "are shown raw",
+            callback=_topic_filter,
+        ),
     ] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Show payloads as received")] = False,
+    pretty: Annotated[
+        bool, typer.Option("--pretty", help="Each payload as indented JSON under its line")
+    ] = False,
     as_json: JsonOpt = False,
     retained_only: Annotated[
         bool, typer.Option("--retained-only", help="Print the retained snapshot and exit")
@@ -188,9 +213,12 @@ def watch_cmd(
     broker: BrokerOpt = None,
     prefix: PrefixOpt = None,
 ) -> None:
-    """Live tail of the contract's topics, each message decoded and validated.
+    """Live tail of any topic filter: the contract's topics decoded and validated, other
+    topics raw.
 
-    Invalid messages are highlighted with the validation error. R marks retained ones.
+    Invalid contract messages are highlighted with the validation error. R marks
+    retained ones. --pretty prints each JSON payload indented; with --json, one indented
+    object per message.
     """
     settings = _settings(broker=broker, prefix=prefix, mqtt_protocol=protocol)
     console = _console()
@@ -200,9 +228,17 @@ def watch_cmd(
 
         def show(event: watch.WatchEvent) -> None:
             if as_json:
-                _echo_json(watch.to_json(event, raw=raw))
-            else:
-                console.print(watch.render_line(event, raw=raw), soft_wrap=True)
+                data = watch.to_json(event, raw=raw)
+                if pretty:
+                    typer.echo(json.dumps(data, indent=2, default=_json_default))
+                else:
+                    _echo_json(data)
+                return
+            console.print(watch.render_line(event, raw=raw), soft_wrap=True)
+            if pretty:
+                payload = watch.payload_data(event)
+                if payload is not None:
+                    console.print(JSON.from_data(payload, indent=2))
 
         async def main() -> None:
             async with connect(address, protocol=_protocol(settings), name="watch") as client:
@@ -219,6 +255,14 @@ def watch_cmd(
                             err=True,
                         )
                     return
+                if sys.stderr.isatty():
+                    # A broker may grant a filter its ACL then hides (Mosquitto does): say
+                    # what is watched, so silence is not mistaken for a hang.
+                    typer.echo(
+                        f"watching {topic_filter!r} on {address.url} (Ctrl-C to stop); "
+                        "nothing shown means nothing published that this user may read",
+                        err=True,
+                    )
                 await watch.tail(
                     client, topic_filter, show, prefix=settings.prefix, count=count, clock=now_ms
                 )

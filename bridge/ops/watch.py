@@ -7,7 +7,7 @@ turn that into one coloured line or one JSON object. The tailing loop is :func:`
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -16,6 +16,7 @@ import aiomqtt
 from pydantic import BaseModel
 from rich.text import Text
 
+from bridge.ops.errors import UsageError
 from bridge.ops.mqtt import payload_bytes, read_retained
 from bridge.ops.timefmt import iso_utc
 from schemas import (
@@ -37,6 +38,8 @@ from schemas.topics import bridge_sync_topic, is_bridge_topic, provision_topic
 
 BRIDGE: Final = "bridge"
 SYNC: Final = "sync"
+#: A topic outside the contract's prefix: shown raw, not judged.
+OTHER: Final = "other"
 PROVISION: Final = "provision"
 UNKNOWN: Final = "unknown"
 _BRIDGE_DEVICE: Final = "_bridge"
@@ -53,6 +56,16 @@ _KIND_STYLE: Final = {
 }
 
 
+class SubscriptionRefused(UsageError):
+    """The broker refused the filter (its ACL): a silent tail would wait forever."""
+
+    def __init__(self, filter_: str) -> None:
+        super().__init__(
+            f"the broker refused the subscription to {filter_!r}: this user may not read it",
+            hint="pass --broker with a user allowed to read those topics",
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class WatchEvent:
     received_ms: int
@@ -60,7 +73,9 @@ class WatchEvent:
     retained: bool
     #: ``_bridge`` for the bridge's own topics; ``None`` when the topic names no device.
     device_id: str | None
-    #: A :class:`schemas.TopicKind` value, or ``bridge``, ``sync``, ``provision``, ``unknown``.
+    #: A :class:`schemas.TopicKind` value, or ``bridge``, ``sync``, ``provision``,
+    #: ``unknown`` (under the prefix but not a contract topic: invalid), ``other`` (outside
+    #: the prefix: shown raw).
     kind: str
     valid: bool
     summary: str
@@ -97,6 +112,15 @@ def describe(
             received_ms=received_ms, topic=topic, retained=retained, payload=payload, **fields
         )
 
+    if not topic.startswith(prefix.rstrip("/") + "/"):
+        # Not the contract's: nothing to check it against.
+        return event(
+            device_id=None,
+            kind=OTHER,
+            valid=True,
+            summary="(empty)" if not payload else _raw_text(payload),
+            error=None,
+        )
     if not payload:
         # A zero-length publish is how a retained message is deleted, not a bad payload.
         device = _device_of(topic, prefix)
@@ -237,7 +261,7 @@ def render_line(event: WatchEvent, *, raw: bool = False) -> Text:
     line = Text()
     line.append(_clock(event.received_ms), style="dim")
     line.append(" R " if event.retained else "   ", style="dim")
-    if raw:
+    if raw or event.kind == OTHER:
         line.append(event.topic, style="bold")
         line.append(" ")
         line.append(_raw_text(event.payload))
@@ -258,6 +282,27 @@ def render_line(event: WatchEvent, *, raw: bool = False) -> Text:
     else:
         line.append(event.summary)
     return line
+
+
+def payload_data(event: WatchEvent) -> Any | None:
+    """The payload as JSON data for ``--pretty``: the decoded contract payload, else the
+    raw payload when it parses as JSON; ``None`` otherwise."""
+    if event.data is not None:
+        return event.data
+    try:
+        return json.loads(event.payload)
+    except ValueError:
+        return None
+
+
+def subscription_refused(granted: Sequence[Any]) -> bool:
+    """Whether a SUBACK refused the subscription: paho reports 3.1.1's 0x80 and MQTT 5's
+    failure reason codes alike as ``ReasonCode`` (an ``int`` in older paho)."""
+    for code in granted:
+        failure = getattr(code, "is_failure", None)
+        if failure if failure is not None else int(code) >= 0x80:
+            return True
+    return False
 
 
 def to_json(event: WatchEvent, *, raw: bool = False) -> dict[str, Any]:
@@ -291,7 +336,9 @@ async def tail(
 ) -> int:
     """Deliver every message on ``filter_`` (retained ones first) until ``count``;
     returns how many were delivered. Snapshot markers of other observers are skipped."""
-    await client.subscribe(filter_, qos=1)
+    granted = await client.subscribe(filter_, qos=1)
+    if subscription_refused(granted):
+        raise SubscriptionRefused(filter_)
     seen = 0
     if count is not None and count <= 0:
         return 0
@@ -319,6 +366,10 @@ async def retained_snapshot(
 ) -> tuple[list[WatchEvent], bool]:
     """The retained messages under ``filter_``, decoded, sorted by topic; and whether the
     snapshot is known complete."""
+    # Asked apart first: read_retained does not look at the SUBACK, and a refused filter
+    # would read as an empty snapshot.
+    if subscription_refused(await client.subscribe(filter_, qos=1)):
+        raise SubscriptionRefused(filter_)
     snapshot = await read_retained(client, [filter_], prefix=prefix)
     now = clock()
     events = [
