@@ -5,16 +5,18 @@ it. The broker is wired as ``kiosk-bridge run`` wires it (``EmbeddedBroker(secur
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from bridge.clock import now_ms
 from bridge.db.engine import create_schema, make_engine
-from bridge.db.security_models import create_security_schema
+from bridge.db.security_models import DeviceCredential, create_security_schema
 from bridge.db.security_store import PendingRotation, SecurityStore
 from bridge.embedded_broker import EmbeddedBroker
 from bridge.kiosk.agent import KioskAgent
@@ -24,8 +26,14 @@ from bridge.security.bootstrap import BootstrapSecrets
 from bridge.security.embedded import BrokerSecurity
 from bridge.security.settings import SecuritySettings
 from bridge.testing.secure_broker import AuthClient, running_secure_bridge
-from schemas import TopicKind, device_topic
-from schemas.provisioning import ProvisionAccepted
+from schemas import TopicKind, device_topic, encode
+from schemas.provisioning import (
+    ProvisionAccepted,
+    ProvisionRefused,
+    ProvisionRequest,
+    RefusalReason,
+    decode_provision_response,
+)
 from schemas.topics import bridge_sync_topic, provision_topic
 from tests.support.bridge_harness import Db, eventually
 from tests.support.ports import free_port
@@ -36,6 +44,7 @@ PASSWORDS = {
     "claim_password": "claim-password-0123456789",
 }
 KICK_BUDGET_S = 1.0
+CRED = DeviceCredential.__table__
 
 
 @pytest.fixture
@@ -311,3 +320,51 @@ async def test_a_device_credential_has_no_provisioning_rights(
     assert [r.value for r in await asyncio.to_thread(kiosk.subscribe, response)] == [0x80]
     await asyncio.to_thread(kiosk.publish, provision_topic("amq-p", "request"), b"{}")
     assert await marker_then(kiosk, observer, device_topic("amq-p", TopicKind.STATUS)) == []
+
+
+async def test_a_replayed_request_never_yields_a_second_token(
+    broker: EmbeddedBroker, store: SecurityStore, sqlite_url: str, clients: Clients
+) -> None:
+    """As ``test_security_claim_attacks.py`` on Mosquitto: a claim request copied by
+    another claim connection (same nonce, another ``claim-*`` client id) is refused
+    ``nonce_reused`` and mints nothing."""
+    claim_url = url(broker, "_claim", PASSWORDS["claim_password"])
+
+    async def provision(device_id: str, **kw: Any) -> ProvisionAccepted:
+        answer = await asyncio.to_thread(
+            claim_credentials, url(broker), "_claim", PASSWORDS["claim_password"], device_id, **kw
+        )
+        assert isinstance(answer, ProvisionAccepted), answer
+        return answer
+
+    def generation(device_id: str) -> int:
+        with store.engine.connect() as conn:
+            query = select(CRED.c.generation).where(CRED.c.device_id == device_id)
+            return int(conn.execute(query).scalar_one())
+
+    async with running_secure_bridge(
+        url(broker, "_bridge", PASSWORDS["bridge_password"]),
+        sqlite_url,
+        security=SecuritySettings(credential_backend="database", rotation_poll_s=0.1),
+        mqtt_protocol="3.1.1",
+    ):
+        first = await provision("amq-replay")
+        # The device re-provisions with proof; the attacker (claim secret, another client
+        # id) sends the same request again.
+        request = ProvisionRequest(
+            device_id="amq-replay", nonce=secrets.token_urlsafe(24), proof_token=first.token
+        )
+        again = await provision("amq-replay", nonce=request.nonce, proof_token=first.token)
+        replayer = await clients.connect(claim_url, f"claim-{secrets.token_hex(8)}")
+        response = provision_topic(replayer.client_id, "response")
+        await asyncio.to_thread(replayer.subscribe, response)
+        await asyncio.to_thread(
+            replayer.publish, provision_topic(replayer.client_id, "request"), encode(request)
+        )
+        _topic, payload, _retained = await asyncio.to_thread(replayer.expect, response)
+    copied = decode_provision_response(payload)
+    assert isinstance(copied, ProvisionRefused), copied
+    assert copied.reason is RefusalReason.NONCE_REUSED
+    assert generation("amq-replay") == 2
+    assert not await clients.refused(url(broker, "amq-replay", again.token), "amq-replay")
+    assert await clients.refused(url(broker, "amq-replay", first.token), "amq-replay")
