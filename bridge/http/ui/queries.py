@@ -238,6 +238,8 @@ class Freshness:
             "stale": self.stale,
             "newest_write_ms": self.newest_write_ms,
             "online": self.online,
+            # The banner's words when set; else the page words it from the fields.
+            "message": None,
             "basis": "newest kb_connectivity / kb_presence_history write",
         }
 
@@ -254,9 +256,11 @@ def judge_freshness(
 
 
 def freshness(engine: Engine, now_ms: int) -> Freshness:
-    # HOOK (bridge liveness): when ``kb_bridges`` lands with a function answering "is
-    # any bridge writer live", answer ``stale`` from it here and keep the write time
-    # as the detail; the page's banner reads only ``stale``.
+    # HOOK (bridge liveness): the liveness of writers in ``kb_bridges`` is being added
+    # (``bridge.db.fleet_health.read_fleet_health``, not committed when this was
+    # written). When it lands, answer ``stale = not health.live`` and
+    # ``message = health.warning()`` from it here, keeping the write time as detail.
+    # The page's banner reads only ``stale`` and ``message`` (bridge/http/ui/static).
     with engine.connect() as conn:
         conn_row = conn.execute(
             select(

@@ -64,7 +64,9 @@
       const to = i + 1 < segments.length ? segments[i + 1][0] : end;
       if (to <= from) return;
       const part = el("span", { class: "b-" + seg[1], title: CODE_NAMES[seg[1]] + " from " + stamp(from) });
-      part.style.left = ((from - start) / span) * 100 + "%";
+      // Anchored at its end, so a segment too short to see grows (min-width) into the
+      // past instead of out of the bar: the newest change always shows.
+      part.style.right = ((end - to) / span) * 100 + "%";
       part.style.width = ((to - from) / span) * 100 + "%";
       node.append(part);
     });
@@ -104,6 +106,10 @@
     fleet.bars = new Map(Object.entries(data.bars));
     fleet.barStart = data.start_ms; fleet.barEnd = data.end_ms;
     if (route().page === "fleet") paintRows(true);
+    if (!document.body.dataset.uptimeRendered) {
+      document.body.dataset.uptimeRendered = String(fleet.bars.size);
+      performance.mark("kb-uptime-rendered");
+    }
   }
   const reloadFleet = debounce(() => loadFleet().catch(report), 400);
 
@@ -184,7 +190,7 @@
       const s = await getJSON("/ui/api/status");
       const banner = $("#stale-banner");
       if (s.stale === true) {
-        banner.textContent = "Device states may be stale: no bridge has written anything since " +
+        banner.textContent = s.message || "Device states may be stale: no bridge has written anything since " +
           (s.newest_write_ms ? stamp(s.newest_write_ms) + " (" + ago(s.newest_write_ms) + ")" : "a while") +
           ", yet " + s.online + " device(s) are shown online.";
         banner.hidden = false;
