@@ -31,6 +31,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.broker_url import BrokerAddress, parse_broker_url
+from bridge.cli.keys import keys
 from bridge.cli.run_cmd import db_app
 from bridge.clock import now_ms
 from bridge.ops import db_check, fleet, render, timeline, top, uptime, watch
@@ -38,6 +39,7 @@ from bridge.ops.db import first_line, open_ready_engine
 from bridge.ops.doctor import DEFAULT_SKEW_THRESHOLD_MS, run_doctor
 from bridge.ops.durations import parse_duration
 from bridge.ops.errors import BrokerUnreachable, DatabaseUnreachable, OpsError, UsageError
+from bridge.ops.fleet_watch import FleetWatch
 from bridge.ops.mqtt import connect, read_retained
 from bridge.security.embedded import broker_url, local_host, read_credentials
 from bridge.settings import MqttProtocol, Settings, load_settings, setting_name
@@ -299,8 +301,30 @@ def devices_cmd(
     ] = False,
     as_json: JsonOpt = False,
     db: DbOpt = None,
+    watch_: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            "-w",
+            help="After the table, print each change as it is committed (polls the "
+            "database every --interval), like kubectl get -w",
+        ),
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, help="--watch: seconds between polls")
+    ] = 1.0,
+    count: Annotated[
+        int | None, typer.Option("--count", "-C", min=1, help="--watch: exit after N changes")
+    ] = None,
 ) -> None:
-    """The fleet: state, CMS status, flapping, battery, wifi, last seen, app version."""
+    """The fleet: state, CMS status, flapping, re-provisioning mark, battery, wifi, last
+    seen, app version.
+
+    --watch then prints each change (state with the time it was committed, CMS status,
+    flapping, the wipe's re-provisioning mark, devices added or removed) until Ctrl-C;
+    with --json, one JSON object per change. It polls the database: a change is seen
+    within --interval.
+    """
     if state is not None and state not in fleet.STATES:
         raise typer.BadParameter(
             f"{state!r} is not one of {', '.join(fleet.STATES)}", param_hint="--state"
@@ -313,6 +337,12 @@ def devices_cmd(
     settings = _settings(db=db)
     with _reporting():
         engine = _engine(settings)
+        if watch_:
+            try:
+                _watch_fleet(engine, search, interval, count, as_json=as_json)
+            finally:
+                engine.dispose()
+            return
         try:
             rows = fleet.load_fleet(engine, include_deleted=deleted)
         finally:
@@ -342,6 +372,38 @@ def devices_cmd(
         else:
             console.print("no devices match", style="dim")
         console.print(render.fleet_summary_line(summary, len(rows)))
+
+
+def _watch_fleet(
+    engine: Engine, search: str | None, interval: float, count: int | None, *, as_json: bool
+) -> None:
+    """The table once, then each change until Ctrl-C (or ``count`` changes)."""
+    watcher = FleetWatch(engine)
+    rows = watcher.start()
+    console = _console()
+    if not as_json:
+        now = now_ms()
+        console.print(render.fleet_table(fleet.sort_rows(rows, "device"), now))
+        console.print(render.fleet_summary_line(fleet.summarize(rows), len(rows)))
+    needle = search.casefold() if search else None
+    shown = 0
+    try:
+        while count is None or shown < count:
+            # The poll interval, not synchronisation: nothing tells us of a commit.
+            time.sleep(interval)
+            for change in watcher.poll(now_ms()):
+                if needle is not None and needle not in change.device_id.casefold():
+                    continue
+                if as_json:
+                    _echo_json(change.to_json())
+                else:
+                    console.print(render.fleet_change_line(change))
+                shown += 1
+                if count is not None and shown >= count:
+                    return
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return
 
 
 # --- device show -----------------------------------------------------------------------------
@@ -442,7 +504,12 @@ def top_cmd(
     ] = False,
     db: DbOpt = None,
 ) -> None:
-    """Live fleet view: states, recent transitions, flapping, commands, bridge lag."""
+    """Live fleet view: states, recent transitions, flapping, commands, bridge lag.
+
+    Keys on a terminal: s cycles the order of the recent transitions (newest, device,
+    state), f filters them by the state they went to (lost, offline, online, unknown,
+    all), q quits.
+    """
     settings = _settings(db=db)
     with _reporting():
         engine = _engine(settings)
@@ -452,22 +519,35 @@ def top_cmd(
                 return
             console = _console()
             if once:
-                console.print(top.render_frame(top.collect(engine, now_ms())))
+                frame = top.render_frame(top.collect(engine, now_ms()), interval_s=interval)
+                console.print(frame)
                 return
-            _live(console, lambda: top.render_frame(top.collect(engine, now_ms())), interval)
+            _top_live(console, engine, interval)
         finally:
             engine.dispose()
 
 
-def _live(console: Console, frame: Callable[[], Any], interval: float) -> None:
-    try:
-        with Live(frame(), console=console, screen=True, auto_refresh=False) as live:
-            while True:
-                # Sleeping is the refresh rate here, not synchronisation.
-                time.sleep(interval)
-                live.update(frame(), refresh=True)
-    except KeyboardInterrupt:
-        return
+def _top_live(console: Console, engine: Engine, interval: float) -> None:
+    """Redraw every ``interval`` and at each key, until q or Ctrl-C."""
+    view = top.TopView()
+    with keys() as pressed:
+
+        def frame() -> Any:
+            snap = top.collect(engine, now_ms(), view=view)
+            return top.render_frame(snap, interval_s=interval, view=view, keys=pressed.live)
+
+        try:
+            with Live(frame(), console=console, screen=True, auto_refresh=False) as live:
+                while True:
+                    key = pressed.read(interval)
+                    if key is not None:
+                        changed = top.on_key(view, key)
+                        if changed is None:
+                            return
+                        view = changed
+                    live.update(frame(), refresh=True)
+        except KeyboardInterrupt:
+            return
 
 
 # --- uptime ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from rich.text import Text
 from bridge.ops.doctor import DoctorReport, Level
 from bridge.ops.durations import format_duration
 from bridge.ops.fleet import STATES, FleetRow, FleetSummary
+from bridge.ops.fleet_watch import Change
 from bridge.ops.timefmt import ago, clock
 from bridge.ops.timeline import DeviceReport
 from bridge.ops.uptime import Availability, DeviceUptime
@@ -101,6 +102,19 @@ def fleet_summary_line(summary: FleetSummary, fleet_total: int) -> Text:
         line.append(f"{summary.by_state.get(state, 0)} {state}", style=STATE_STYLE[state])
     line.append(f"  |  CMS: {summary.connected} Connected, {summary.disconnected} Disconnected")
     line.append(f"  |  {summary.flapping} flapping", style="magenta" if summary.flapping else "")
+    return line
+
+
+def fleet_change_line(change: Change) -> Text:
+    """``07:12:03.120Z  lobby-1  state  online -> lost  (reboot)`` for ``devices --watch``."""
+    line = Text(clock(change.at_ms, millis=True)[11:], style="dim")
+    line.append(f"  {change.device_id:<20} ", style="bold")
+    line.append(f"{change.what:<13}")
+    line.append(change.old or "-", style=STATE_STYLE.get(change.old or "", "dim"))
+    line.append(" -> ")
+    line.append(change.new or "-", style=STATE_STYLE.get(change.new or "", "bold"))
+    if change.detail:
+        line.append(f"  ({change.detail})", style="dim")
     return line
 
 

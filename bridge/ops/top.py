@@ -12,7 +12,7 @@ from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy import Engine, func, select
+from sqlalchemy import ColumnElement, Engine, func, select
 
 from bridge.db.models import CommandRecord, Connectivity, PresenceHistory, Remote
 from bridge.db.rows import utc_naive
@@ -32,6 +32,36 @@ RECENT: Final = 12
 ACTIVE_COMMANDS: Final = ("queued", "sent", "delivered", "received")
 _LAG_SAMPLES: Final = 20_000
 _STATE_STYLE: Final = {"online": "green", "offline": "yellow", "lost": "red", "unknown": "dim"}
+
+
+#: ``s`` cycles the order of the recent transitions, ``f`` the state they are filtered by.
+SORTS: Final = ("newest", "device", "state")
+FILTERS: Final[tuple[str | None, ...]] = (None, "lost", "offline", "online", "unknown")
+KEYS_HELP: Final = "s sort  f filter  q quit"
+
+
+@dataclass(frozen=True, slots=True)
+class TopView:
+    """What the keys chose: the order and the state filter of the recent transitions."""
+
+    sort: str = "newest"
+    state: str | None = None
+
+
+def on_key(view: TopView, key: str) -> TopView | None:
+    """The view after ``key``; ``None`` to quit. Unknown keys change nothing."""
+    if key in ("q", "Q", "\x03"):
+        return None
+    if key == "s":
+        return TopView(SORTS[(SORTS.index(view.sort) + 1) % len(SORTS)], view.state)
+    if key == "f":
+        return TopView(view.sort, FILTERS[(FILTERS.index(view.state) + 1) % len(FILTERS)])
+    return view
+
+
+def _state_rank(state: str) -> int:
+    # Worst first, as ``devices --sort state`` orders them.
+    return {"lost": 0, "offline": 1, "unknown": 2, "online": 3}.get(state, 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +115,15 @@ def percentile(values: list[int], q: float) -> int | None:
     return ordered[rank]
 
 
-def collect(engine: Engine, now_ms: int, *, window_ms: int = WINDOW_MS) -> TopSnapshot:
+def collect(
+    engine: Engine, now_ms: int, *, window_ms: int = WINDOW_MS, view: TopView | None = None
+) -> TopSnapshot:
+    """One snapshot; ``view`` filters and orders the recent transitions."""
+    view = view or TopView()
     since = now_ms - window_ms
+    recent_where: list[ColumnElement[bool]] = [HIST.c.verdict.in_(APPLIED)]
+    if view.state is not None:
+        recent_where.append(HIST.c.state == view.state)
     since_dt = utc_naive(since)
     fleet = REMOTES.outerjoin(CONN, CONN.c.device_id == REMOTES.c.device_identifier)
     with engine.connect() as conn:
@@ -119,12 +156,13 @@ def collect(engine: Engine, now_ms: int, *, window_ms: int = WINDOW_MS) -> TopSn
                 row.verdict,
             )
             for row in conn.execute(
-                select(HIST)
-                .where(HIST.c.verdict.in_(APPLIED))
-                .order_by(HIST.c.id.desc())
-                .limit(RECENT)
+                select(HIST).where(*recent_where).order_by(HIST.c.id.desc()).limit(RECENT)
             )
         ]
+        if view.sort == "device":
+            recent.sort(key=lambda r: (r.device_id, -r.at_ms))
+        elif view.sort == "state":
+            recent.sort(key=lambda r: (_state_rank(r.state), -r.at_ms))
         events = {
             row.verdict: int(row.n)
             for row in conn.execute(
@@ -241,7 +279,7 @@ def _lag_panel(snap: TopSnapshot) -> Panel:
     )
 
 
-def _recent_panel(snap: TopSnapshot) -> Panel:
+def _recent_panel(snap: TopSnapshot, view: TopView) -> Panel:
     table = Table(box=None, padding=(0, 1), expand=True)
     table.add_column("when", style="dim", no_wrap=True)
     table.add_column("device", no_wrap=True)
@@ -260,7 +298,9 @@ def _recent_panel(snap: TopSnapshot) -> Panel:
         )
     if not snap.recent:
         table.add_row("-", "no transitions yet", "", "")
-    return Panel(table, title="recent transitions", border_style="green")
+    title = f"recent transitions ({view.sort} first"
+    title += f", only -> {view.state})" if view.state else ")"
+    return Panel(table, title=title, border_style="green")
 
 
 def _flapping_panel(snap: TopSnapshot) -> Panel:
@@ -275,19 +315,31 @@ def _flapping_panel(snap: TopSnapshot) -> Panel:
     return Panel(table, title="flapping", border_style="magenta")
 
 
-def render_frame(snap: TopSnapshot) -> RenderableType:
-    """One full frame of ``top``."""
+def _every(interval_s: float) -> str:
+    return "every second" if interval_s == 1 else f"every {interval_s:g}s"
+
+
+def render_frame(
+    snap: TopSnapshot,
+    *,
+    interval_s: float = 1.0,
+    view: TopView | None = None,
+    keys: bool = False,
+) -> RenderableType:
+    """One full frame of ``top``; ``keys`` when the keys are read (a live terminal)."""
+    view = view or TopView()
+    hint = f"  (refreshes {_every(interval_s)}; " + (KEYS_HELP if keys else "Ctrl-C to quit") + ")"
     header = Text.assemble(
         ("kiosk-bridge top", "bold"),
         f"  {clock(snap.now_ms)}  ",
         (f"{snap.total} devices", "bold"),
-        ("  (refreshes every second, Ctrl-C to quit)", "dim"),
+        (hint, "dim"),
     )
     body = Table.grid(expand=True, padding=(0, 1))
     body.add_column(ratio=1)
     body.add_column(ratio=2)
     body.add_row(
         Group(_states_panel(snap), _commands_panel(snap), _lag_panel(snap)),
-        Group(_recent_panel(snap), _flapping_panel(snap)),
+        Group(_recent_panel(snap, view), _flapping_panel(snap)),
     )
     return Group(header, body)
