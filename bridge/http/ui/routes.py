@@ -154,7 +154,7 @@ async def asset(name: str) -> FileResponse:
 @router.get("/ui/api/fleet")
 async def fleet(ctx: Ctx, _s: Session, response: Response) -> dict[str, Any]:
     response.headers.update(SECURITY_HEADERS)
-    rows = await ctx.db(queries.fleet, ctx.read_engine)
+    rows = await ctx.db(queries.fleet, read_engine(ctx))
     return {"now_ms": ctx.clock(), "columns": list(queries.FLEET_COLUMNS), "rows": rows}
 
 
@@ -163,7 +163,7 @@ async def uptime(ctx: Ctx, _s: Session, response: Response) -> dict[str, Any]:
     response.headers.update(SECURITY_HEADERS)
     now = ctx.clock()
     start = now - queries.DAY_MS
-    bars = await ctx.db(queries.uptime_bars, ctx.read_engine, start, now)
+    bars = await ctx.db(queries.uptime_bars, read_engine(ctx), start, now)
     return {"start_ms": start, "end_ms": now, "bars": bars}
 
 
@@ -171,7 +171,7 @@ async def uptime(ctx: Ctx, _s: Session, response: Response) -> dict[str, Any]:
 async def device(ctx: Ctx, _s: Session, device_id: DeviceId, response: Response) -> dict[str, Any]:
     response.headers.update(SECURITY_HEADERS)
     now = ctx.clock()
-    engine = ctx.read_engine
+    engine = read_engine(ctx)
     try:
         report = await ctx.db(load_device, engine, device_id, now, commands_limit=20)
     except NotFound:
@@ -231,7 +231,7 @@ async def commands(
     response.headers.update(SECURITY_HEADERS)
     now = ctx.clock()
     data = await ctx.db(
-        queries.commands, ctx.read_engine, now, limit=limit, device_id=device, state=state
+        queries.commands, read_engine(ctx), now, limit=limit, device_id=device, state=state
     )
     return {"now_ms": now, **data}
 
@@ -241,7 +241,7 @@ async def status(ctx: Ctx, _s: Session, response: Response) -> dict[str, Any]:
     """The stale-truth banner's source (``stale``: bool or null)."""
     response.headers.update(SECURITY_HEADERS)
     now = ctx.clock()
-    fresh = await ctx.db(queries.freshness, ctx.read_engine, now)
+    fresh = await ctx.db(queries.freshness, read_engine(ctx), now)
     return {"now_ms": now, **fresh.to_json()}
 
 
