@@ -116,10 +116,10 @@ def console(*, stderr: bool = False) -> Console:
 
 
 def echo_json(data: Any) -> None:
-    typer.echo(json.dumps(data, default=_json_default, separators=(",", ":")))
+    typer.echo(json.dumps(data, default=json_default, separators=(",", ":")))
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -15,34 +15,36 @@ import dataclasses
 import inspect
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any, Final
+from typing import Annotated, Any
 
 import aiomqtt
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.json import JSON
 from rich.live import Live
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.broker_url import BrokerAddress, parse_broker_url
+from bridge.cli.common import console as _console
+from bridge.cli.common import echo_json as _echo_json
+from bridge.cli.common import json_default
+from bridge.cli.common import reporting as _reporting
+from bridge.cli.common import settings as _settings
 from bridge.cli.keys import keys
 from bridge.cli.run_cmd import db_app
 from bridge.clock import now_ms
 from bridge.ops import db_check, fleet, render, timeline, top, uptime, watch
-from bridge.ops.db import first_line, open_ready_engine
+from bridge.ops.db import open_ready_engine
 from bridge.ops.doctor import DEFAULT_SKEW_THRESHOLD_MS, run_doctor
 from bridge.ops.durations import parse_duration
-from bridge.ops.errors import BrokerUnreachable, DatabaseUnreachable, OpsError, UsageError
+from bridge.ops.errors import OpsError, UsageError
 from bridge.ops.fleet_watch import FleetWatch
 from bridge.ops.mqtt import connect, read_retained
 from bridge.security.embedded import broker_url, local_host, read_credentials
-from bridge.settings import MqttProtocol, Settings, load_settings, setting_name
+from bridge.settings import MqttProtocol, Settings
 from schemas import (
     ContractError,
     DeviceConfig,
@@ -55,10 +57,6 @@ from schemas import (
 )
 
 log = logging.getLogger(__name__)
-
-#: Width for output that is not a terminal (pipes, files, tests): wide enough that the
-#: tables do not wrap, as a pager or grep would want them.
-PIPE_WIDTH: Final = 200
 
 # --- shared options -------------------------------------------------------------------
 
@@ -97,17 +95,6 @@ def _percent(value: str | None) -> float | None:
         raise typer.BadParameter(str(exc)) from None
 
 
-def _settings(**overrides: object) -> Settings:
-    try:
-        return load_settings(**overrides)
-    except ValidationError as exc:
-        lines = [
-            f"  {setting_name(err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
-        ]
-        typer.echo("error: invalid settings:\n" + "\n".join(lines), err=True)
-        raise typer.Exit(2) from None
-
-
 def _broker_address(settings: Settings) -> BrokerAddress:
     """The configured broker, else the embedded broker a local ``run`` listens on, with
     the read-only ``_ops`` credential from its credentials file (none: an open one)."""
@@ -130,42 +117,6 @@ def _protocol(settings: Settings) -> MqttProtocol:
     if settings.broker is None and settings.mqtt_protocol == "auto":
         return "3.1.1"
     return settings.mqtt_protocol
-
-
-def _console() -> Console:
-    probe = Console()
-    if probe.is_terminal or os.environ.get("COLUMNS"):
-        # A terminal, or an explicit width (rich reads COLUMNS itself).
-        return Console(highlight=False)
-    return Console(highlight=False, width=PIPE_WIDTH)
-
-
-def _echo_json(data: Any) -> None:
-    typer.echo(json.dumps(data, default=_json_default, separators=(",", ":")))
-
-
-def _json_default(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-@contextlib.contextmanager
-def _reporting() -> Iterator[None]:
-    """Turn failures into one human message on stderr and the documented exit code."""
-    try:
-        yield
-    except OpsError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        if exc.hint:
-            typer.echo(f"hint: {exc.hint}", err=True)
-        raise typer.Exit(exc.exit_code) from None
-    except SQLAlchemyError as exc:
-        typer.echo(f"error: database: {first_line(exc)}", err=True)
-        raise typer.Exit(DatabaseUnreachable.exit_code) from None
-    except aiomqtt.MqttError as exc:
-        typer.echo(f"error: broker connection lost: {exc}", err=True)
-        raise typer.Exit(BrokerUnreachable.exit_code) from None
 
 
 def _engine(settings: Settings) -> Engine:
@@ -232,7 +183,7 @@ def watch_cmd(
             if as_json:
                 data = watch.to_json(event, raw=raw)
                 if pretty:
-                    typer.echo(json.dumps(data, indent=2, default=_json_default))
+                    typer.echo(json.dumps(data, indent=2, default=json_default))
                 else:
                     _echo_json(data)
                 return

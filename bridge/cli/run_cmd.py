@@ -1,27 +1,37 @@
-"""``kiosk-bridge run`` and ``kiosk-bridge db init``."""
+"""``kiosk-bridge run`` and ``kiosk-bridge db init``.
+
+Before the bridge is built, :mod:`bridge.cli.preflight` checks the ports it will listen
+on and then the database, so a start-up failure is one line naming the flag to change
+(exit codes in :mod:`bridge.exit_codes`); ``kiosk-bridge --debug`` keeps tracebacks.
+The service modules are imported only when the command runs.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
-from bridge.db.engine import create_schema, make_engine
-from bridge.embedded_broker import PortInUseError
-from bridge.logs import configure_logging
-from bridge.service.runner import run_bridge
-from bridge.settings import Settings, load_settings, setting_name
+from bridge._compat.typer import debug_enabled
+from bridge.cli.common import classify, fail
+from bridge.cli.preflight import PreflightError, check_database, check_ports
+from bridge.exit_codes import ExitCode
+
+if TYPE_CHECKING:
+    from bridge.settings import Settings
 
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 log = logging.getLogger(__name__)
 
 
 def settings_or_exit(**overrides: object) -> Settings:
+    from pydantic import ValidationError
+
+    from bridge.settings import load_settings, setting_name
+
     try:
         return load_settings(**overrides)
     except ValidationError as exc:
@@ -99,23 +109,49 @@ def run(
         # storage of remotes.token (Settings.security.token_storage).
         http={"listen": http} if http else None,
     )
+    try:
+        settings.listen_address  # noqa: B018 - validates --listen before anything starts
+        check_ports(settings)
+        check_database(settings.db, create=True)
+    except PreflightError as exc:
+        fail(str(exc), exc.code, hint=exc.hint)
+    except ValueError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    _run(settings)
+
+
+def _run(settings: Settings) -> None:
+    import asyncio
+
+    from bridge.db.engine import make_engine
+    from bridge.embedded_broker import PortInUseError
+    from bridge.logs import configure_logging
+    from bridge.service.runner import run_bridge
+
     configure_logging(settings.log_level)
     # DeprecationWarnings are hidden outside __main__ by default: say it where it is read.
     for renamed in settings.renamed_in_use:
         log.warning("renamed variable %s: the old name goes in the next release", renamed)
     log.info("remotes.token storage: %s", settings.security.token_storage)
     try:
-        settings.listen_address  # noqa: B018 - validates --listen before anything starts
         make_engine(settings.db)
         asyncio.run(run_bridge(settings, http=settings.http.listen_address))
-    except (PortInUseError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         pass
+    except PortInUseError as exc:
+        # Taken between the preflight and the bind.
+        fail(str(exc), ExitCode.USAGE)
+    except ValueError as exc:
+        fail(str(exc), ExitCode.USAGE)
+    except Exception as exc:
+        found = classify(exc)
+        if debug_enabled():
+            raise
+        if found is not None:
+            fail(found[1], found[0], hint=found[2])
+        if isinstance(exc, OSError):
+            fail(str(exc), ExitCode.BAD_STATE)
+        raise
 
 
 @db_app.command("init")
@@ -123,7 +159,13 @@ def db_init(
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default sqlite)")] = None,
 ) -> None:
     """Create the remotes table (for a new install) and the bridge's own tables."""
+    from bridge.db.engine import create_schema, make_engine
+
     settings = settings_or_exit(db=db)
+    try:
+        check_database(settings.db, create=True)
+    except PreflightError as exc:
+        fail(str(exc), exc.code, hint=exc.hint)
     try:
         engine = make_engine(settings.db)
         created = create_schema(engine)

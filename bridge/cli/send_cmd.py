@@ -16,6 +16,7 @@ import typer
 
 from bridge.cli.common import console as make_console
 from bridge.cli.common import fail, reporting, settings
+from bridge.cli.preflight import PreflightError, check_database
 from bridge.exit_codes import ExitCode
 from schemas import CommandType
 
@@ -177,6 +178,10 @@ def _enqueue(url: str, kind: str, request: Request) -> tuple[Engine, list[str]]:
         resolve_targets,
     )
 
+    try:
+        check_database(url, create=True)
+    except PreflightError as exc:
+        fail(str(exc), exc.code, hint=exc.hint)
     try:
         ttl_s = parse_duration(request.ttl) / 1000 if request.ttl is not None else None
         targets = Targets(
