@@ -5,16 +5,22 @@ a few faults are injected on a schedule, one kiosk gets a tracked refresh, and a
 table shows the fleet as the CMS's dashboard would see it.
 
 The broker is secure, as ``kiosk-bridge run`` starts it: the fixed credentials live in a
-file next to the demo database, every simulated kiosk but the last is enrolled with its
-own token (as ``device enroll`` does), and the last provisions itself with the claim
-credential, as a new kiosk in the field does.
+file in a temporary directory removed when the demo ends (the demo's broker is gone then,
+and a password file must not be left in the working tree), every simulated kiosk but the
+last is enrolled with its own token (as ``device enroll`` does), and the last provisions
+itself with the claim credential, as a new kiosk in the field does.
+
+Each fault is announced as it is injected, with the kiosks it hit and what the bridge
+will make of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +32,6 @@ from bridge.clock import now_ms
 from bridge.db.security_store import SecurityStore
 from bridge.embedded_broker import EmbeddedBroker, pick_free_listen
 from bridge.kiosk.credentials import claim_until_accepted
-from bridge.kiosk.scenario import FaultStep, Scenario
 from bridge.kiosk.simulator import Fleet, fleet_ids
 from bridge.ops.db import open_read_engine
 from bridge.ops.fleet import load_fleet, summarize
@@ -44,14 +49,48 @@ log = logging.getLogger(__name__)
 
 CLAIM_TIMEOUT_S = 60.0
 
-#: Seconds after the fleet is online. Fractions are of the 20-kiosk default fleet.
-DEMO_SCENARIO = Scenario(
-    steps=[
-        FaultStep(at_s=6, kill=0.05),  # one kiosk loses power: its Will says lost
-        FaultStep(at_s=9, reboot=0.05),  # one announces a reboot and comes back
-        FaultStep(at_s=12, blackhole=0.05),  # one goes silent: only keepalive notices
-        FaultStep(at_s=15, drop=0.1),  # two drop off Wi-Fi and reconnect
-    ]
+
+@dataclass(frozen=True, slots=True)
+class DemoFault:
+    """One fault of the demo: when (seconds after the fleet is online), which of the
+    simulator's faults, on what fraction of the fleet, and what the operator will see."""
+
+    at_s: float
+    kind: str
+    fraction: float
+    explanation: str
+
+
+#: Fractions are of the 20-kiosk default fleet (at least one kiosk each).
+DEMO_FAULTS = (
+    DemoFault(
+        6,
+        "kill",
+        0.05,
+        "loses power: no goodbye, so the broker publishes its Last Will and the bridge "
+        "marks it lost; it stays down",
+    ),
+    DemoFault(
+        9,
+        "reboot",
+        0.05,
+        "announces a reboot: offline (reason reboot) at once, then back online with a new "
+        "session a few seconds later",
+    ),
+    DemoFault(
+        12,
+        "blackhole",
+        0.05,
+        "goes silent with its socket open (a frozen network): only the broker's keepalive "
+        "notices, after 1.5 x the keepalive, and its Will makes it lost",
+    ),
+    DemoFault(
+        15,
+        "drop",
+        0.1,
+        "drop off the network without a goodbye: lost, then online again when they "
+        "reconnect by themselves",
+    ),
 )
 
 
@@ -93,12 +132,18 @@ async def _claim(
 
 
 async def run_demo(options: DemoOptions, console: Console) -> None:
+    with tempfile.TemporaryDirectory(prefix="kiosk-bridge-demo-") as secrets:
+        await _run_demo(options, console, Path(secrets))
+
+
+async def _run_demo(options: DemoOptions, console: Console, secrets: Path) -> None:
     port = pick_free_listen("127.0.0.1", 1883)
     settings = Settings(
         listen=f"127.0.0.1:{port}",
         db=f"sqlite:///{options.db_path}",
         instance="demo",
         keepalive_s=options.keepalive_s,
+        embedded_credentials=str(secrets / "broker-credentials.json"),
     )
     path = settings.embedded_credentials_path
     credentials, _ = await asyncio.to_thread(
@@ -107,7 +152,7 @@ async def run_demo(options: DemoOptions, console: Console) -> None:
     security = BrokerSecurity(db_url=settings.db, credentials=credentials, prefix=settings.prefix)
     console.print(
         f"[bold]kiosk-bridge demo[/]: embedded broker mqtt://127.0.0.1:{port} (authentication "
-        f"and ACL on; passwords in {path}), database {options.db_path}, "
+        f"and ACL on; passwords in {path}, removed at the end), database {options.db_path}, "
         f"{options.devices} simulated kiosks, {options.duration_s:.0f}s"
     )
     ids = fleet_ids(options.devices, "kiosk-")
@@ -184,11 +229,36 @@ async def _run_fleet(
                     live.update(await asyncio.to_thread(frame))
 
             painter = asyncio.create_task(redraw(), name="demo-redraw")
+            faults = asyncio.create_task(
+                _inject_faults(fleet, live.console.print, options.keepalive_s), name="demo-faults"
+            )
             try:
-                await fleet.run(options.duration_s, DEMO_SCENARIO)
+                await fleet.run(options.duration_s)
             finally:
-                for task in (refresher, painter):
+                for task in (refresher, painter, faults):
                     task.cancel()
-                await asyncio.gather(refresher, painter, return_exceptions=True)
+                await asyncio.gather(refresher, painter, faults, return_exceptions=True)
             live.update(await asyncio.to_thread(frame))
         reader.dispose()
+
+
+async def _inject_faults(fleet: Fleet, say: Callable[[Text], None], keepalive_s: int) -> None:
+    """Inject :data:`DEMO_FAULTS` on time and say what each did, above the live table."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    inject: dict[str, Callable[[int], list[str]]] = {
+        "kill": fleet.kill,
+        "reboot": fleet.reboot,
+        "blackhole": fleet.blackhole,
+        "drop": fleet.drop,
+    }
+    for fault in DEMO_FAULTS:
+        # The schedule of the demo, not synchronisation.
+        await asyncio.sleep(max(0.0, started + fault.at_s - loop.time()))
+        hit = inject[fault.kind](max(1, fleet.count_for(fault.fraction)))
+        if not hit:
+            continue
+        line = Text(f"+{fault.at_s:.0f}s fault ", style="bold yellow")
+        line.append(f"{fault.kind}: {', '.join(hit)} ", style="bold")
+        line.append(fault.explanation.replace("the keepalive", f"the {keepalive_s}s keepalive"))
+        say(line)

@@ -3,14 +3,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
-import stat
+import re
 from pathlib import Path
 
 from rich.console import Console
 from sqlalchemy import create_engine, text
 
 from bridge.demo import DemoOptions, run_demo
+
+
+def _left_behind(credentials: Path, db_dir: Path) -> list[str]:
+    """Password files left: the demo's own, or any next to its database."""
+    left = [str(credentials)] if credentials.exists() or credentials.parent.exists() else []
+    return left + [p.name for p in db_dir.iterdir() if "credentials" in p.name]
 
 
 async def test_demo_runs_fleet_faults_and_a_refresh(tmp_path: Path) -> None:
@@ -22,8 +29,18 @@ async def test_demo_runs_fleet_faults_and_a_refresh(tmp_path: Path) -> None:
     assert "refresh to kiosk-00000: succeeded" in text_out
     assert str(db.resolve()) in text_out
     assert "kiosk-00019 provisioned itself with the claim credential" in text_out
-    credentials = tmp_path / "demo.broker-credentials.json"
-    assert stat.S_IMODE(credentials.stat().st_mode) == 0o600
+    # The passwords lived in a temporary directory, gone now; none next to the database.
+    flat = " ".join(text_out.split())
+    [shown] = re.findall(r"passwords in (\S+), removed at the end", flat)
+    assert await asyncio.to_thread(_left_behind, Path(shown), tmp_path) == []
+    # Each fault is told as it is injected: when, which kiosks, what the bridge makes of it.
+    for at, kind, words in (
+        (6, "kill", "Last Will"),
+        (9, "reboot", "reason reboot"),
+        (12, "blackhole", "1.5 x the 5s keepalive"),
+        (15, "drop", "reconnect by themselves"),
+    ):
+        assert re.search(rf"\+{at}s fault {kind}: kiosk-\d+.*?{words}", flat), text_out
     engine = create_engine(f"sqlite:///{db}")
     with engine.connect() as conn:
         states = dict(
