@@ -16,15 +16,21 @@ from rich.console import Console
 
 from bridge.backoff import Backoff
 from bridge.broker_url import parse_broker_url
+from bridge.cli.common import fail
+from bridge.cli.enrollment import ENROLL_HELP
+from bridge.exit_codes import ExitCode
 from bridge.kiosk.agent import KioskAgent
 from bridge.kiosk.credentials import ClaimError, ClaimRefused, TokenFile, claim_until_accepted
 from bridge.kiosk.fleet_view import connect_progress, live_summary, summary_line
 from bridge.kiosk.options import MqttProtocol
 from bridge.kiosk.scenario import FaultStep, Scenario, ScenarioError, load_scenario
-from bridge.kiosk.simulator import Fleet, FleetStats
+from bridge.kiosk.simulator import Fleet, FleetStats, fleet_ids
 from bridge.kiosk.state import default_state_dir
 from bridge.logs import configure_logging
 from schemas import InvalidDeviceId, OfflineReason, validate_device_id
+
+#: A fleet of which not one kiosk connected in this long is talking to nobody.
+FIRST_CONNECT_S = 15.0
 
 ProtocolOption = Annotated[
     MqttProtocol, typer.Option(help="MQTT version: auto (5, falling back to 3.1.1), 5 or 3.1.1")
@@ -77,6 +83,10 @@ def kiosk(
     protocol: ProtocolOption = MqttProtocol.AUTO,
     app_version: Annotated[str | None, typer.Option(help="Reported in the birth")] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
+    enroll: Annotated[bool, typer.Option("--enroll", help=ENROLL_HELP)] = False,
+    db: Annotated[
+        str | None, typer.Option(help="--enroll: the bridge's database (env KB_DB)")
+    ] = None,
 ) -> None:
     """Run one reference kiosk agent until SIGINT/SIGTERM, then announce offline and leave.
 
@@ -85,7 +95,9 @@ def kiosk(
     a claim with --claim-password (the token is then stored). With --claim-password, a
     credential the broker refuses (a rotation the kiosk missed) is replaced by a new
     claim. rotate_token commands are handled: the new token is stored, acknowledged,
-    and used from the next connection.
+    and used from the next connection. With --enroll it first gets a credential of its
+    own on the secure embedded broker of a local 'kiosk-bridge run' (kept in the state
+    dir).
     """
     try:
         validate_device_id(device_id)
@@ -94,6 +106,11 @@ def kiosk(
     _check_broker(broker)
     configure_logging(log_level.upper())
     directory = state_dir if state_dir is not None else default_state_dir(device_id)
+    if enroll:
+        [token] = _enroll(db, [device_id]).values()
+        tokens = TokenFile(directory)
+        tokens.save(token)
+        typer.echo(f"kiosk {device_id}: enrolled; token stored in {tokens.path}", err=True)
     quit_requested = threading.Event()
 
     def request_quit(signum: int, _frame: object) -> None:
@@ -268,8 +285,17 @@ def simulate(
     ] = 300.0,
     seed: Annotated[int | None, typer.Option(help="Random seed (repeatable faults)")] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "WARNING",
+    enroll: Annotated[bool, typer.Option("--enroll", help=ENROLL_HELP)] = False,
+    db: Annotated[
+        str | None, typer.Option(help="--enroll: the bridge's database (env KB_DB)")
+    ] = None,
 ) -> None:
-    """Simulate a fleet of kiosks in one process, with optional fault injection."""
+    """Simulate a fleet of kiosks in one process, with optional fault injection.
+
+    Exit 3 when no kiosk connects within the first 15 s (or --connect-timeout): the
+    broker is down or refuses them. The secure embedded broker of 'kiosk-bridge run'
+    needs credentials: --enroll gives each kiosk one.
+    """
     _check_broker(broker)
     plan = Scenario()
     if scenario is not None:
@@ -300,6 +326,7 @@ def simulate(
         }
     )
     run_for = duration if duration is not None else (plan.duration_s or 60.0)
+    passwords = _enroll(db, fleet_ids(count, id_prefix)) if enroll else None
     configure_logging(log_level.upper())
     fleet = Fleet(
         count,
@@ -309,16 +336,24 @@ def simulate(
         status_interval_s=status_interval,
         protocol=protocol,
         seed=seed,
+        passwords=passwords,
     )
     console = Console(stderr=True)
     try:
-        asyncio.run(_simulate(fleet, plan, run_for, connect_timeout, console))
+        asyncio.run(
+            _simulate(fleet, plan, run_for, connect_timeout, console, parse_broker_url(broker).url)
+        )
     except KeyboardInterrupt:
         console.print("interrupted")
 
 
 async def _simulate(
-    fleet: Fleet, plan: Scenario, duration_s: float, connect_timeout_s: float, console: Console
+    fleet: Fleet,
+    plan: Scenario,
+    duration_s: float,
+    connect_timeout_s: float,
+    console: Console,
+    broker_url: str,
 ) -> None:
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()
@@ -329,11 +364,21 @@ async def _simulate(
     last: list[FleetStats] = []
     try:
         async with fleet:
+            first_by = time.monotonic() + min(connect_timeout_s, FIRST_CONNECT_S)
+
             with connect_progress(console, len(fleet.agents)) as report:
+
+                def progress(online: int, total: int) -> None:
+                    report(online, total)
+                    if online == 0 and time.monotonic() > first_by:
+                        raise NothingConnected
+
                 try:
                     async with asyncio.timeout(connect_timeout_s):
-                        await fleet.connect_all(progress=report)
+                        await fleet.connect_all(progress=progress)
                 except TimeoutError:
+                    if not fleet.online_count():
+                        raise NothingConnected from None
                     console.print(
                         f"[yellow]only {fleet.online_count()} online after {connect_timeout_s:g}s; "
                         "the rest keep retrying[/]"
@@ -353,6 +398,32 @@ async def _simulate(
                     console.print(summary_line(last[0], time.monotonic() - t0))
     except asyncio.CancelledError:
         console.print("stopped")
+    except NothingConnected:
+        waited = min(connect_timeout_s, FIRST_CONNECT_S)
+        raise _fail(
+            f"no kiosk connected to {broker_url} within {waited:g}s: the broker is down or "
+            "refuses them (the secure embedded broker of `kiosk-bridge run` needs a "
+            "credential per kiosk: add --enroll)",
+            ExitCode.UNREACHABLE,
+        ) from None
+
+
+class NothingConnected(Exception):
+    """Not one kiosk of the fleet connected in time."""
+
+
+def _enroll(db: str | None, device_ids: list[str]) -> dict[str, str]:
+    import getpass
+
+    from bridge.cli.enrollment import enroll_on_embedded
+    from bridge.cli.preflight import PreflightError
+    from bridge.cli.run_cmd import settings_or_exit
+
+    settings = settings_or_exit(db=db)
+    try:
+        return enroll_on_embedded(settings, device_ids, requested_by=getpass.getuser())
+    except PreflightError as exc:
+        fail(str(exc), exc.code, hint=exc.hint)
 
 
 def register(app: typer.Typer) -> None:
