@@ -44,6 +44,7 @@ refused) and ``sha256`` otherwise: what each side wrote by default before.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import warnings
 from collections.abc import Mapping
@@ -78,7 +79,11 @@ MqttProtocol = Literal["auto", "5", "3.1.1"]
 
 
 def _default_instance() -> str:
-    return f"kb-{socket.gethostname()}"[:64]
+    """Unique per process start: a second bridge started on this host without
+    ``--instance`` must not take the first one's MQTT client ids (the CLI reuses the
+    suffix of a bridge of this host that is no longer live, see
+    :func:`bridge.service.runner.resolve_instance`, so a restart resumes its session)."""
+    return f"kb-{socket.gethostname()}"[:57] + f"-{secrets.token_hex(3)}"
 
 
 def _renamed() -> tuple[tuple[str, str, tuple[str, str]], ...]:
@@ -197,6 +202,15 @@ class Settings(BaseSettings):
     #: ``KB_SECURITY__*``: credential management, and ``remotes.token``'s storage.
     security: SecuritySettings = Field(default_factory=SecuritySettings)
 
+    #: Without a heartbeat of a writing instance for this long, every view says the
+    #: device states may be stale (the CLI exits 4; kb_fleet_health.states_live is 0).
+    stale_after_s: float = Field(default=10.0, gt=0)
+    #: The writer lease: a standby takes over this long after the leader's last renewal.
+    lease_ttl_s: float = Field(default=2.0, gt=0)
+    #: Every instance writes its kb_bridges heartbeat (and renews or tries the lease)
+    #: this often.
+    heartbeat_s: float = Field(default=0.5, gt=0)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
@@ -241,6 +255,9 @@ class Settings(BaseSettings):
     def _instance_ok(cls, value: str) -> str:
         if not value or len(value) > 64 or any(ch in value for ch in "/+#\x00 "):
             raise ValueError("instance must be 1-64 characters without '/', '+', '#' or spaces")
+        if value == "sync":
+            # {prefix}/_bridge/sync/... is the bridges' marker topic.
+            raise ValueError("instance must not be 'sync'")
         return value
 
     @field_validator("shared_group")
@@ -270,6 +287,10 @@ class Settings(BaseSettings):
         if self.embedded_credentials:
             return Path(self.embedded_credentials)
         return default_credentials_path(self.db)
+
+    @property
+    def stale_after_ms(self) -> int:
+        return int(self.stale_after_s * 1000)
 
     @property
     def client_id(self) -> str:

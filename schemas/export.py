@@ -43,7 +43,7 @@ from schemas.provisioning import (
     ProvisionRequest,
     provision_filter,
 )
-from schemas.topics import TopicKind, bridge_presence_topic, device_filter
+from schemas.topics import TopicKind, bridge_instances_filter, device_filter
 
 JSON_SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 ASYNCAPI_VERSION: Final = "3.0.0"
@@ -331,7 +331,10 @@ _CHANNELS: Final[Mapping[str, _Channel]] = MappingProxyType(
         "bridgePresence": _Channel(
             kind=None,
             title="Bridge presence",
-            description="The bridge's own retained birth and Last Will.",
+            description=(
+                "Each bridge instance's own retained birth and Last Will, naming the "
+                "database it writes (contract 1.0 bridges used {prefix}/_bridge/presence)."
+            ),
             messages=("bridgePresence",),
             action="send",
             operation="sendBridgePresence",
@@ -379,7 +382,7 @@ def _address(channel: _Channel, prefix: str) -> str:
     if channel.provision is not None:
         return provision_filter(channel.provision, prefix).replace("+", "{clientId}")
     if channel.kind is None:
-        return bridge_presence_topic(prefix)
+        return bridge_instances_filter(prefix).replace("+", "{instance}")
     # The topic layout lives in schemas.topics; its filter has the device segment as the
     # only "+" (a prefix may not contain wildcards), which becomes the parameter.
     return device_filter(channel.kind, prefix).replace("+", "{deviceId}")
@@ -486,6 +489,8 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
             entry["parameters"] = {"deviceId": {"$ref": "#/components/parameters/deviceId"}}
         elif channel.provision is not None:
             entry["parameters"] = {"clientId": {"$ref": "#/components/parameters/clientId"}}
+        else:
+            entry["parameters"] = {"instance": {"$ref": "#/components/parameters/instance"}}
         channels[key] = entry
     return {
         "asyncapi": ASYNCAPI_VERSION,
@@ -521,6 +526,13 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
                     # AsyncAPI 3 parameters have no schema; the grammar as an extension
                     # lets tools check it all the same.
                     "x-pattern": DEVICE_ID_PATTERN,
+                },
+                "instance": {
+                    "description": (
+                        "A bridge instance's name (`kiosk-bridge run --instance`, unique per "
+                        "running process; by default kb-<host>-<random>)."
+                    ),
+                    "examples": ["kb-host1-3fa9c2"],
                 },
                 "clientId": {
                     "description": (

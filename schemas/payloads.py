@@ -414,7 +414,8 @@ class Ack(_Wire):
 
 
 class BridgePresence(_Wire):
-    """The bridge's retained birth and Last Will on ``{prefix}/_bridge/presence``."""
+    """A bridge's retained birth and Last Will on ``{prefix}/_bridge/{instance}/presence``
+    (contract 1.0: ``{prefix}/_bridge/presence``)."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -422,11 +423,18 @@ class BridgePresence(_Wire):
                 {
                     "schema_version": 1,
                     "state": "online",
-                    "instance": "bridge-a",
+                    "instance": "kb-host1-3fa9c2",
                     "ts": 1764331000000,
                     "version": "0.1.0",
+                    "database": "9c1e4b7a20d34f58",
+                    "role": "leader",
                 },
-                {"schema_version": 1, "state": "lost", "instance": "bridge-a"},
+                {
+                    "schema_version": 1,
+                    "state": "lost",
+                    "instance": "kb-host1-3fa9c2",
+                    "database": "9c1e4b7a20d34f58",
+                },
             ]
         }
     )
@@ -443,3 +451,29 @@ class BridgePresence(_Wire):
     ]
     ts: EpochMs | None = None
     version: ShortText | None = None
+    database: (
+        Annotated[
+            str,
+            Field(
+                min_length=1,
+                max_length=64,
+                pattern=r"^[0-9A-Za-z_-]+$",
+                description=(
+                    "The id of the database this bridge writes (random, kept in its kb_meta "
+                    "table; never the URL): tools judge only the bridges of their database"
+                ),
+            ),
+        ]
+        | None
+    ) = None
+    role: (
+        Annotated[
+            str,
+            Field(
+                max_length=16,
+                pattern=r"^[a-z]+$",
+                description="leader (writes), standby (waits for the lease) or shared",
+            ),
+        ]
+        | None
+    ) = None

@@ -64,8 +64,33 @@ def shared(filter_: str, group: str | None) -> str:
 
 
 def bridge_presence_topic(prefix: str = DEFAULT_PREFIX) -> str:
-    """Where the bridge publishes its own retained birth and Last Will."""
+    """Contract 1.0's one topic for every bridge's birth and Will. Bridges since 1.1
+    publish on :func:`bridge_instance_topic` instead (several bridges, and bridges of
+    other databases, share a broker); this name is only read, for old bridges."""
     return f"{_check_prefix(prefix)}/{BRIDGE_SEGMENT}/presence"
+
+
+def bridge_instance_topic(instance: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Where bridge ``instance`` publishes its retained birth and Last Will."""
+    if not instance or any(ch in instance for ch in "/+#\x00") or instance == "sync":
+        raise ValueError(f"invalid bridge instance name {instance!r}")
+    return f"{_check_prefix(prefix)}/{BRIDGE_SEGMENT}/{instance}/presence"
+
+
+def bridge_instances_filter(prefix: str = DEFAULT_PREFIX) -> str:
+    """Every bridge instance's presence."""
+    return f"{_check_prefix(prefix)}/{BRIDGE_SEGMENT}/+/presence"
+
+
+def parse_bridge_instance_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
+    """The instance a :func:`bridge_instance_topic` names, or ``None``."""
+    head = f"{_check_prefix(prefix)}/{BRIDGE_SEGMENT}/"
+    if not topic.startswith(head) or not topic.endswith("/presence"):
+        return None
+    instance = topic[len(head) : -len("/presence")]
+    if not instance or "/" in instance or instance == "sync":
+        return None
+    return instance
 
 
 def bridge_sync_topic(nonce: str, prefix: str = DEFAULT_PREFIX) -> str:
@@ -116,11 +141,14 @@ __all__ = [
     "InvalidTopic",
     "TopicKind",
     "all_filter",
+    "bridge_instance_topic",
+    "bridge_instances_filter",
     "bridge_presence_topic",
     "bridge_sync_topic",
     "device_filter",
     "device_topic",
     "is_bridge_topic",
+    "parse_bridge_instance_topic",
     "parse_topic",
     "provision_topic",
     "shared",

@@ -1,4 +1,4 @@
-"""``HttpFace`` as an async context manager: start-up failures, hooks, shutdown."""
+"""``HttpFace`` as a part of the bridge: start-up failures, hooks, shutdown."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import socket
 
 import pytest
 
-from bridge.http import HttpFace
+from bridge.service.app import Bridge
 from bridge.testing.mosquitto import MosquittoProcess
-from tests.support.bridge_harness import running_bridge
+from tests.support.bridge_harness import bridge_settings
 from tests.test_http_harness import http_settings, served
 
 
@@ -18,22 +18,26 @@ async def test_port_in_use_fails_on_entry(mosquitto: MosquittoProcess, sqlite_ur
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        async with running_bridge(mosquitto.url, sqlite_url) as bridge:
-            face = HttpFace(bridge, "127.0.0.1", port, settings=http_settings())
-            with pytest.raises(OSError):
-                await face.__aenter__()
-            assert bridge.writer.reconcile_exempt == []
-            assert bridge.writer.listeners == [bridge.commands.on_presence]
+        bridge = Bridge(
+            bridge_settings(mosquitto.url, sqlite_url, http=http_settings()),
+            http=("127.0.0.1", port),
+        )
+        with pytest.raises(OSError):
+            await bridge.__aenter__()
+        # The parts entered before the face were left again, and no hook stayed behind.
+        assert bridge.exemptions.sources == ()
+        assert bridge.transitions.listeners == (bridge.commands.on_presence,)
+        assert bridge.engine.pool.checkedout() == 0
 
 
 async def test_exit_undoes_the_hooks_and_frees_the_port(
     mosquitto: MosquittoProcess, sqlite_url: str
 ) -> None:
     async with served(mosquitto.url, sqlite_url) as api:
-        writer = api.bridge.writer
-        assert len(writer.reconcile_exempt) == 1
-        assert len(writer.listeners) == 2
-        stream = api.client.stream("GET", "/api/v2/events", headers=api.cms)
+        bridge = api.bridge
+        assert len(bridge.exemptions.sources) == 1
+        assert len(bridge.transitions.listeners) == 2
+        stream = api.client.stream("GET", "/api/v2/events?types=presence,command", headers=api.cms)
         response = await stream.__aenter__()
         lines = response.aiter_lines()
         assert await asyncio.wait_for(anext(lines), 20) == ": connected"
@@ -42,12 +46,12 @@ async def test_exit_undoes_the_hooks_and_frees_the_port(
         await asyncio.wait_for(face.__aexit__(None, None, None), 15)
         assert [line async for line in lines if line] == []  # ended, nothing more
         await stream.__aexit__(None, None, None)
-        assert writer.reconcile_exempt == []
-        assert writer.listeners == [api.bridge.commands.on_presence]
+        assert bridge.exemptions.sources == ()
+        assert bridge.transitions.listeners == (bridge.commands.on_presence,)
         with socket.socket() as again:
             again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             again.bind(("127.0.0.1", port))
-        # The harness leaves the face again: a second exit is harmless.
+        # The bridge leaves the face again: a second exit is harmless.
 
 
 async def test_serve_forever_raises_when_the_server_stops(

@@ -74,9 +74,10 @@ async def served(
     # The face's section is the bridge's, as in `run --http`: with the face serving,
     # remotes.token defaults to plaintext storage (Settings.security.token_storage).
     settings = http_settings(listen="127.0.0.1:0", **(http or {}))
-    async with (
-        running_bridge(broker_url, db_url, http=settings, **bridge_overrides) as bridge,
-        HttpFace(bridge, "127.0.0.1", 0) as face,
-        httpx.AsyncClient(base_url=face.url, timeout=CLIENT_TIMEOUT_S) as client,
-    ):
-        yield Served(bridge, face, client)
+    async with running_bridge(
+        broker_url, db_url, http=settings, serve_http=("127.0.0.1", 0), **bridge_overrides
+    ) as bridge:
+        face = bridge.http_face
+        assert face is not None
+        async with httpx.AsyncClient(base_url=face.url, timeout=CLIENT_TIMEOUT_S) as client:
+            yield Served(bridge, face, client)

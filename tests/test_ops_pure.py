@@ -448,23 +448,42 @@ def test_device_skew_pairs_the_right_times() -> None:
 
 
 def test_judge_bridge_presence() -> None:
-    def judge(model: BridgePresence | None, writes: dict[str, int] | None = None) -> doctor.Check:
-        payload = None if model is None else encode(model)
-        return doctor.judge_bridge_presence(payload, T0, prefix=PREFIX, last_writes=writes)
+    def judge(*models: BridgePresence, database: str | None = "db-a") -> doctor.Check:
+        payloads = {model.instance: encode(model) for model in models}
+        return doctor.judge_bridge_presence(payloads, T0, prefix=PREFIX, database_id=database)
 
-    assert judge(None).level is doctor.Level.FAIL
-    lost = judge(BridgePresence(state=PresenceState.LOST, instance="b-1"))
+    def online(instance: str, role: str = "leader", database: str = "db-a") -> BridgePresence:
+        return BridgePresence(
+            state=PresenceState.ONLINE,
+            instance=instance,
+            ts=T0 - MIN,
+            version="0.1",
+            database=database,
+            role=role,
+        )
+
+    assert judge().level is doctor.Level.FAIL
+    lost = judge(BridgePresence(state=PresenceState.LOST, instance="b-1", database="db-a"))
     assert lost.level is doctor.Level.FAIL and "Last Will" in lost.summary
-    assert (
-        judge(BridgePresence(state=PresenceState.OFFLINE, instance="b-1")).level
-        is doctor.Level.FAIL
+    offline = judge(BridgePresence(state=PresenceState.OFFLINE, instance="b-1", ts=T0))
+    assert offline.level is doctor.Level.FAIL and "stopped cleanly" in offline.summary
+    ok = judge(online("b-1"))
+    assert ok.level is doctor.Level.OK and "instance b-1 (0.1), leader" in ok.summary
+    # A standby beside the leader is named; a standby alone means nobody writes.
+    pair = judge(online("b-1"), online("b-2", "standby"))
+    assert pair.level is doctor.Level.OK and "b-2" in pair.details[0]
+    alone = judge(online("b-2", "standby"))
+    assert alone.level is doctor.Level.FAIL and "none writes" in alone.summary
+    # Per database: a live bridge of another database does not count for this one, and
+    # this one's own live bridge is judged although another database's died.
+    other = judge(online("x-1", database="db-b"))
+    assert other.level is doctor.Level.FAIL and "other databases" in other.summary
+    mixed = judge(
+        online("b-1"),
+        BridgePresence(state=PresenceState.LOST, instance="x-1", database="db-b"),
     )
-    online = BridgePresence(state=PresenceState.ONLINE, instance="b-1", ts=T0 - MIN, version="0.1")
-    ok = judge(online, {"b-1": T0})
-    assert ok.level is doctor.Level.OK and "instance b-1 (0.1)" in ok.summary
-    shared = judge(online, {"b-1": T0, "b-2": T0 - 1})
-    assert shared.level is doctor.Level.WARN and "b-2" in shared.details[0]
-    invalid = doctor.judge_bridge_presence(b"{}", T0, prefix=PREFIX)
+    assert mixed.level is doctor.Level.OK and "x-1 (lost)" in mixed.details[0]
+    invalid = doctor.judge_bridge_presence({"b-9": b"{}"}, T0, prefix=PREFIX)
     assert invalid.level is doctor.Level.FAIL and "mosquitto_pub -r -n" in (invalid.hint or "")
 
 

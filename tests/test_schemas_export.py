@@ -211,7 +211,7 @@ EXPECTED_CHANNELS = {
     "kiosk/v1/{deviceId}/cmd": ("send", 1, False),
     "kiosk/v1/{deviceId}/ack": ("receive", 1, False),
     "kiosk/v1/{deviceId}/config": ("send", 1, True),
-    "kiosk/v1/_bridge/presence": ("send", 1, True),
+    "kiosk/v1/_bridge/{instance}/presence": ("send", 1, True),
     "kiosk/v1/provision/{clientId}/request": ("receive", 1, False),
     "kiosk/v1/provision/{clientId}/response": ("send", 1, False),
 }
@@ -287,6 +287,9 @@ def test_device_channels_have_the_device_id_parameter(document: dict[str, Any]) 
         elif "{clientId}" in channel["address"]:
             parameter = _resolve(document, channel["parameters"]["clientId"]["$ref"])
             assert parameter["x-pattern"] == CLAIM_CLIENT_ID_PATTERN
+        elif "{instance}" in channel["address"]:
+            parameter = _resolve(document, channel["parameters"]["instance"]["$ref"])
+            assert "--instance" in parameter["description"]
         else:
             assert "parameters" not in channel
 

@@ -204,4 +204,60 @@ class HttpDevice(SQLModel, table=True):
     updated_ms: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
 
 
-BRIDGE_TABLES = (Connectivity, PresenceHistory, CommandRecord, DeviceConfigRecord, HttpDevice)
+class BridgeInstance(SQLModel, table=True):
+    """Every ``kiosk-bridge run`` that uses this database, leader or standby, with its
+    heartbeat (written every second): how views tell live truth from frozen truth."""
+
+    __tablename__ = "kb_bridges"
+
+    instance: str = Field(sa_column=Column(String(64), primary_key=True))
+    host: str = Field(sa_column=Column(String(255), nullable=False))
+    pid: int = Field(default=0, sa_column=Column(Integer, nullable=False, default=0))
+    version: str = Field(sa_column=Column(String(64), nullable=False))
+    #: The broker URL without credentials (``mqtt://host:port``), for ``doctor``/``watch``.
+    broker: str = Field(sa_column=Column(String(255), nullable=False))
+    #: ``leader`` (writes), ``standby`` (waits for the lease), ``shared`` (a member of a
+    #: shared-subscription group: writes its share), ``stopped`` (left cleanly).
+    role: str = Field(sa_column=Column(String(16), nullable=False))
+    #: Whether its presence link was connected at this heartbeat: a leader cut off from
+    #: the broker hands the lease to a standby that is not.
+    broker_connected: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, default=False)
+    )
+    started_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+    heartbeat_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+    stopped_ms: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+
+
+class WriterLease(SQLModel, table=True):
+    """The one writer of a database. ``token`` grows by one at every change of holder
+    and fences every write transaction of the bridge (:mod:`bridge.db.fence`)."""
+
+    __tablename__ = "kb_lease"
+
+    name: str = Field(sa_column=Column(String(32), primary_key=True))
+    holder: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    token: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    expires_ms: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+
+
+class BridgeMeta(SQLModel, table=True):
+    """Facts about this database, e.g. its random ``database_id``: the fingerprint a
+    bridge announces on the broker, so tools tell apart bridges of other databases."""
+
+    __tablename__ = "kb_meta"
+
+    key: str = Field(sa_column=Column(String(64), primary_key=True))
+    value: str = Field(sa_column=Column(String(255), nullable=False))
+
+
+BRIDGE_TABLES = (
+    Connectivity,
+    PresenceHistory,
+    CommandRecord,
+    DeviceConfigRecord,
+    HttpDevice,
+    BridgeInstance,
+    WriterLease,
+    BridgeMeta,
+)

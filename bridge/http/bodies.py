@@ -60,7 +60,9 @@ class MqttTopics(_Body):
     cmd: str
     ack: str
     config: str
-    bridge_presence: str
+    bridge_presence: str = Field(
+        description="Filter of every bridge's retained presence ({prefix}/_bridge/+/presence)"
+    )
 
 
 class MqttDetails(_Body):
@@ -183,9 +185,25 @@ class DeviceList(_Body):
     next_after: str | None = Field(description="Pass as ?after= for the next page")
 
 
+class Liveness(_Body):
+    """Whether the states in this answer are live (issue: no frozen truth)."""
+
+    states_live: bool = Field(
+        description=(
+            "true while a bridge writes this database (its heartbeat is newer than "
+            "KB_STALE_AFTER_S) and hears the broker; false: the states may be stale"
+        )
+    )
+    last_writer: str | None = Field(description="The bridge instance that wrote last")
+    last_heartbeat_ms: int | None = Field(description="Its last heartbeat (epoch ms)")
+    broker_connected: bool
+    warning: str | None = Field(description="One line for a person while not live")
+
+
 class DeviceListResponse(_Body):
     success: Literal[True] = True
     data: DeviceList
+    liveness: Liveness
 
 
 class HistoryEntry(_Body):
@@ -235,6 +253,7 @@ class DeviceDetail(DeviceSummary):
 class DeviceDetailResponse(_Body):
     success: Literal[True] = True
     data: DeviceDetail
+    liveness: Liveness
 
 
 class CommandRequest(BaseModel):

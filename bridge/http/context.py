@@ -1,4 +1,4 @@
-"""What request handlers share: the bridge, the stores, limits, events, the DB pool."""
+"""What request handlers share: the bridge's ports, the stores, limits, events, the DB pool."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ from bridge.http.settings import HttpSettings
 from bridge.http.tokens import token_hash
 
 if TYPE_CHECKING:
-    from bridge.service.app import Bridge
+    from sqlalchemy import Engine
+
+    from bridge.service.ports import AckSink, OutboxPoke, PresenceSink, StatesLiveness
+    from bridge.settings import Settings
 
 T = TypeVar("T")
 
@@ -33,7 +36,17 @@ REGISTER_GLOBAL = "register_global"
 
 @dataclass
 class HttpContext:
-    bridge: Bridge
+    #: The whole tree: the broker's address and prefix are handed to registering kiosks.
+    bridge_settings: Settings
+    engine: Engine
+    #: Reads that never take SQLite's write lock (pages, lists).
+    read_engine: Engine
+    #: Presence and telemetry of HTTP kiosks join the MQTT ones here.
+    sink: PresenceSink
+    outbox: OutboxPoke
+    acks: AckSink
+    #: Whether the states served are live (a writer's heartbeat, the broker link).
+    liveness: Callable[[], StatesLiveness]
     settings: HttpSettings
     executor: ThreadPoolExecutor
     clock: Callable[[], int]

@@ -1,4 +1,5 @@
-"""Live events for ``GET /api/v2/events``: presence transitions and command updates.
+"""Live events for ``GET /api/v2/events``: presence transitions, command updates, and
+whether the states are live.
 
 Presence comes in-process from the writer (``DbWriter.listeners``, called after every
 committed batch), so an event is never sent for a change that is not in the database.
@@ -27,6 +28,7 @@ from bridge.db.models import CommandRecord
 from bridge.db.presence_store import PresenceResult
 from bridge.db.rows import utc_naive
 from bridge.db.tables import table_of
+from bridge.service.ports import StatesLiveness
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ _OPEN = [s.value for s in CommandState if not s.terminal]
 _TERMINAL = [s.value for s in CommandState if s.terminal]
 #: Finished commands are looked for this far back, so a slow poll misses none.
 _OVERLAP = timedelta(seconds=5)
-KINDS = frozenset({"presence", "command"})
+KINDS = frozenset({"presence", "command", "liveness"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,4 +218,15 @@ def _command_event(row: Any) -> dict[str, Any]:
         "type": row.type,
         "state": row.state,
         "detail": row.detail,
+    }
+
+
+def liveness_data(live: StatesLiveness) -> dict[str, Any]:
+    health = live.health
+    return {
+        "states_live": live.live,
+        "last_writer": None if health is None else health.last_writer,
+        "last_heartbeat_ms": None if health is None else health.last_heartbeat_ms,
+        "broker_connected": live.broker_connected,
+        "warning": live.warning(),
     }

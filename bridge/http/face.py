@@ -1,14 +1,13 @@
 """``HttpFace``: the HTTP API served inside the bridge's event loop.
 
-    async with Bridge(settings) as bridge, HttpFace(bridge, "0.0.0.0", 8080):
-        await bridge.serve_forever()
-
-Entering binds the port (so a port in use fails at once), loads the map of CMS tokens,
-starts uvicorn's ``serve()`` as an owned task, the HTTP-only timeout sweeper, the
-command-event poller and the token map's refresher, and hooks
-into the bridge: a presence listener on the writer, and an exemption of HTTP-managed
-devices from reconciliation. Leaving ends event streams, stops the server (in-flight
-requests get a few seconds), cancels the tasks and undoes the hooks.
+The bridge composes it (``Bridge(settings, http=(host, port))``) from its ports: the
+presence sink, the outbox poke, the ack sink, the transition feed and the
+reconciliation exemptions. Entering binds the port (so a port in use fails at once),
+loads the map of CMS tokens, starts uvicorn's ``serve()`` as an owned task, the
+HTTP-only timeout sweeper, the command-event poller and the token map's refresher, and
+subscribes to committed transitions and exempts HTTP-managed devices from
+reconciliation. Leaving ends event streams, stops the server (in-flight requests get a
+few seconds), cancels the tasks and undoes both subscriptions.
 """
 
 from __future__ import annotations
@@ -18,12 +17,13 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 import uvicorn
+from prometheus_client import CollectorRegistry
 
 from bridge.clock import now_ms
 from bridge.db.cms_store import CmsStore
@@ -35,11 +35,20 @@ from bridge.http.context import HttpContext
 from bridge.http.events import CommandPoller, EventHub
 from bridge.http.metrics import HttpMetrics
 from bridge.http.protocol import header_deadline_protocol
-from bridge.http.settings import HttpSettings
 from bridge.http.sweeper import TimeoutSweeper
 
 if TYPE_CHECKING:
-    from bridge.service.app import Bridge
+    from sqlalchemy import Engine
+
+    from bridge.service.ports import (
+        AckSink,
+        OutboxPoke,
+        PresenceSink,
+        ReconcileExemptions,
+        StatesLiveness,
+        TransitionFeed,
+    )
+    from bridge.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -77,29 +86,42 @@ def bind_socket(host: str, port: int) -> socket.socket:
 class HttpFace:
     def __init__(
         self,
-        bridge: Bridge,
+        settings: Settings,
         host: str,
         port: int,
         *,
-        settings: HttpSettings | None = None,
-        api_keys: Iterable[str] | None = None,
+        engine: Engine,
+        read_engine: Engine,
+        sink: PresenceSink,
+        outbox: OutboxPoke,
+        acks: AckSink,
+        transitions: TransitionFeed,
+        exemptions: ReconcileExemptions,
+        registry: CollectorRegistry,
+        liveness: Callable[[], StatesLiveness],
         db_threads: int = 4,
         clock: Callable[[], int] = now_ms,
     ) -> None:
-        settings = settings or bridge.settings.http
-        if api_keys is not None:
-            settings = settings.model_copy(update={"api_keys": ",".join(api_keys)})
-        self.bridge = bridge
-        self.settings = settings
+        self.bridge_settings = settings
+        self.settings = settings.http
         self.host = host
         self._requested_port = port
         self.port = port
+        self._engine = engine
+        self._read_engine = read_engine
+        self._sink = sink
+        self._outbox = outbox
+        self._acks = acks
+        self._transitions = transitions
+        self._exemptions = exemptions
+        self._registry = registry
+        self._liveness = liveness
         self._db_threads = db_threads
         self._clock = clock
         self._executor: ThreadPoolExecutor | None = None
         self._server: _EmbeddedServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._exempt: Callable[[], set[str]] = set
+        self._hooks = contextlib.ExitStack()
         self.ctx: HttpContext | None = None
         self.sweeper: TimeoutSweeper | None = None
         self.refresher: TokenRefresher | None = None
@@ -110,31 +132,37 @@ class HttpFace:
         return f"http://{host}:{self.port}"
 
     async def __aenter__(self) -> Self:
-        bridge = self.bridge
+        engine = self._engine
         self._executor = ThreadPoolExecutor(self._db_threads, thread_name_prefix="kb-http-db")
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._executor, create_http_schema, bridge.engine)
+            await loop.run_in_executor(self._executor, create_http_schema, engine)
             # One storage rule for remotes.token, shared with credential management.
-            storage = bridge.settings.security.token_storage
-            devices = DeviceStore(bridge.engine, token_storage=storage)
+            storage = self.bridge_settings.security.token_storage
+            devices = DeviceStore(engine, token_storage=storage)
             hub = EventHub()
             ctx = HttpContext(
-                bridge=bridge,
+                bridge_settings=self.bridge_settings,
+                engine=engine,
+                read_engine=self._read_engine,
+                sink=self._sink,
+                outbox=self._outbox,
+                acks=self._acks,
+                liveness=self._liveness,
                 settings=self.settings,
                 executor=self._executor,
                 clock=self._clock,
                 devices=devices,
-                cms=CmsStore(bridge.engine),
+                cms=CmsStore(engine),
                 hub=hub,
                 poller=CommandPoller(
-                    bridge.engine,
+                    engine,
                     hub,
                     self._run_db,
                     interval_s=_EVENT_POLL_S,
                     clock_ms=self._clock,
                 ),
-                metrics=HttpMetrics(bridge.metrics.registry),
+                metrics=HttpMetrics(self._registry),
             )
             ctx.managed = await loop.run_in_executor(self._executor, devices.http_managed)
             self.refresher = TokenRefresher(
@@ -152,8 +180,11 @@ class HttpFace:
         refresher = self.refresher
         assert refresher is not None
         self._tasks.append(asyncio.create_task(refresher.run(), name="kb-http-tokens"))
-        bridge.writer.listeners.append(ctx.hub.on_presence)
-        self._hook_reconcile(ctx)
+
+        self._hooks.enter_context(self._transitions.subscribed(ctx.hub.on_presence))
+        # An HTTP-only device has no retained MQTT presence: reconciliation would set it
+        # unknown at every broker reconnect.
+        self._hooks.enter_context(self._exemptions.added(lambda: set(ctx.managed)))
         log.info("HTTP API listening on %s", self.url)
         return self
 
@@ -207,12 +238,6 @@ class HttpFace:
             task.result()
         raise RuntimeError("the HTTP server stopped")
 
-    def _hook_reconcile(self, ctx: HttpContext) -> None:
-        # An HTTP-only device has no retained MQTT presence: reconciliation would set it
-        # unknown at every broker reconnect.
-        self._exempt = lambda: set(ctx.managed)
-        self.bridge.writer.reconcile_exempt.append(self._exempt)
-
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -220,12 +245,8 @@ class HttpFace:
         tb: TracebackType | None,
     ) -> None:
         ctx = self.ctx
-        writer = self.bridge.writer
-        if self._exempt in writer.reconcile_exempt:
-            writer.reconcile_exempt.remove(self._exempt)
+        self._hooks.close()
         if ctx is not None:
-            with contextlib.suppress(ValueError):
-                writer.listeners.remove(ctx.hub.on_presence)
             ctx.hub.close()
         server_task = self._tasks[0] if self._tasks else None
         others = self._tasks[1:]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query
@@ -24,13 +25,15 @@ from bridge.http.bodies import (
     DeviceList,
     DeviceListResponse,
     DeviceSummary,
+    Liveness,
 )
 from bridge.http.context import HttpContext
 from bridge.http.deps import ApiKey, Ctx
 from bridge.http.errors import ApiError
-from bridge.http.events import KINDS, Subscription
+from bridge.http.events import KINDS, Event, Subscription, liveness_data
 from bridge.http.responses import errors
 from bridge.outbox.api import CommandRequestError, Targets, enqueue, resolve_targets
+from bridge.service.ports import StatesLiveness
 from schemas import DEVICE_ID_PATTERN
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,8 @@ router = APIRouter(prefix="/api/v2", tags=["cms"])
 
 #: A comment line this often keeps proxies from closing an idle stream.
 KEEPALIVE_S = 15.0
+#: How often a stream looks whether the states turned stale or live again.
+_LIVENESS_CHECK_S = 1.0
 #: Longest wait for the command poller before the stream starts anyway.
 _CATCH_UP_S = 5.0
 DeviceId = Annotated[str, Path(pattern=DEVICE_ID_PATTERN, description="The device id")]
@@ -64,7 +69,8 @@ async def list_devices(
     return DeviceListResponse(
         data=DeviceList(
             devices=[DeviceSummary.model_validate(d) for d in page], next_after=next_after
-        )
+        ),
+        liveness=_liveness(ctx),
     )
 
 
@@ -86,7 +92,11 @@ async def get_device(
         raise ApiError(410, "device_deleted", f"device {device_id} was deleted")
     if detail is None:
         raise ApiError(404, "unknown_device", f"no device {device_id}")
-    return DeviceDetailResponse(data=DeviceDetail.model_validate(detail))
+    return DeviceDetailResponse(data=DeviceDetail.model_validate(detail), liveness=_liveness(ctx))
+
+
+def _liveness(ctx: HttpContext) -> Liveness:
+    return Liveness.model_validate(liveness_data(ctx.liveness()))
 
 
 @router.post(
@@ -98,10 +108,10 @@ async def get_device(
 async def create_commands(ctx: Ctx, _key: ApiKey, body: CommandRequest) -> CommandsResponse:
     devices = list(dict.fromkeys(body.device_ids))
     try:
-        await ctx.db(resolve_targets, ctx.bridge.engine, Targets(devices=tuple(devices)))
+        await ctx.db(resolve_targets, ctx.engine, Targets(devices=tuple(devices)))
         ids = await ctx.db(
             enqueue,
-            ctx.bridge.engine,
+            ctx.engine,
             body.type,
             devices,
             body.args,
@@ -111,7 +121,7 @@ async def create_commands(ctx: Ctx, _key: ApiKey, body: CommandRequest) -> Comma
         )
     except CommandRequestError as exc:
         raise ApiError(422, "invalid_command", str(exc)) from None
-    ctx.bridge.commands.poke()
+    ctx.outbox.poke()
     return CommandsResponse(
         data=CommandsAccepted(
             commands=[
@@ -140,9 +150,11 @@ async def get_command(
     "/events",
     summary="Server-sent events: presence transitions and command updates",
     description=(
-        "A `text/event-stream`. It starts with the comment `: connected`; every change "
-        "after that line is sent. Events: `presence` (a committed transition) and "
-        "`command` (a state change). A comment every 15 s keeps the stream alive. A "
+        "A `text/event-stream`. It starts with the comment `: connected` and a `liveness` "
+        "event; every change after that line is sent. Events: `presence` (a committed "
+        "transition), `command` (a state change) and `liveness` (the states turned stale "
+        "or live again: `states_live`, `last_writer`, `warning`). A comment every 15 s "
+        "keeps the stream alive. A "
         "client that falls behind gets `overflow` and the stream ends: reconnect and "
         "re-read the devices."
     ),
@@ -158,8 +170,8 @@ async def events(
     types: Annotated[
         str | None,
         Query(
-            pattern=r"^(presence|command)(,(presence|command))*$",
-            description="Comma-separated: presence, command (default both)",
+            pattern=r"^(presence|command|liveness)(,(presence|command|liveness))*$",
+            description="Comma-separated: presence, command, liveness (default all)",
         ),
     ] = None,
 ) -> StreamingResponse:
@@ -178,20 +190,35 @@ async def _stream(ctx: HttpContext, kinds: frozenset[str]) -> AsyncIterator[byte
                 async with asyncio.timeout(_CATCH_UP_S):
                     await ctx.poller.caught_up()
         yield b": connected\n\n"
-        async for chunk in _events(sub):
+        liveness = ctx.liveness if "liveness" in kinds else None
+        async for chunk in _events(sub, liveness):
             yield chunk
 
 
-async def _events(sub: Subscription) -> AsyncIterator[bytes]:
+async def _events(
+    sub: Subscription, liveness: Callable[[], StatesLiveness] | None
+) -> AsyncIterator[bytes]:
+    """The subscription's events; with ``liveness``, first the current liveness and then
+    each change of it as this stream last told it (looked at every second)."""
+    told: bool | None = None
+    quiet_since = time.monotonic()
     while True:
+        if liveness is not None:
+            current = liveness()
+            if current.live != told:
+                told = current.live
+                yield Event(0, "liveness", liveness_data(current)).encode()
         try:
-            async with asyncio.timeout(KEEPALIVE_S):
+            async with asyncio.timeout(_LIVENESS_CHECK_S if liveness else KEEPALIVE_S):
                 event = await sub.queue.get()
         except TimeoutError:
-            yield b": keepalive\n\n"
+            if time.monotonic() - quiet_since >= KEEPALIVE_S:
+                quiet_since = time.monotonic()
+                yield b": keepalive\n\n"
             continue
         if event is None:
             return
+        quiet_since = time.monotonic()
         yield event.encode()
         if sub.overflowed and sub.queue.empty():
             yield b'event: overflow\ndata: {"reason":"client too slow"}\n\n'

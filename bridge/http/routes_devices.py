@@ -31,7 +31,8 @@ from bridge.http.errors import ApiError, MalformedBody
 from bridge.http.feed import online_event
 from bridge.http.responses import errors
 from bridge.http.telemetry import status_for, telemetry
-from schemas import Ack, AckState, TopicKind, bridge_presence_topic, device_topic
+from schemas import Ack, AckState, TopicKind, device_topic
+from schemas.topics import bridge_instances_filter
 
 if TYPE_CHECKING:
     from bridge.settings import Settings
@@ -82,8 +83,8 @@ def broker_takes_device_tokens(settings: Settings) -> bool:
 
 
 def mqtt_details(ctx: HttpContext, device_id: str, token: str) -> MqttDetails:
-    prefix = ctx.bridge.settings.prefix
-    open_broker = broker_takes_device_tokens(ctx.bridge.settings)
+    prefix = ctx.bridge_settings.prefix
+    open_broker = broker_takes_device_tokens(ctx.bridge_settings)
     return MqttDetails(
         url=ctx.settings.mqtt_url or _default_mqtt_url(ctx),
         client_id=device_id,
@@ -99,7 +100,7 @@ def mqtt_details(ctx: HttpContext, device_id: str, token: str) -> MqttDetails:
             cmd=device_topic(device_id, TopicKind.CMD, prefix),
             ack=device_topic(device_id, TopicKind.ACK, prefix),
             config=device_topic(device_id, TopicKind.CONFIG, prefix),
-            bridge_presence=bridge_presence_topic(prefix),
+            bridge_presence=bridge_instances_filter(prefix),
         ),
     )
 
@@ -108,11 +109,11 @@ _WILDCARD = frozenset({"0.0.0.0", "::", ""})
 
 
 def _default_mqtt_url(ctx: HttpContext) -> str | None:
-    address = ctx.bridge.settings.broker_address
+    address = ctx.bridge_settings.broker_address
     # A wildcard (an embedded broker on every interface) says nothing a kiosk can use.
     if address is not None:
         return None if address.host in _WILDCARD else address.url  # without credentials
-    host, port = ctx.bridge.settings.listen_address
+    host, port = ctx.bridge_settings.listen_address
     return None if host in _WILDCARD else f"mqtt://{host}:{port}"
 
 
@@ -166,7 +167,7 @@ async def heartbeat(ctx: Ctx, token: DeviceToken, request: Request) -> Heartbeat
     values, ignored = telemetry(metrics)
     for name in ignored:
         ctx.metrics.ignored_fields.labels(name).inc()
-    ingest = ctx.bridge.ingest
+    ingest = ctx.sink
     if plan.transport is Transport.HTTP:
         ctx.managed.add(device_id)
         if plan.announce:
@@ -223,9 +224,7 @@ async def ack_command(
         raise ApiError(422, "id_mismatch", "the body's id differs from the command id in the path")
     device = await ctx.db(ctx.devices.authenticate, token)
     ack = Ack(id=body.id, state=AckState(body.state), ts=body.ts, detail=body.detail)
-    [outcome] = await ctx.db(
-        ctx.bridge.command_store.apply_acks, [(device.device_id, ack, ctx.clock())]
-    )
+    outcome = await ctx.acks.apply_ack(device.device_id, ack, ctx.clock())
     return AckResponse(data=_ack_result(ctx, outcome))
 
 
@@ -234,8 +233,7 @@ def _ack_result(ctx: HttpContext, outcome: AckOutcome) -> AckResult:
         # Another device's command reads as unknown: ids are not for probing.
         ctx.metrics.refused.labels(outcome.verdict).inc()
         raise ApiError(404, "unknown_command", f"no command {outcome.command_id} for this device")
+    # The dispatcher that applied it counted it, as it counts the acks over MQTT.
     applied = outcome.verdict == "applied"
-    if applied and outcome.state:
-        ctx.bridge.metrics.commands.labels(outcome.state).inc()
     state = CommandState(outcome.state).value if outcome.state else None
     return AckResult(command_id=outcome.command_id, state=state, applied=applied)

@@ -44,7 +44,7 @@ async def send_refresh_device(
     try:
         outcome = await ctx.db(
             request_refresh,
-            ctx.bridge.engine,
+            ctx.engine,
             device.device_id,
             url=url,
             ttl_s=ctx.settings.refresh_ttl_s,
@@ -52,7 +52,7 @@ async def send_refresh_device(
         )
     except CommandRequestError as exc:
         raise ApiError(422, "invalid_command", str(exc)) from None
-    ctx.bridge.commands.poke()
+    ctx.outbox.poke()
     return RefreshResponse(
         data=RefreshAccepted(
             command_id=outcome.command_id,

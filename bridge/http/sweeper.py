@@ -42,11 +42,10 @@ class TimeoutSweeper:
         ctx = self._ctx
         now = ctx.clock()
         silent = await ctx.db(ctx.devices.silent_http_devices, now - ctx.settings.timeout_ms)
-        ingest = ctx.bridge.ingest
+        ingest = ctx.sink
         lost: list[str] = []
         for device_id, session in silent:
-            pending = ingest.status.get(device_id)
-            if pending is not None and pending.status.session == session:
+            if ingest.pending_status_session(device_id) == session:
                 continue  # a heartbeat is on its way to the database
             sent = self._sent.get((device_id, session))
             if sent is not None and now - sent < _RESEND_MS:

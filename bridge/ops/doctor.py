@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.broker_url import BrokerAddress
+from bridge.db.bridges_store import META
 from bridge.db.engine import missing_tables
+from bridge.db.fleet_health import FleetHealth, read_fleet_health
 from bridge.db.models import PresenceHistory
 from bridge.db.tables import table_of
 from bridge.ops.consistency import (
@@ -34,11 +36,17 @@ from bridge.ops.skew import SkewReport, load_skew_rows, skew_report
 from bridge.ops.timefmt import ago, clock
 from bridge.settings import MqttProtocol
 from schemas import BridgePresence, ContractError, TopicKind, decode, device_filter
-from schemas.topics import bridge_presence_topic
+from schemas.topics import (
+    bridge_instance_topic,
+    bridge_instances_filter,
+    parse_bridge_instance_topic,
+)
 
 HIST = table_of(PresenceHistory)
 
 DEFAULT_SKEW_THRESHOLD_MS: Final = 30_000
+#: KB_STALE_AFTER_S's default: without a writer's heartbeat for this long, states are stale.
+DEFAULT_STALE_AFTER_MS: Final = 10_000
 _SHOWN: Final = 10
 
 
@@ -92,77 +100,112 @@ class DoctorReport:
 
 
 def judge_bridge_presence(
-    payload: bytes | None,
+    presences: Mapping[str, bytes],
     now_ms: int,
     *,
     prefix: str,
-    last_writes: Mapping[str, int] | None = None,
+    database_id: str | None = None,
+    health: FleetHealth | None = None,
 ) -> Check:
-    """The bridge's own retained birth/Will, and whether another instance wrote since."""
+    """The bridges' retained births and Wills (``{prefix}/_bridge/{instance}/presence``,
+    by instance), judged for the database whose id is ``database_id`` only: bridges of
+    other databases on the same broker are listed and otherwise ignored."""
     name = "bridge presence"
-    topic = bridge_presence_topic(prefix)
     start_hint = "start it: `kiosk-bridge run --broker URL --db URL`"
-    if payload is None:
-        return Check(
-            name,
-            Level.FAIL,
-            f"nothing retained on {topic}: no bridge has connected to this broker",
-            hint=f"{start_hint}; check --prefix if it uses another one",
-        )
-    try:
-        presence = decode(BridgePresence, payload)
-    except ContractError as exc:
-        return Check(
-            name,
-            Level.FAIL,
-            f"retained payload on {topic} is invalid: {exc}",
-            hint=f"clear it with `mosquitto_pub -r -n -t {topic}` and restart the bridge",
-        )
-    data = presence.model_dump(mode="json", exclude_none=True)
-    who = f"instance {presence.instance}" + (f" ({presence.version})" if presence.version else "")
-    if presence.state.value == "lost":
-        return Check(
-            name,
-            Level.FAIL,
-            f"{who} lost its connection: the broker published its Last Will",
-            hint=f"the bridge crashed or its network broke; check its logs, then {start_hint}",
-            data=data,
-        )
-    if presence.state.value == "offline":
-        return Check(
-            name,
-            Level.FAIL,
-            f"{who} was stopped cleanly; no bridge is updating the table",
-            hint=start_hint,
-            data=data,
-        )
-    since = f" since {clock(presence.ts)} ({ago(presence.ts, now_ms)})" if presence.ts else ""
     details: list[str] = []
-    level = Level.OK
-    if presence.ts is not None and presence.ts > now_ms + DEFAULT_SKEW_THRESHOLD_MS:
-        level = Level.WARN
-        details.append("its birth is timestamped in the future: the bridge host's clock is ahead")
-    born = presence.ts or 0
-    others = {
-        writer: at
-        for writer, at in (last_writes or {}).items()
-        if writer != presence.instance and at > born
-    }
-    if others:
-        level = Level.WARN
-        for writer, at in sorted(others.items()):
-            details.append(f"instance {writer} wrote at {clock(at)}, after this birth")
+    mine: list[BridgePresence] = []
+    foreign: list[BridgePresence] = []
+    invalid: list[str] = []
+    for instance, payload in sorted(presences.items()):
+        try:
+            presence = decode(BridgePresence, payload)
+        except ContractError:
+            invalid.append(bridge_instance_topic(instance, prefix))
+            continue
+        if database_id is None or presence.database in (database_id, None):
+            mine.append(presence)
+        else:
+            foreign.append(presence)
+    if foreign:
         details.append(
-            "several instances share one presence topic: it shows only the last to connect"
+            f"{len(foreign)} bridge(s) of other databases on this broker, ignored: "
+            + ", ".join(f"{p.instance} ({p.state.value})" for p in foreign[:5])
         )
+    for topic in invalid:
+        details.append(f"invalid retained payload on {topic}")
+    clear = (
+        f"clear it with `mosquitto_pub -r -n -t {invalid[0]}` and restart the bridge"
+        if invalid
+        else None
+    )
+    if not mine:
+        return Check(
+            name,
+            Level.FAIL,
+            "no bridge of this database has announced itself on this broker"
+            + (" (only bridges of other databases)" if foreign else ""),
+            hint=clear or f"{start_hint}; check --prefix if it uses another one",
+            details=details,
+        )
+    online = [p for p in mine if p.state.value == "online"]
+    writers = [p for p in online if p.role in ("leader", "shared", None)]
+    standbys = [p for p in online if p.role == "standby"]
+    if standbys:
+        details.append("standby: " + ", ".join(_who(p) for p in standbys))
+    if not writers:
+        if standbys:
+            return Check(
+                name,
+                Level.FAIL,
+                f"{len(standbys)} standby bridge(s) online but none writes: the lease is "
+                "held by no live instance",
+                hint="look at `kb_lease` and the standbys' logs",
+                details=details,
+            )
+        last = max(mine, key=lambda p: p.ts or 0)
+        if last.state.value == "lost":
+            summary = f"{_who(last)} lost its connection: the broker published its Last Will"
+            hint = f"the bridge crashed or its network broke; check its logs, then {start_hint}"
+        else:
+            summary = f"{_who(last)} was stopped cleanly; no bridge is updating the table"
+            hint = start_hint
+        data = last.model_dump(mode="json", exclude_none=True)
+        return Check(name, Level.FAIL, summary, hint=hint, details=details, data=data)
+    level = Level.WARN if invalid else Level.OK
+    leaders = [p for p in writers if p.role == "leader"]
+    if len(leaders) > 1:
+        level = Level.WARN
+        details.append(
+            "more than one leader announced: "
+            + ", ".join(p.instance for p in leaders)
+            + " (the fence lets only the lease holder write)"
+        )
+    first = max(writers, key=lambda p: p.ts or 0)
+    for presence in writers:
+        if presence.ts is not None and presence.ts > now_ms + DEFAULT_SKEW_THRESHOLD_MS:
+            level = Level.WARN
+            details.append(
+                f"{presence.instance}'s birth is timestamped in the future: its host's clock "
+                "is ahead"
+            )
+    if health is not None and not health.live and not health.unknown:
+        level = Level.WARN
+        details.append(health.warning() or "no heartbeat in kb_bridges")
+    since = f" since {clock(first.ts)} ({ago(first.ts, now_ms)})" if first.ts else ""
+    role = f", {first.role}" if first.role else ""
+    others = f" and {len(writers) - 1} more writing" if len(writers) > 1 else ""
     return Check(
         name,
         level,
-        f"online: {who}{since}",
-        hint="make sure every instance is running" if others else None,
+        f"online: {_who(first)}{role}{since}{others}",
+        hint=clear,
         details=details,
-        data=data,
+        data=first.model_dump(mode="json", exclude_none=True),
     )
+
+
+def _who(presence: BridgePresence) -> str:
+    return f"instance {presence.instance}" + (f" ({presence.version})" if presence.version else "")
 
 
 def judge_skew(report: SkewReport) -> Check:
@@ -235,10 +278,15 @@ def judge_consistency(report: ConsistencyReport) -> Check:
 # --- gathering ---------------------------------------------------------------------------
 
 
-def _last_writes(engine: Engine) -> dict[str, int]:
-    stmt = select(HIST.c.writer, func.max(HIST.c.committed_ms).label("at")).group_by(HIST.c.writer)
-    with engine.connect() as conn:
-        return {row.writer: int(row.at) for row in conn.execute(stmt) if row.writer}
+def _database_identity(engine: Engine, now_ms: int) -> tuple[str | None, FleetHealth | None]:
+    """Blocking: the database's id (which bridges' presence counts) and its liveness."""
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(select(META.c.value).where(META.c.key == "database_id")).scalar()
+        health = read_fleet_health(engine, now_ms, DEFAULT_STALE_AFTER_MS)
+    except SQLAlchemyError:
+        return None, None
+    return (None if found is None else str(found)), health
 
 
 def _database_checks(engine: Engine) -> tuple[list[Check], bool]:
@@ -293,7 +341,7 @@ async def run_doctor(
                 checks.append(Check("broker", Level.OK, f"connected to {address.url}"))
                 snapshot = await read_retained(
                     client,
-                    [bridge_presence_topic(prefix), device_filter(TopicKind.PRESENCE, prefix)],
+                    [bridge_instances_filter(prefix), device_filter(TopicKind.PRESENCE, prefix)],
                     prefix=prefix,
                 )
                 retained, complete = list(snapshot.messages), snapshot.complete
@@ -301,10 +349,19 @@ async def run_doctor(
             checks.append(Check("broker", Level.FAIL, str(exc), hint=exc.hint))
             unreachable = True
         if retained is not None:
-            bridge_topic = bridge_presence_topic(prefix)
-            payload = next((m.payload for m in retained if m.topic == bridge_topic), None)
-            writes = await asyncio.to_thread(_last_writes, engine) if db_ok and engine else {}
-            checks.append(judge_bridge_presence(payload, now_ms, prefix=prefix, last_writes=writes))
+            presences = {
+                instance: m.payload
+                for m in retained
+                if (instance := parse_bridge_instance_topic(m.topic, prefix)) is not None
+            }
+            database_id, health = None, None
+            if db_ok and engine is not None:
+                database_id, health = await asyncio.to_thread(_database_identity, engine, now_ms)
+            checks.append(
+                judge_bridge_presence(
+                    presences, now_ms, prefix=prefix, database_id=database_id, health=health
+                )
+            )
         if db_ok and engine is not None:
             rows = await asyncio.to_thread(load_skew_rows, engine)
             checks.append(judge_skew(skew_report(rows, skew_threshold_ms)))

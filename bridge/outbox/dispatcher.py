@@ -24,7 +24,7 @@ from paho.mqtt.properties import Properties
 from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.clock import now_ms
-from bridge.db.command_store import CommandStore, Outgoing
+from bridge.db.command_store import AckOutcome, CommandStore, Outgoing
 from bridge.db.outbox_probe import OutboxProbe
 from bridge.db.presence_store import PresenceResult
 from bridge.presence import ConnState
@@ -38,6 +38,9 @@ T = TypeVar("T")
 #: count as busy, and then only every ``_BUSY_BACKOFF``-th probe runs.
 _BUSY_MESSAGES = 25
 _BUSY_BACKOFF = 10
+#: Acks and observed commands queued at most (they queue only on a standby, for when it
+#: takes over).
+_QUEUED_MAX = 100_000
 
 
 def _epoch_ms(value: datetime) -> int:
@@ -77,6 +80,8 @@ class CommandDispatcher:
         self._inflight = inflight
         self._wake = asyncio.Event()
         self._acks: list[tuple[str, Ack, int]] = []
+        #: Beside each queued ack: the future of a caller that waits for its outcome.
+        self._ack_waiters: list[asyncio.Future[AckOutcome] | None] = []
         self._observed: list[tuple[str, Command, int]] = []
         self._publishes: set[asyncio.Task[None]] = set()
         self._delivered: list[str] = []
@@ -88,10 +93,30 @@ class CommandDispatcher:
     # -- inputs from the receive path (no I/O) -----------------------------------------
 
     def on_ack(self, device_id: str, ack: Ack, received_ms: int) -> None:
+        if len(self._acks) >= _QUEUED_MAX:
+            # Only while not dispatching (a standby) can this grow: the oldest goes, said
+            # loudly; its command is retried and the kiosk acks the re-delivery again.
+            self._acks.pop(0)
+            self._ack_waiters.pop(0)
+            self._metrics.rejected.labels("ack_queue_full").inc()
+            log.error("ack queue full (%d): dropped the oldest ack", _QUEUED_MAX)
         self._acks.append((device_id, ack, received_ms))
+        self._ack_waiters.append(None)
         self._wake.set()
 
+    async def apply_ack(self, device_id: str, ack: Ack, received_ms: int) -> AckOutcome:
+        """An ack whose sender waits for the outcome (HTTP): queued with the MQTT acks,
+        applied in order with them on the database thread."""
+        waiter: asyncio.Future[AckOutcome] = asyncio.get_running_loop().create_future()
+        self._acks.append((device_id, ack, received_ms))
+        self._ack_waiters.append(waiter)
+        self._wake.set()
+        return await waiter
+
     def on_command_seen(self, device_id: str, command: Command, received_ms: int) -> None:
+        if len(self._observed) >= _QUEUED_MAX:
+            self._observed.pop(0)
+            self._metrics.rejected.labels("observed_queue_full").inc()
         self._observed.append((device_id, command, received_ms))
         self._wake.set()
 
@@ -179,7 +204,26 @@ class CommandDispatcher:
         # command it answers, and must find the command's row.
         if self._acks:
             acks, self._acks = self._acks, []
-            await self._apply_acks(acks)
+            waiters, self._ack_waiters = self._ack_waiters, []
+            try:
+                outcomes = await self._apply_acks(acks)
+            except BaseException as failure:
+                # MQTT acks go back to the front, to be applied once the database is
+                # back; a waiting sender gets the error and retries itself.
+                kept = [ack for ack, waiter in zip(acks, waiters, strict=True) if waiter is None]
+                self._acks[:0] = kept
+                self._ack_waiters[:0] = [None] * len(kept)
+                for waiter in waiters:
+                    if waiter is None or waiter.done():
+                        continue
+                    if isinstance(failure, Exception):
+                        waiter.set_exception(failure)
+                    else:
+                        waiter.cancel()
+                raise
+            for waiter, outcome in zip(waiters, outcomes, strict=True):
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(outcome)
         if self._delivered:
             delivered, self._delivered = self._delivered, []
             await self._db(self._store.mark_delivered, delivered)
@@ -194,8 +238,9 @@ class CommandDispatcher:
         if self._client() is not None:
             await self._send_due()
 
-    async def _apply_acks(self, acks: list[tuple[str, Ack, int]]) -> None:
-        for outcome in await self._db(self._store.apply_acks, acks):
+    async def _apply_acks(self, acks: list[tuple[str, Ack, int]]) -> list[AckOutcome]:
+        outcomes = await self._db(self._store.apply_acks, acks)
+        for outcome in outcomes:
             if outcome.verdict in ("unknown_command", "wrong_device"):
                 self._metrics.rejected.labels(outcome.verdict).inc()
                 log.warning(
@@ -206,6 +251,7 @@ class CommandDispatcher:
                 )
             elif outcome.verdict == "applied" and outcome.state:
                 self._metrics.commands.labels(outcome.state).inc()
+        return outcomes
 
     async def _send_due(self) -> None:
         # Claim only what can be published now: the loop must get back to acks and PUBACK

@@ -1,14 +1,14 @@
-"""Credential management inside the running bridge, plugged into its MQTT link.
+"""Credential management inside the running bridge, plugged into its command link.
 
-    security = SecurityRuntime.for_bridge(bridge)  # its settings: bridge.settings.security
-    security.install(bridge.link)   # before the bridge connects: adds its route
-    async with bridge, security:    # provisioning and rotations run
+    security = SecurityRuntime(engine, settings.security, client=..., metrics=..., ...)
+    link = MqttLink(..., routes=security.routes())  # the link carries its traffic
+    async with security:                              # provisioning and rotations run
         ...
 
-It adds a :class:`bridge.service.mqtt_link.Route` to the link for provisioning requests
-and the dynamic-security plugin's answers: the link's own connection carries them (no
-second connection). Work that waits on I/O runs in its own tasks, never on the receive
-path.
+:class:`bridge.service.app.Bridge` composes it so. Its :class:`SecurityRoute` is a
+:class:`bridge.service.mqtt_link.Route` for provisioning requests and the
+dynamic-security plugin's answers: the link's own connection carries them (no second
+connection). Work that waits on I/O runs in its own tasks, never on the receive path.
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ from schemas.topics import shared
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from bridge.service.app import Bridge
-    from bridge.service.mqtt_link import MqttLink, Route
+    from bridge.service.mqtt_link import Route
 
 log = logging.getLogger(__name__)
 
@@ -164,20 +163,6 @@ class SecurityRuntime:
         )
         self._tasks: list[asyncio.Task[None]] = []
 
-    @classmethod
-    def for_bridge(cls, bridge: Bridge, settings: SecuritySettings | None = None) -> Self:
-        """Built from a :class:`bridge.service.app.Bridge`, sharing its engine, metrics
-        registry, client and ingest; ``settings`` default to the bridge's section."""
-        return cls(
-            bridge.engine,
-            settings or bridge.settings.security,
-            client=lambda: bridge.command_link.client,
-            metrics=SecurityMetrics(bridge.metrics.registry),
-            reject=lambda reason: bridge.metrics.rejected.labels(reason).inc(),
-            prefix=bridge.settings.prefix,
-            shared_group=bridge.settings.shared_group,
-        )
-
     def admin(self) -> SecurityAdmin:
         """Operator actions through the bridge's own connection (e.g. for the HTTP API).
         The session to announce offline comes from the database, not a retained read."""
@@ -195,11 +180,6 @@ class SecurityRuntime:
 
     def routes(self) -> list[Route]:
         return [self.route]
-
-    def install(self, link: MqttLink) -> None:
-        """Add the route to ``link`` (``bridge.command_link``); call before the bridge
-        starts."""
-        link.routes.extend(self.routes())
 
     # -- plumbing ------------------------------------------------------------------------
 

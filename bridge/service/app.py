@@ -1,33 +1,59 @@
-"""The bridge service: every part composed, started and stopped in one place.
+"""The composition root: every part of the running bridge is built and wired here.
 
-``Bridge`` is an async context manager. Entering it creates the schema if needed,
-starts the database writer and the MQTT link as owned tasks; leaving it announces the
-bridge offline, cancels the link, drains what is queued for the database (bounded), then
-cancels and awaits every task and shuts the database thread down.
+``Bridge`` builds each part from the settings and hands it only the small ports it
+needs (:mod:`bridge.service.ports`): no part receives the ``Bridge`` and nothing is
+wired by assigning attributes after the fact. Entering the bridge enters the parts,
+in this order, through one :class:`contextlib.AsyncExitStack`:
+
+1. the database (schema, the database's id, the ``kb_fleet_health`` view, the one
+   database thread, the engines);
+2. leadership (:mod:`bridge.service.leadership`): the heartbeat in ``kb_bridges`` and
+   the writer lease. While this instance writes, the *writing parts* run in a nested
+   stack of their own: the database writer, the command dispatcher, retention,
+   credential management and the HTTP face. A standby enters them when it takes the
+   lease and leaves them if it loses it;
+3. the presence link, 4. the command link (both run on a standby too: it stays
+   connected and subscribed, and queues what it receives for when it writes);
+5. the metrics server, when configured.
+
+Leaving runs their exits in reverse (the presence link announces the bridge offline
+before it stops; the writer drains what is queued, bounded, before it stops; the lease
+is released and the instance recorded ``stopped``), each one isolated: a part whose
+exit fails is logged and the others still run; the first failure is raised once all
+have.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from bridge.clock import now_ms
+from bridge.db.bridges_store import BridgesStore
 from bridge.db.command_store import CommandStore
 from bridge.db.engine import create_schema, make_engine
+from bridge.db.fence import Fence
+from bridge.db.fleet_health import create_fleet_health_view
 from bridge.db.outbox_probe import OutboxProbe
 from bridge.db.presence_store import PresenceStore
 from bridge.db.status_store import StatusStore
+from bridge.http.face import HttpFace
+from bridge.ops.metrics_server import serve_metrics
 from bridge.outbox.dispatcher import CommandDispatcher
+from bridge.security.metrics import SecurityMetrics
 from bridge.security.runtime import SecurityRuntime
 from bridge.service.housekeeping import retention_loop
 from bridge.service.ingest import Ingest
+from bridge.service.leadership import Leadership
 from bridge.service.metrics import BridgeMetrics
-from bridge.service.mqtt_link import LinkRole, MqttLink
+from bridge.service.mqtt_link import BridgeIdentity, LinkRole, MqttLink
+from bridge.service.ports import ReconcileExemptions, StatesLiveness, TransitionFeed
 from bridge.service.writer import DbWriter
 from bridge.settings import Settings
 from bridge.tasks import cancel_and_wait
@@ -44,19 +70,82 @@ def package_version() -> str:
         return "0+unknown"
 
 
+@contextlib.asynccontextmanager
+async def owned_task(
+    name: str,
+    run: Callable[[], Awaitable[None]],
+    *,
+    before_stop: Callable[[], Awaitable[None]] | None = None,
+) -> AsyncIterator[asyncio.Task[None]]:
+    """A task that lives exactly as long as the block: cancelled and awaited on exit
+    (``before_stop`` first, e.g. a last announcement while the task still runs)."""
+
+    async def body() -> None:
+        await run()
+
+    task = asyncio.create_task(body(), name=name)
+    try:
+        yield task
+    finally:
+        try:
+            if before_stop is not None:
+                await before_stop()
+        finally:
+            await cancel_and_wait(task)
+
+
 class Bridge:
-    def __init__(self, settings: Settings, *, protocol: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        protocol: str | None = None,
+        http: tuple[str, int] | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = BridgeMetrics()
         self.engine = make_engine(settings.db)
+        # Every transaction of the writing engine first checks the writer lease.
+        self.fence = Fence(settings.instance)
+        self.fence.install(self.engine)
         # Pollers' own engine: on SQLite, reads that never take the write lock.
         self.read_engine = make_engine(settings.db, read_only=True)
+        # Heartbeats and the lease: unfenced, so a standby can take the lease.
+        self._bridges_engine = make_engine(settings.db)
+        self.identity = BridgeIdentity()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kb-db")
+        self.command_store = CommandStore(
+            self.engine,
+            clock=now_ms,
+            ack_timeout_s=settings.command_ack_timeout_s,
+            retry_cap_s=settings.command_retry_cap_s,
+            max_attempts=settings.command_max_attempts,
+        )
+        # The links are built below; the dispatcher and credential management reach
+        # the command link's current client (None while disconnected) through these.
+        self.commands = CommandDispatcher(
+            self.command_store,
+            self.metrics,
+            self._executor,
+            prefix=settings.prefix,
+            client=lambda: self.command_link.client,
+            is_v5=lambda: self.command_link.v5,
+            poll_s=settings.command_poll_s,
+            probe=OutboxProbe(self.read_engine, clock=now_ms),
+            probe_s=settings.command_probe_s,
+            received=lambda: self.link.received + self.command_link.received,
+            inflight=settings.command_inflight,
+        )
+        self.transitions = TransitionFeed([self.commands.on_presence])
+        self.exemptions = ReconcileExemptions()
         self.ingest = Ingest(
             prefix=settings.prefix,
             metrics=self.metrics,
             buffer_max=settings.presence_buffer_max,
             status_min_interval_ms=int(settings.status_min_interval_s * 1000),
+            on_ack=self.commands.on_ack,
+            on_command=self.commands.on_command_seen,
+            on_overflow=self._presence_overflowed,
         )
         self.presence_store = PresenceStore(
             self.engine,
@@ -73,57 +162,226 @@ class Bridge:
             self.status_store,
             self.metrics,
             self._executor,
+            transitions=self.transitions,
+            exemptions=self.exemptions,
+        )
+        self.security = SecurityRuntime(
+            self.engine,
+            settings.security,
+            client=lambda: self.command_link.client,
+            metrics=SecurityMetrics(self.metrics.registry),
+            reject=lambda reason: self.metrics.rejected.labels(reason).inc(),
+            prefix=settings.prefix,
+            shared_group=settings.shared_group,
         )
         link_args = (settings, self.ingest, self.writer, self.metrics, package_version())
-        self.link = MqttLink(*link_args, role=LinkRole.PRESENCE, protocol=protocol)
-        self.command_link = MqttLink(*link_args, role=LinkRole.COMMANDS, protocol=protocol)
-        self.command_store = CommandStore(
-            self.engine,
-            clock=now_ms,
-            ack_timeout_s=settings.command_ack_timeout_s,
-            retry_cap_s=settings.command_retry_cap_s,
-            max_attempts=settings.command_max_attempts,
+        self.link = MqttLink(
+            *link_args, role=LinkRole.PRESENCE, protocol=protocol, identity=self.identity
         )
-        self.commands = CommandDispatcher(
-            self.command_store,
+        self.command_link = MqttLink(
+            *link_args,
+            role=LinkRole.COMMANDS,
+            protocol=protocol,
+            routes=self.security.routes(),
+        )
+        address = settings.broker_address
+        self.leadership = Leadership(
+            BridgesStore(self._bridges_engine),
+            self.fence,
             self.metrics,
-            self._executor,
-            prefix=settings.prefix,
-            client=lambda: self.command_link.client,
-            is_v5=lambda: self.command_link.v5,
-            poll_s=settings.command_poll_s,
-            probe=OutboxProbe(self.read_engine, clock=now_ms),
-            probe_s=settings.command_probe_s,
-            received=lambda: self.link.received + self.command_link.received,
-            inflight=settings.command_inflight,
+            instance=settings.instance,
+            version=package_version(),
+            broker=address.url if address is not None else f"mqtt://{settings.listen}",
+            shared=settings.shared_group is not None,
+            ttl_ms=int(settings.lease_ttl_s * 1000),
+            every_s=settings.heartbeat_s,
+            stale_after_ms=settings.stale_after_ms,
+            promote=self._start_writing,
+            demote=self._stop_writing,
+            broker_connected=self.link.connected.is_set,
         )
-        self.ingest.on_ack = self.commands.on_ack
-        self.ingest.on_command = self.commands.on_command_seen
-        self.writer.listeners.append(self.commands.on_presence)
-        self.security = SecurityRuntime.for_bridge(self, settings.security)
-        self.security.install(self.command_link)
+        self.http_face: HttpFace | None = None
+        if http is not None:
+            self.http_face = HttpFace(
+                settings,
+                *http,
+                engine=self.engine,
+                read_engine=self.read_engine,
+                sink=self.ingest,
+                outbox=self.commands,
+                acks=self.commands,
+                transitions=self.transitions,
+                exemptions=self.exemptions,
+                registry=self.metrics.registry,
+                liveness=self.liveness,
+            )
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._writing: contextlib.AsyncExitStack | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._exit_failures: list[BaseException] = []
+        #: A presence event was dropped while standing by: re-read the retained truth
+        #: once writing (re-reading now would only overflow the queue again).
+        self._resync_when_writing = False
+        #: Whether leaving the writer drains its queue (not when the lease was lost:
+        #: the writes would be refused).
+        self._drain_on_stop = True
+
+    # -- the parts' lifecycles ---------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _database(self) -> AsyncIterator[None]:
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, create_schema, self.engine)
+            self.identity.database = await loop.run_in_executor(
+                self._executor, BridgesStore(self.engine).database_id
+            )
+            await loop.run_in_executor(
+                self._executor,
+                create_fleet_health_view,
+                self.engine,
+                self.settings.stale_after_ms,
+            )
+            yield
+        finally:
+            try:
+                self._executor.shutdown(wait=True)
+            finally:
+                self.engine.dispose()
+                self.read_engine.dispose()
+                self._bridges_engine.dispose()
+
+    def liveness(self) -> StatesLiveness:
+        """Whether the states this bridge serves are live (as of the last heartbeat)."""
+        return StatesLiveness(self.leadership.health, self.link.connected.is_set())
+
+    def _presence_overflowed(self) -> None:
+        if self.leadership.writing.is_set():
+            self.link.request_resync()
+        else:
+            self._resync_when_writing = True
+
+    async def _start_writing(self) -> None:
+        """Leadership's promote: enter the writing parts (they stay in a stack of their
+        own, left by :meth:`_stop_writing` or when the bridge stops)."""
+        settings = self.settings
+        stack = contextlib.AsyncExitStack()
+        self._drain_on_stop = True
+        try:
+            await self._enter(stack, "database writer", self._writer_part())
+            await self._enter(
+                stack, "command dispatcher", owned_task("kb-commands", self.commands.run)
+            )
+            await self._enter(
+                stack,
+                "retention",
+                owned_task(
+                    "kb-retention",
+                    lambda: retention_loop(
+                        self.engine,
+                        self._executor,
+                        keep_days=settings.retention_days,
+                        every_s=settings.retention_every_s,
+                    ),
+                ),
+            )
+            await self._enter(stack, "security", self.security)
+            if self.http_face is not None:
+                await self._enter(stack, "HTTP face", self.http_face)
+                log.info("HTTP API on %s", self.http_face.url)
+        except BaseException as failure:
+            await stack.__aexit__(type(failure), failure, failure.__traceback__)
+            raise
+        self._writing = stack
+        self.identity.role = self.leadership.role
+        if self._resync_when_writing:
+            self._resync_when_writing = False
+            self.link.request_resync()
+        # Kiosks and tools see the new role; a standby's queued events are written now.
+        self.ingest.wake.set()
+        await self.link.announce()
+
+    async def _stop_writing(self) -> None:
+        """Leadership's demote (the lease is lost) and the bridge's own exit."""
+        stack, self._writing = self._writing, None
+        if stack is None:
+            return
+        if self.leadership.role == "standby":
+            self._drain_on_stop = False
+        task_names = {"kb-db-writer", "kb-commands", "kb-retention"}
+        self._tasks = [task for task in self._tasks if task.get_name() not in task_names]
+        await stack.__aexit__(None, None, None)
+        self.identity.role = self.leadership.role
+        if self._stack is not None:  # not while the bridge itself stops
+            await self.link.announce()
+
+    @contextlib.asynccontextmanager
+    async def _writer_part(self) -> AsyncIterator[asyncio.Task[None]]:
+        await self.writer.start()
+        async with owned_task("kb-db-writer", self.writer.run, before_stop=self._drain) as task:
+            yield task
+
+    @contextlib.asynccontextmanager
+    async def _leadership_part(self) -> AsyncIterator[None]:
+        async with self.leadership:
+            try:
+                yield
+            finally:
+                # The writing parts stop while the lease is still held: their last
+                # writes (the drain) pass the fence.
+                await self._stop_writing()
+
+    async def _enter(self, stack: contextlib.AsyncExitStack, name: str, part: Any) -> Any:
+        """Enter ``part`` and register its exit, isolated: a failing exit is logged and
+        kept, and the exits after it still run."""
+        value = await part.__aenter__()
+
+        async def leave(
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+        ) -> bool:
+            try:
+                await part.__aexit__(exc_type, exc, tb)
+            except Exception as failure:
+                log.error("shutdown: %s failed: %s", name, failure, exc_info=failure)
+                self._exit_failures.append(failure)
+            return False
+
+        stack.push_async_exit(leave)
+        if isinstance(value, asyncio.Task):
+            self._tasks.append(value)
+        return value
 
     async def __aenter__(self) -> Self:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, create_schema, self.engine)
-        await self.writer.start()
-        await self.security.__aenter__()
-        self._tasks = [
-            asyncio.create_task(self.writer.run(), name="kb-db-writer"),
-            asyncio.create_task(self.link.run(), name="kb-mqtt-link"),
-            asyncio.create_task(self.command_link.run(), name="kb-mqtt-command-link"),
-            asyncio.create_task(self.commands.run(), name="kb-commands"),
-            asyncio.create_task(
-                retention_loop(
-                    self.engine,
-                    self._executor,
-                    keep_days=self.settings.retention_days,
-                    every_s=self.settings.retention_every_s,
-                ),
-                name="kb-retention",
-            ),
-        ]
+        settings = self.settings
+        self._exit_failures = []
+        stack = contextlib.AsyncExitStack()
+        try:
+            await self._enter(stack, "database", self._database())
+            await self._enter(stack, "leadership", self._leadership_part())
+            await self._enter(
+                stack,
+                "presence link",
+                owned_task("kb-mqtt-link", self.link.run, before_stop=self.link.announce_offline),
+            )
+            await self._enter(
+                stack, "command link", owned_task("kb-mqtt-command-link", self.command_link.run)
+            )
+            if settings.metrics_port is not None:
+                server = await self._enter(
+                    stack,
+                    "metrics server",
+                    serve_metrics(
+                        self.metrics.registry, settings.metrics_host, settings.metrics_port
+                    ),
+                )
+                log.info("metrics on %s", server.url)
+        except BaseException as failure:
+            await stack.__aexit__(type(failure), failure, failure.__traceback__)
+            self._tasks = []
+            raise
+        self._stack = stack
         return self
 
     async def __aexit__(
@@ -132,36 +390,17 @@ class Bridge:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        writer_task, link_task, command_link_task, commands_task, retention_task = self._tasks
+        stack, self._stack = self._stack, None
         self._tasks = []
-        failures: list[BaseException] = []
-
-        async def step(what: str, action: Callable[[], Awaitable[object]]) -> None:
-            # Isolated: a task that died with an error (re-raised by cancel_and_wait) or a
-            # failing exit must not skip the drain, the database thread or the engines.
-            try:
-                await action()
-            except Exception as failure:
-                log.error("shutdown: %s failed: %s", what, failure, exc_info=failure)
-                failures.append(failure)
-
-        async def sync(action: Callable[[], object]) -> None:
-            action()
-
-        await step("security", lambda: self.security.__aexit__(exc_type, exc, tb))
-        await step("retention", lambda: cancel_and_wait(retention_task))
-        await step("command dispatcher", lambda: cancel_and_wait(commands_task))
-        await step("command link", lambda: cancel_and_wait(command_link_task))
-        await step("offline announcement", self.link.announce_offline)
-        await step("presence link", lambda: cancel_and_wait(link_task))
-        await step("drain", self._drain)
-        await step("database writer", lambda: cancel_and_wait(writer_task))
-        await step("database thread", lambda: sync(lambda: self._executor.shutdown(wait=True)))
-        await step("engines", lambda: sync(self._dispose_engines))
+        if stack is not None:
+            await stack.__aexit__(exc_type, exc, tb)
+        failures, self._exit_failures = self._exit_failures, []
         if failures:
             raise failures[0]
 
     async def _drain(self) -> None:
+        if not self._drain_on_stop:
+            return
         try:
             async with asyncio.timeout(_DRAIN_S):
                 await self.writer.drain()
@@ -180,10 +419,6 @@ class Bridge:
                 len(self.ingest.held),
             )
 
-    def _dispose_engines(self) -> None:
-        self.engine.dispose()
-        self.read_engine.dispose()
-
     async def wait_synced(self) -> None:
         """Until the retained snapshot of the current connection is reconciled."""
         await self.link.synced.wait()
@@ -193,8 +428,34 @@ class Bridge:
         await self.writer.drain()
 
     async def serve_forever(self) -> None:
-        """Run until cancelled; a task that dies takes the bridge down with it."""
-        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if not task.cancelled():
-                task.result()
+        """Run until cancelled; a part whose task dies takes the bridge down with it
+        (the writing parts' tasks change at a takeover: looked at again every second)."""
+        face = None
+        if self.http_face is not None:
+            face = asyncio.create_task(self._serve_http(), name="kb-http-serve")
+        try:
+            while True:
+                watched = {*self._tasks, *((face,) if face is not None else ())}
+                done, _ = await asyncio.wait(
+                    watched, timeout=1.0, return_when=asyncio.FIRST_EXCEPTION
+                )
+                for task in done:
+                    if not task.cancelled() and task.exception() is not None:
+                        task.result()
+        finally:
+            if face is not None:
+                await cancel_and_wait(face)
+
+    async def _serve_http(self) -> None:
+        """The HTTP face's server while this instance writes (a standby serves none)."""
+        face = self.http_face
+        assert face is not None
+        while True:
+            await self.leadership.writing.wait()
+            try:
+                await face.serve_forever()
+            except RuntimeError:
+                if self.leadership.writing.is_set() and self._writing is not None:
+                    raise
+                # Stopped with the writing parts (lease lost): wait to write again.
+                await asyncio.sleep(0.1)

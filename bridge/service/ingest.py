@@ -50,8 +50,8 @@ class Ingest:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     #: Devices whose presence arrived since :meth:`start_snapshot` (reconciliation).
     seen: set[str] | None = None
-    #: Set when an event had to be dropped: the retained state must be re-read.
-    overflowed: bool = False
+    #: Called when an event had to be dropped: the retained state must be re-read.
+    on_overflow: Callable[[], None] = lambda: None
     #: At most one telemetry write per device per this many ms; faster senders are
     #: throttled (coalesced, counted, flagged ``noisy``). 0 turns throttling off.
     status_min_interval_ms: int = 0
@@ -67,8 +67,17 @@ class Ingest:
     on_command: Callable[[str, Command, int], None] | None = None
 
     def __post_init__(self) -> None:
-        # Built once: this is checked for every message on the receive path.
+        # Built once: these are consulted for every message on the receive path.
         self._bridge_topic = bridge_presence_topic(self.prefix)
+        #: The one dispatch table of the receive path: topic kind -> handler.
+        self._handlers: dict[TopicKind, Callable[[str, bytes, int], None]] = {
+            TopicKind.PRESENCE: self._presence_message,
+            TopicKind.STATUS: self._status_message,
+        }
+        if self.on_ack is not None:
+            self._handlers[TopicKind.ACK] = self._ack_message
+        if self.on_command is not None:
+            self._handlers[TopicKind.CMD] = self._command_message
 
     def handle(self, topic: str, payload: bytes, received_ms: int) -> None:
         """Validate one message and queue its effect; never raises."""
@@ -80,24 +89,38 @@ class Ingest:
             self._reject(exc.reason, topic, payload, str(exc))
             return
         self.metrics.messages.labels(parsed.kind.value).inc()
+        handler = self._handlers.get(parsed.kind)
+        if handler is None:
+            return
         try:
-            if parsed.kind is TopicKind.PRESENCE:
-                self._presence(parsed.device_id, decode_presence(payload), received_ms)
-            elif parsed.kind is TopicKind.STATUS:
-                self._status(parsed.device_id, decode(Status, payload), received_ms)
-            elif parsed.kind is TopicKind.ACK and self.on_ack is not None:
-                self.on_ack(parsed.device_id, decode(Ack, payload), received_ms)
-            elif parsed.kind is TopicKind.CMD and self.on_command is not None:
-                command = decode(Command, payload)
-                if command.device_id not in (None, parsed.device_id):
-                    raise InvalidPayload(
-                        f"device_id {command.device_id!r} does not match the topic's "
-                        f"{parsed.device_id!r}",
-                        field="device_id",
-                    )
-                self.on_command(parsed.device_id, command, received_ms)
+            handler(parsed.device_id, payload, received_ms)
         except ContractError as exc:
             self._reject(exc.reason, topic, payload, str(exc))
+        except Exception as exc:
+            # A bug in one handler must not stop the receive loop: logged with its
+            # traceback, counted, and the next message is dispatched as usual.
+            log.exception("handler for %s failed", parsed.kind.value)
+            self._reject("handler_error", topic, payload, repr(exc))
+
+    def _presence_message(self, device_id: str, payload: bytes, received_ms: int) -> None:
+        self._presence(device_id, decode_presence(payload), received_ms)
+
+    def _status_message(self, device_id: str, payload: bytes, received_ms: int) -> None:
+        self._status(device_id, decode(Status, payload), received_ms)
+
+    def _ack_message(self, device_id: str, payload: bytes, received_ms: int) -> None:
+        assert self.on_ack is not None
+        self.on_ack(device_id, decode(Ack, payload), received_ms)
+
+    def _command_message(self, device_id: str, payload: bytes, received_ms: int) -> None:
+        assert self.on_command is not None
+        command = decode(Command, payload)
+        if command.device_id not in (None, device_id):
+            raise InvalidPayload(
+                f"device_id {command.device_id!r} does not match the topic's {device_id!r}",
+                field="device_id",
+            )
+        self.on_command(device_id, command, received_ms)
 
     def _reject(self, reason: str, topic: str, payload: bytes, why: str) -> None:
         self.metrics.rejected.labels(reason).inc()
@@ -138,7 +161,7 @@ class Ingest:
             self.seen.add(event.device_id)
         if len(self.presence) >= self.buffer_max:
             self.metrics.buffer_dropped.inc()
-            self.overflowed = True
+            self.on_overflow()
             log.error(
                 "presence buffer full (%d events): dropped device=%s session=%d state=%s; "
                 "the retained state will be re-read to reconcile",
@@ -156,6 +179,10 @@ class Ingest:
     def put_status(self, device_id: str, status: Status, received_ms: int) -> None:
         """Queue telemetry from any transport, coalesced per device."""
         self._status(device_id, status, received_ms)
+
+    def pending_status_session(self, device_id: str) -> int | None:
+        pending = self.status.get(device_id)
+        return None if pending is None else pending.status.session
 
     def _status(self, device_id: str, status: Status, received_ms: int) -> None:
         pending = self.status.get(device_id)

@@ -71,6 +71,14 @@ class BridgeMetrics:
         )
         self.connects = Counter("kb_broker_connects", "Successful broker connections", registry=r)
         self.connected = Gauge("kb_broker_connected", "1 while connected to the broker", registry=r)
+        self.leader = Gauge(
+            "kb_writer", "1 while this instance writes the database (holds the lease)", registry=r
+        )
+        self.writer_heartbeat_age = Gauge(
+            "kb_writer_heartbeat_age_seconds",
+            "Seconds since the last heartbeat of a writing instance of this database",
+            registry=r,
+        )
         self.commands = Counter(
             "kb_command_transitions",
             "Command state changes seen by the bridge",

@@ -14,6 +14,8 @@ import logging
 import socket
 import ssl
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import aiomqtt
@@ -32,7 +34,14 @@ from bridge.service.writer import DbWriter
 from bridge.settings import Settings
 from schemas import BridgePresence, ContractError, PresenceState, TopicKind, encode
 from schemas.codec import decode_bridge_presence
-from schemas.topics import bridge_presence_topic, bridge_sync_topic, device_filter, shared
+from schemas.topics import (
+    bridge_instance_topic,
+    bridge_instances_filter,
+    bridge_sync_topic,
+    device_filter,
+    parse_bridge_instance_topic,
+    shared,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +72,15 @@ class Route(Protocol):
     ) -> None: ...
 
 
+@dataclass
+class BridgeIdentity:
+    """What a bridge says of itself in its presence: its database's id (learnt once the
+    database is open) and its role (leader, standby, shared; changes at a takeover)."""
+
+    database: str | None = None
+    role: str | None = None
+
+
 class LinkRole(enum.Enum):
     """What a connection carries. The bridge holds one of each: presence and telemetry
     are nearly all of its traffic and need nothing from MQTT 5, so they travel on a
@@ -89,12 +107,17 @@ class MqttLink:
         *,
         role: LinkRole,
         protocol: str | None = None,
+        routes: Sequence[Route] = (),
+        identity: BridgeIdentity | None = None,
     ) -> None:
         self._settings = settings
         self._ingest = ingest
         self._writer = writer
         self._metrics = metrics
         self._version = version
+        #: What the bridge's presence says about it (its database, its role): filled in
+        #: by the bridge as it learns them, read at each announcement.
+        self._identity = identity or BridgeIdentity()
         self.role = role
         self._protocol = protocol or (
             settings.presence_protocol if role is LinkRole.PRESENCE else settings.mqtt_protocol
@@ -109,7 +132,11 @@ class MqttLink:
         self.connected = asyncio.Event()
         #: Whether the current connection speaks MQTT 5.
         self.v5 = False
-        self.routes: list[Route] = []
+        #: Traffic carried for other parts (provisioning), subscribed on every connect.
+        self.routes: tuple[Route, ...] = tuple(routes)
+        #: Set when the retained presence must be re-read (a dropped event); the receive
+        #: loop acts on it after the batch in hand.
+        self._resync_wanted = asyncio.Event()
         self._incoming: asyncio.Queue[aiomqtt.Message] | None = None
         self._last_peer_news: bytes | None = None
         #: Messages received since start (all topics): a measure of load for others.
@@ -119,6 +146,10 @@ class MqttLink:
     def client(self) -> aiomqtt.Client | None:
         return self._client
 
+    def request_resync(self) -> None:
+        """Ask for a re-read of the retained presence (from any part, no I/O here)."""
+        self._resync_wanted.set()
+
     def _presence_payload(self, state: PresenceState) -> bytes:
         return encode(
             BridgePresence(
@@ -126,8 +157,30 @@ class MqttLink:
                 instance=self._settings.instance,
                 ts=now_ms() if state is not PresenceState.LOST else None,
                 version=self._version,
+                database=self._identity.database,
+                role=self._identity.role if state is PresenceState.ONLINE else None,
             )
         )
+
+    @property
+    def presence_topic(self) -> str:
+        """This instance's own presence topic (retained birth, Will, clean offline)."""
+        return bridge_instance_topic(self._settings.instance, self._settings.prefix)
+
+    async def announce(self) -> None:
+        """Re-publish the birth (the role changed); quietly nothing while disconnected."""
+        client = self._client
+        if client is None or self.role is not LinkRole.PRESENCE:
+            return
+        try:
+            await client.publish(
+                self.presence_topic,
+                self._presence_payload(PresenceState.ONLINE),
+                qos=1,
+                retain=True,
+            )
+        except aiomqtt.MqttError as exc:
+            log.warning("could not announce the bridge's role: %s", exc)
 
     def _incoming_queue(self, maxsize: int = 0) -> asyncio.Queue[aiomqtt.Message]:
         # aiomqtt builds its message queue through ``queue_type``; keeping a handle on it
@@ -153,7 +206,7 @@ class MqttLink:
             username, password, tls = address.username, address.password, address.tls
         will = (
             aiomqtt.Will(
-                topic=bridge_presence_topic(self._settings.prefix),
+                topic=self.presence_topic,
                 payload=self._presence_payload(PresenceState.LOST),
                 qos=1,
                 retain=True,
@@ -252,7 +305,6 @@ class MqttLink:
         # stale subscription per reconnect; the payload tells this connection's marker.
         sync_topic = bridge_sync_topic(uuid.uuid5(uuid.NAMESPACE_DNS, self.client_id).hex, prefix)
         presence_filter = device_filter(TopicKind.PRESENCE, prefix)
-        bridge_topic = bridge_presence_topic(prefix)
 
         async def resync(client: aiomqtt.Client, why: str) -> None:
             log.warning("re-reading the retained presence of the fleet: %s", why)
@@ -283,39 +335,50 @@ class MqttLink:
             else:
                 await self._subscribe_commands(client, group, v5)
             self.connected.set()
-            reconcile: asyncio.Future[list[str]] | None = None
             async for first in client.messages:
                 batch = self._backlog(first)
                 self.received += len(batch)
                 for message in batch:
                     topic = message.topic.value
                     if topic == sync_topic:
-                        if message.payload != marker[0].encode():
-                            continue
-                        reconcile = self._writer.request_reconcile(self._ingest.end_snapshot())
-                        reconcile.add_done_callback(self._reconciled)
-                        if group:
-                            await client.unsubscribe(presence_filter)
-                            _raise_if_cancelled()
+                        if message.payload == marker[0].encode():
+                            await self._snapshot_read(client, presence_filter if group else None)
                         continue
                     payload = message.payload
                     if not isinstance(payload, bytes | bytearray):
                         payload = str(payload).encode()
-                    route = next((r for r in self.routes if r.matches(topic)), None)
-                    if route is not None:
-                        route.handle(client, topic, bytes(payload), now_ms())
-                        continue
-                    if topic == bridge_topic:
+                    if parse_bridge_instance_topic(topic, prefix) is not None:
                         # Only a live message means a peer just went: a retained one is
-                        # replayed by every re-subscription of the presence filter (it
-                        # matches this topic) and would start a resync after each resync.
+                        # replayed at every subscription.
                         if group and not message.retain and self._peer_went_down(bytes(payload)):
                             await resync(client, "another bridge instance of the group is gone")
                         continue
-                    self._ingest.handle(topic, bytes(payload), now_ms())
-                    if self._ingest.overflowed:
-                        self._ingest.overflowed = False
-                        await resync(client, "the presence buffer overflowed")
+                    self._dispatch(client, topic, bytes(payload))
+                if self._resync_wanted.is_set():
+                    self._resync_wanted.clear()
+                    await resync(client, "the presence buffer overflowed")
+
+    def _dispatch(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
+        """A route's traffic to its route, everything else through the ingest's table."""
+        route = next((r for r in self.routes if r.matches(topic)), None)
+        if route is None:
+            self._ingest.handle(topic, payload, now_ms())
+            return
+        try:
+            route.handle(client, topic, payload, now_ms())
+        except Exception:
+            # Logged and counted like any rejected message; dispatch goes on.
+            log.exception("route for %.200r failed", topic)
+            self._metrics.rejected.labels("handler_error").inc()
+
+    async def _snapshot_read(self, client: aiomqtt.Client, drop_filter: str | None) -> None:
+        """The snapshot's marker came back: every retained message before it is in, so
+        the writer may reconcile once it has written them."""
+        reconcile = self._writer.request_reconcile(self._ingest.end_snapshot())
+        reconcile.add_done_callback(self._reconciled)
+        if drop_filter is not None:
+            await client.unsubscribe(drop_filter)
+            _raise_if_cancelled()
 
     async def _subscribe_presence(
         self, client: aiomqtt.Client, group: str | None, sync_topic: str, marker: str
@@ -323,7 +386,7 @@ class MqttLink:
         prefix = self._settings.prefix
         presence_filter = device_filter(TopicKind.PRESENCE, prefix)
         await client.publish(
-            bridge_presence_topic(prefix),
+            self.presence_topic,
             self._presence_payload(PresenceState.ONLINE),
             qos=1,
             retain=True,
@@ -340,7 +403,7 @@ class MqttLink:
             # plain subscription, dropped once reconciled. And every member watches the
             # others' presence: a dead one's unwritten share must be re-read.
             await client.subscribe(presence_filter, qos=1)
-            await client.subscribe(bridge_presence_topic(prefix), qos=1)
+            await client.subscribe(bridge_instances_filter(prefix), qos=1)
         await client.subscribe(sync_topic, qos=1)
         await client.publish(sync_topic, marker.encode(), qos=1)
 
@@ -383,7 +446,7 @@ class MqttLink:
         try:
             await asyncio.wait_for(
                 client.publish(
-                    bridge_presence_topic(self._settings.prefix),
+                    self.presence_topic,
                     self._presence_payload(PresenceState.OFFLINE),
                     qos=1,
                     retain=True,
@@ -407,4 +470,4 @@ def _raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-__all__ = ["LinkRole", "MqttLink"]
+__all__ = ["BridgeIdentity", "LinkRole", "MqttLink"]

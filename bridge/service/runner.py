@@ -7,11 +7,16 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator
 
+from sqlalchemy import inspect
+from sqlalchemy.exc import SQLAlchemyError
+
+from bridge.clock import now_ms
+from bridge.db.bridges_store import BridgesStore
+from bridge.db.engine import make_engine
 from bridge.embedded_broker import EmbeddedBroker
-from bridge.http import HttpFace
-from bridge.ops.metrics_server import serve_metrics
 from bridge.security.bootstrap import BootstrapSecrets
 from bridge.security.embedded import BrokerSecurity, broker_url, load_or_create_credentials
 from bridge.service.app import Bridge
@@ -78,28 +83,23 @@ async def maybe_embedded_broker(
         yield broker, embedded_bridge_settings(settings, broker, credentials)
 
 
-@contextlib.asynccontextmanager
-async def maybe_metrics(bridge: Bridge, settings: Settings) -> AsyncIterator[None]:
-    if settings.metrics_port is None:
-        yield
-        return
-    async with serve_metrics(
-        bridge.metrics.registry, settings.metrics_host, settings.metrics_port
-    ) as server:
-        log.info("metrics on %s", server.url)
-        yield
-
-
-@contextlib.asynccontextmanager
-async def maybe_http(
-    bridge: Bridge, http: tuple[str, int] | None
-) -> AsyncIterator[HttpFace | None]:
-    if http is None:
-        yield None
-        return
-    async with HttpFace(bridge, *http) as face:
-        log.info("HTTP API on %s", face.url)
-        yield face
+def resolve_instance(settings: Settings) -> Settings:
+    """Blocking: without ``--instance``, reuse the name of a bridge of this host that is
+    no longer live (its MQTT session resumes instead of a new one piling up on the
+    broker), else keep the fresh unique default."""
+    if "instance" in settings.model_fields_set:
+        return settings
+    engine = make_engine(settings.db)
+    try:
+        if not inspect(engine).has_table("kb_bridges"):
+            return settings
+        host = socket.gethostname()
+        suffix = BridgesStore(engine).reusable_suffix(host, now_ms(), settings.stale_after_ms)
+    except SQLAlchemyError:
+        return settings  # the bridge itself reports an unreachable database
+    finally:
+        engine.dispose()
+    return settings.model_copy(update={"instance": f"kb-{host}"[:57] + f"-{suffix}"})
 
 
 async def run_bridge(
@@ -115,13 +115,10 @@ async def run_bridge(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     try:
+        settings = await asyncio.to_thread(resolve_instance, settings)
         async with maybe_embedded_broker(settings) as (broker, settings):
             protocol = "3.1.1" if broker is not None else None
-            async with (
-                Bridge(settings, protocol=protocol) as bridge,
-                maybe_metrics(bridge, settings),
-                maybe_http(bridge, http) as face,
-            ):
+            async with Bridge(settings, protocol=protocol, http=http) as bridge:
                 log.info(
                     "bridge %s running: db=%s prefix=%s",
                     settings.instance,
@@ -133,20 +130,15 @@ async def run_bridge(
                 # walks it, which removes pauses of tens of ms from the latency tail.
                 gc.collect()
                 gc.freeze()
-                watched = {asyncio.create_task(bridge.serve_forever(), name="kb-serve")}
-                if face is not None:
-                    watched.add(asyncio.create_task(face.serve_forever(), name="kb-http-serve"))
+                served = asyncio.create_task(bridge.serve_forever(), name="kb-serve")
                 stopper = asyncio.create_task(stop.wait(), name="kb-stop")
-                done, _ = await asyncio.wait(
-                    {*watched, stopper}, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in (*watched, stopper):
+                done, _ = await asyncio.wait({served, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                for task in (served, stopper):
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-                for task in watched:
-                    if task in done and not task.cancelled():
-                        task.result()
+                if served in done and not served.cancelled():
+                    served.result()
                 log.info("shutting down")
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

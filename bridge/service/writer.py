@@ -14,7 +14,7 @@ import contextlib
 import heapq
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -22,16 +22,16 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.backoff import Backoff
 from bridge.clock import now_ms
-from bridge.db.presence_store import PresenceResult, PresenceStore
+from bridge.db.presence_store import PresenceStore
 from bridge.db.status_store import WAITING_REASONS, StatusItem, StatusResult, StatusStore
 from bridge.service.ingest import Ingest
 from bridge.service.metrics import BridgeMetrics
+from bridge.service.ports import ReconcileExemptions, TransitionFeed
 from bridge.settings import Settings
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-PresenceListener = Callable[[Sequence[PresenceResult]], None]
 
 
 class DbWriter:
@@ -43,6 +43,9 @@ class DbWriter:
         status_store: StatusStore,
         metrics: BridgeMetrics,
         executor: ThreadPoolExecutor,
+        *,
+        transitions: TransitionFeed,
+        exemptions: ReconcileExemptions,
     ) -> None:
         self._settings = settings
         self._ingest = ingest
@@ -56,10 +59,8 @@ class DbWriter:
         self._last_status_flush = 0.0
         self._backoff = Backoff(base=0.2, cap=settings.db_retry_cap_s)
         self._db_healthy = True
-        self.listeners: list[PresenceListener] = []
-        #: Devices that reconciliation must leave alone although the broker holds no
-        #: presence for them (e.g. HTTP-only kiosks); each callable returns a set.
-        self.reconcile_exempt: list[Callable[[], set[str]]] = []
+        self._transitions = transitions
+        self._exemptions = exemptions
         #: Set each time the writer has nothing left to write (tests, shutdown).
         self.idle = asyncio.Event()
 
@@ -78,7 +79,7 @@ class DbWriter:
         if self._reconcile is not None and not self._reconcile.done():
             self._reconcile.cancel()
         self._reconcile = asyncio.get_running_loop().create_future()
-        self._reconcile_seen = set(seen).union(*(exempt() for exempt in self.reconcile_exempt))
+        self._reconcile_seen = set(seen) | self._exemptions.devices()
         self._ingest.wake.set()
         return self._reconcile
 
@@ -195,8 +196,7 @@ class DbWriter:
         self._ingest.held.release(
             {result.device_id for result in results if result.verdict in ("applied", "reset")}
         )
-        for listener in self.listeners:
-            listener(results)
+        self._transitions.publish(results)
 
     async def _write_status(self) -> None:
         batch = self._ingest.take_status(self._settings.status_batch_max, now_ms())

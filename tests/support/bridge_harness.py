@@ -38,12 +38,21 @@ def bridge_settings(broker_url: str, db_url: str, **overrides: Any) -> Settings:
 
 @contextlib.asynccontextmanager
 async def running_bridge(
-    broker_url: str, db_url: str, *, protocol: str | None = None, **overrides: Any
+    broker_url: str,
+    db_url: str,
+    *,
+    protocol: str | None = None,
+    serve_http: tuple[str, int] | None = None,
+    _wait: bool = True,
+    **overrides: Any,
 ) -> AsyncIterator[Bridge]:
-    """A started bridge whose retained snapshot has been reconciled."""
+    """A started bridge whose retained snapshot has been reconciled (with its HTTP face
+    on ``serve_http`` when given; ``_wait=False`` for a standby, which does not write
+    and so never reconciles)."""
     settings = bridge_settings(broker_url, db_url, **overrides)
-    async with Bridge(settings, protocol=protocol) as bridge:
-        await asyncio.wait_for(bridge.wait_synced(), DEADLINE_S)
+    async with Bridge(settings, protocol=protocol, http=serve_http) as bridge:
+        if _wait:
+            await asyncio.wait_for(bridge.wait_synced(), DEADLINE_S)
         yield bridge
 
 
