@@ -28,6 +28,7 @@ from bridge.service.app import Bridge
 from bridge.service.leadership import InstanceInUse, may_hold_lease, next_role
 from bridge.testing.mosquitto import MosquittoProcess
 from bridge.testing.tcp_proxy import TcpProxy
+from schemas import OfflineReason
 from tests.support.bridge_harness import Db, bridge_settings, eventually, running_bridge
 from tests.support.devices import FakeKiosk
 from tests.support.faults import bridge_processes
@@ -310,3 +311,78 @@ async def test_a_leader_cut_off_from_the_database_is_replaced_and_fenced(
 def _touch(engine: Engine) -> None:
     with engine.begin() as conn:
         conn.execute(update(table_of(Remote)).where(table_of(Remote).c.id == -1).values(name="x"))
+
+
+@pytest.mark.timeout(180)
+async def test_a_rolling_restart_during_traffic_loses_no_transition(
+    mosquitto: MosquittoProcess, sqlite_url: str, tmp_path: Path
+) -> None:
+    """Stop A, start A, stop B, start B (SIGTERM, as a deploy does) while kiosks keep
+    going offline and coming back: every transition they made is in the history, applied,
+    in order, and the table ends with their real state."""
+    engine = make_engine(sqlite_url)
+    db = Db(sqlite_url)
+    ids = [f"roll-{i}" for i in range(6)]
+    expected: dict[str, list[tuple[int, str]]] = {device: [] for device in ids}
+    live: dict[str, FakeKiosk] = {}
+    stop = asyncio.Event()
+
+    async def traffic() -> None:
+        session = 1
+        step = 0
+        while not stop.is_set():
+            device = ids[step % len(ids)]
+            step += 1
+            current = live.pop(device, None)
+            if current is None:
+                session += 1
+                kiosk = FakeKiosk(mosquitto.url, device, session=session)
+                await kiosk.come_online()
+                live[device] = kiosk
+                expected[device].append((session, "online"))
+            else:
+                await current.announce_offline(OfflineReason.REBOOT)
+                current.close()
+                expected[device].append((current.session, "offline"))
+            await asyncio.sleep(0.05)
+
+    try:
+        with bridge_processes(tmp_path) as make_bridge:
+            a = make_bridge(mosquitto.url, sqlite_url, env=FAST).start()
+            await a.wait_connected()
+            await eventually(
+                lambda: asyncio.to_thread(_roles, engine), lambda r: r.get(a.instance) == "leader"
+            )
+            b = make_bridge(mosquitto.url, sqlite_url, env=FAST).start()
+            await b.wait_connected()
+            mover = asyncio.create_task(traffic())
+            for bridge, other in ((a, b), (b, a)):
+                await eventually(
+                    lambda: asyncio.to_thread(_roles, engine),
+                    lambda r, o=other: r.get(o.instance) in ("standby", "leader"),
+                )
+                bridge.stop()
+                await eventually(
+                    lambda: asyncio.to_thread(_roles, engine),
+                    lambda r, o=other: r.get(o.instance) == "leader",
+                    what=f"{other.instance} leads",
+                )
+                bridge.start()
+                await bridge.wait_connected()
+            stop.set()
+            await mover
+            # The restarts happened in the middle of real traffic.
+            assert sum(len(seen) for seen in expected.values()) >= 20, expected
+            for device in ids:
+                want = [state for _, state in expected[device]]
+                await eventually(
+                    lambda d=device: db.history(d),
+                    lambda rows, w=want: [r.state for r in rows if r.verdict == "applied"] == w,
+                    what=f"{device}'s transitions",
+                )
+    finally:
+        stop.set()
+        for kiosk in live.values():
+            kiosk.close()
+        db.close()
+        engine.dispose()

@@ -104,6 +104,16 @@ class CommandDispatcher:
         self._ack_waiters.append(None)
         self._wake.set()
 
+    def trim(self, older_than_ms: int) -> None:
+        """Forget queued acks and observed commands received before ``older_than_ms`` (a
+        standby's queue: the leader applied those long ago; a duplicate is harmless, but
+        the queue must not grow for as long as the standby waits)."""
+        keep = [i for i, (_, _, at) in enumerate(self._acks) if at >= older_than_ms]
+        if len(keep) != len(self._acks):
+            self._acks = [self._acks[i] for i in keep]
+            self._ack_waiters = [self._ack_waiters[i] for i in keep]
+        self._observed = [item for item in self._observed if item[2] >= older_than_ms]
+
     async def apply_ack(self, device_id: str, ack: Ack, received_ms: int) -> AckOutcome:
         """An ack whose sender waits for the outcome (HTTP): queued with the MQTT acks,
         applied in order with them on the database thread."""

@@ -61,6 +61,9 @@ from bridge.tasks import cancel_and_wait
 log = logging.getLogger(__name__)
 
 _DRAIN_S = 5.0
+#: What a standby keeps of what it receives: events older than this were written by the
+#: leader (its lease is renewed every heartbeat and runs out after lease_ttl_s).
+STANDBY_WINDOW_S = 60.0
 
 
 def package_version() -> str:
@@ -199,6 +202,7 @@ class Bridge:
             promote=self._start_writing,
             demote=self._stop_writing,
             broker_connected=self.link.connected.is_set,
+            standing_by=self._standing_by,
         )
         self.http_face: HttpFace | None = None
         if http is not None:
@@ -254,6 +258,14 @@ class Bridge:
     def liveness(self) -> StatesLiveness:
         """Whether the states this bridge serves are live (as of the last heartbeat)."""
         return StatesLiveness(self.leadership.health, self.link.connected.is_set())
+
+    def _standing_by(self) -> None:
+        """Each beat of a standby: keep only what arrived within the window (the leader
+        wrote the rest), so the queue a takeover writes stays small however long it
+        waited."""
+        cutoff = now_ms() - int(STANDBY_WINDOW_S * 1000)
+        self.ingest.trim_presence(cutoff)
+        self.commands.trim(cutoff)
 
     def _presence_overflowed(self) -> None:
         if self.leadership.writing.is_set():

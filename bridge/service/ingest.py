@@ -246,6 +246,17 @@ class Ingest:
             why,
         )
 
+    def trim_presence(self, older_than_ms: int) -> int:
+        """Drop queued events received before ``older_than_ms`` (a standby's queue: the
+        leader wrote those long ago); how many went."""
+        dropped = 0
+        while self.presence and self.presence[0].event.received_ms < older_than_ms:
+            self.presence.popleft()
+            dropped += 1
+        if dropped:
+            self.metrics.buffer_depth.set(len(self.presence))
+        return dropped
+
     def take_presence(self, limit: int) -> list[PresenceItem]:
         batch = [self.presence.popleft() for _ in range(min(limit, len(self.presence)))]
         self.metrics.buffer_depth.set(len(self.presence))

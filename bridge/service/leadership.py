@@ -80,6 +80,7 @@ class Leadership:
         promote: Callable[[], Awaitable[None]],
         demote: Callable[[], Awaitable[None]],
         broker_connected: Callable[[], bool] = lambda: True,
+        standing_by: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._fence = fence
@@ -94,6 +95,7 @@ class Leadership:
         self._promote = promote
         self._demote = demote
         self._broker_connected = broker_connected
+        self._standing_by = standing_by
         self._connected_peer = False
         #: The database's liveness as of the last beat (read from every instance's row).
         self.health: FleetHealth | None = None
@@ -224,6 +226,8 @@ class Leadership:
             log.error("this bridge (%s) lost the writer lease: standing by", self.instance)
             await self._step_down(clean=False)
         self.role = decision.role
+        if not self.writing.is_set():
+            self._standing_by()
         await asyncio.to_thread(self._store.beat, self._row(decision.role))
 
     async def _step_down(self, *, clean: bool) -> None:
