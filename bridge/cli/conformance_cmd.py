@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from bridge.conformance.broker import BrokerKind
 from bridge.conformance.clauses import help_text
-from bridge.conformance.report import (
-    EXIT_BROKER,
-    EXIT_KIOSK_CMD,
-    as_dict,
-    exit_code,
-    print_table,
-    to_json,
-)
-from bridge.conformance.runner import KitError, KitOptions, run_kit
-from bridge.conformance.verdicts import judge
-from schemas import InvalidDeviceId, validate_device_id
 
 _HELP = f"""Judge a kiosk implementation (any language) against the wire contract.
 
@@ -95,6 +79,25 @@ def conformance(
         typer.Option(help="Keep the kiosks' logs and state here (default: a temporary dir)"),
     ] = None,
 ) -> None:
+    import asyncio
+    import shutil
+    import tempfile
+    import uuid
+
+    from rich.console import Console
+
+    from bridge.conformance.report import (
+        EXIT_BROKER,
+        EXIT_KIOSK_CMD,
+        as_dict,
+        exit_code,
+        print_table,
+        to_json,
+    )
+    from bridge.conformance.runner import KitError, KitOptions, run_kit
+    from bridge.conformance.verdicts import judge
+    from schemas import InvalidDeviceId, validate_device_id
+
     low_high = _keepalive_range(keepalive_range)
     device = device_id or f"conf-{uuid.uuid4().hex[:8]}"
     try:

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-
-from bridge.demo import DemoOptions, run_demo
-from bridge.logs import configure_logging
 
 
 def demo(
@@ -20,7 +15,19 @@ def demo(
         "kiosk-bridge-demo.db"
     ),
 ) -> None:
-    """Run the embedded broker, the bridge and a simulated fleet with a few faults."""
+    """Run the embedded broker, the bridge and a simulated fleet with a few faults.
+
+    Each fault is announced as it is injected. The broker's passwords live in a
+    temporary directory removed at the end; the database stays for a look around.
+    """
+    # The whole system: imported when it runs, not for every command's start-up.
+    import asyncio
+
+    from rich.console import Console
+
+    from bridge.demo import DemoOptions, run_demo
+    from bridge.logs import configure_logging
+
     configure_logging("ERROR")
     try:
         asyncio.run(

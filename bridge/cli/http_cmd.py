@@ -6,8 +6,6 @@ from pathlib import Path
 
 import typer
 
-from bridge.http.openapi import OPENAPI_FILE, openapi_drift, write_openapi
-
 _ROOT_HELP = "Repository root that holds docs/."
 
 
@@ -16,6 +14,9 @@ def openapi(
     check: bool = typer.Option(False, "--check", help="Exit 1 if the committed file drifted"),
 ) -> None:
     """Write docs/openapi.json from the app (or, with --check, compare)."""
+    # Imported here: the app pulls in FastAPI, which every other command can do without.
+    from bridge.http.openapi import OPENAPI_FILE, openapi_drift, write_openapi
+
     if not check:
         typer.echo(f"wrote {write_openapi(root)}")
         return

@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import signal
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
-from bridge.backoff import Backoff
-from bridge.broker_url import parse_broker_url
 from bridge.cli.common import fail
 from bridge.cli.enrollment import ENROLL_HELP
 from bridge.exit_codes import ExitCode
-from bridge.kiosk.agent import KioskAgent
-from bridge.kiosk.credentials import ClaimError, ClaimRefused, TokenFile, claim_until_accepted
-from bridge.kiosk.fleet_view import connect_progress, live_summary, summary_line
 from bridge.kiosk.options import MqttProtocol
-from bridge.kiosk.scenario import FaultStep, Scenario, ScenarioError, load_scenario
-from bridge.kiosk.simulator import Fleet, FleetStats, fleet_ids
-from bridge.kiosk.state import default_state_dir
-from bridge.logs import configure_logging
-from schemas import InvalidDeviceId, OfflineReason, validate_device_id
+
+if TYPE_CHECKING:
+    # The rest is imported where used: building the CLI for any command imports this
+    # module, and the agent and the simulator pull in paho and the kiosk's stack.
+    import threading
+
+    from rich.console import Console
+
+    from bridge.kiosk.scenario import Scenario
+    from bridge.kiosk.simulator import Fleet
 
 #: A fleet of which not one kiosk connected in this long is talking to nobody.
 FIRST_CONNECT_S = 15.0
@@ -43,6 +38,8 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def _check_broker(url: str) -> None:
+    from bridge.broker_url import parse_broker_url
+
     try:
         parse_broker_url(url)
     except ValueError as exc:
@@ -99,6 +96,14 @@ def kiosk(
     own on the secure embedded broker of a local 'kiosk-bridge run' (kept in the state
     dir).
     """
+    import signal
+    import threading
+
+    from bridge.kiosk.credentials import TokenFile
+    from bridge.kiosk.state import default_state_dir
+    from bridge.logs import configure_logging
+    from schemas import InvalidDeviceId, validate_device_id
+
     try:
         validate_device_id(device_id)
     except InvalidDeviceId as exc:
@@ -154,6 +159,9 @@ class KioskRun:
 
 def _ensure_token(run: KioskRun, quit_requested: threading.Event) -> None:
     """Claim a token when the kiosk has no credential at all and may claim one."""
+    from bridge.broker_url import parse_broker_url
+    from bridge.kiosk.credentials import TokenFile
+
     tokens = TokenFile(run.state_dir)
     has_password = run.password is not None or parse_broker_url(run.broker).password is not None
     if tokens.load() is not None or has_password:
@@ -170,6 +178,9 @@ def _ensure_token(run: KioskRun, quit_requested: threading.Event) -> None:
 
 
 def _claim(run: KioskRun, quit_requested: threading.Event) -> None:
+    from bridge.broker_url import parse_broker_url
+    from bridge.kiosk.credentials import ClaimError, ClaimRefused, TokenFile, claim_until_accepted
+
     assert run.claim_password is not None
     tokens = TokenFile(run.state_dir)
     # The token it holds (a rotation it missed made it stale) proves it is the device.
@@ -200,6 +211,8 @@ def _claim(run: KioskRun, quit_requested: threading.Event) -> None:
 
 
 def _run_agent(run: KioskRun, quit_requested: threading.Event) -> None:
+    from bridge.backoff import Backoff
+
     _ensure_token(run, quit_requested)
     # Claims that keep being followed by refusals must not become a tight loop.
     pause = Backoff(base=1.0, cap=60.0)
@@ -219,6 +232,10 @@ def _run_agent(run: KioskRun, quit_requested: threading.Event) -> None:
 def _run_until_refused(run: KioskRun, quit_requested: threading.Event) -> bool:
     """Run the agent until a quit, a wipe, or (when it may claim) a refused credential;
     True for the last."""
+    from bridge.broker_url import parse_broker_url
+    from bridge.kiosk.agent import KioskAgent
+    from schemas import OfflineReason
+
     agent = KioskAgent(
         run.device_id,
         run.broker,
@@ -296,6 +313,16 @@ def simulate(
     broker is down or refuses them. The secure embedded broker of 'kiosk-bridge run'
     needs credentials: --enroll gives each kiosk one.
     """
+    import asyncio
+
+    from rich.console import Console
+
+    from bridge.broker_url import parse_broker_url
+    from bridge.kiosk.scenario import FaultStep, Scenario, ScenarioError, load_scenario
+    from bridge.kiosk.simulator import Fleet, fleet_ids
+    from bridge.logs import configure_logging
+    from schemas import InvalidDeviceId, validate_device_id
+
     _check_broker(broker)
     plan = Scenario()
     if scenario is not None:
@@ -355,6 +382,13 @@ async def _simulate(
     console: Console,
     broker_url: str,
 ) -> None:
+    import asyncio
+    import signal
+    import time
+
+    from bridge.kiosk.fleet_view import connect_progress, live_summary, summary_line
+    from bridge.kiosk.simulator import FleetStats
+
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()
     if main is not None:

@@ -9,52 +9,30 @@ options, maps failures to exit codes and prints.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
 import inspect
-import json
 import logging
-import sys
-import time
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import aiomqtt
 import typer
-from rich.console import Console
-from rich.json import JSON
-from rich.live import Live
-from sqlalchemy import Engine
 
-from bridge.broker_url import BrokerAddress, parse_broker_url
 from bridge.cli.common import console as _console
 from bridge.cli.common import echo_json as _echo_json
-from bridge.cli.common import json_default
 from bridge.cli.common import reporting as _reporting
 from bridge.cli.common import settings as _settings
-from bridge.cli.keys import keys
 from bridge.cli.run_cmd import db_app
-from bridge.clock import now_ms
-from bridge.ops import db_check, fleet, render, timeline, top, uptime, watch
-from bridge.ops.db import open_ready_engine
-from bridge.ops.doctor import DEFAULT_SKEW_THRESHOLD_MS, run_doctor
-from bridge.ops.durations import parse_duration
-from bridge.ops.errors import OpsError, UsageError
-from bridge.ops.fleet_watch import FleetWatch
-from bridge.ops.mqtt import connect, read_retained
-from bridge.security.embedded import broker_url, local_host, read_credentials
-from bridge.settings import MqttProtocol, Settings
-from schemas import (
-    ContractError,
-    DeviceConfig,
-    Status,
-    TopicKind,
-    all_filter,
-    decode,
-    device_topic,
-    is_valid_device_id,
-)
+from bridge.ops.choices import DEFAULT_SKEW_THRESHOLD_MS, SORT_KEYS, STATES
+
+if TYPE_CHECKING:
+    # Imported where used, not here: every command's --help builds this module, and
+    # these pull in SQLAlchemy, aiomqtt and the settings tree.
+    from rich.console import Console
+    from sqlalchemy import Engine
+
+    from bridge.broker_url import BrokerAddress
+    from bridge.ops import db_check, timeline
+    from bridge.settings import MqttProtocol, Settings
+    from schemas import DeviceConfig, Status
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +56,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON out
 
 
 def _duration(value: str | None) -> int | None:
+    from bridge.ops.durations import parse_duration
+
     if value is None:
         return None
     try:
@@ -87,6 +67,8 @@ def _duration(value: str | None) -> int | None:
 
 
 def _percent(value: str | None) -> float | None:
+    from bridge.ops import uptime
+
     if value is None:
         return None
     try:
@@ -98,6 +80,10 @@ def _percent(value: str | None) -> float | None:
 def _broker_address(settings: Settings) -> BrokerAddress:
     """The configured broker, else the embedded broker a local ``run`` listens on, with
     the read-only ``_ops`` credential from its credentials file (none: an open one)."""
+    from bridge.broker_url import parse_broker_url
+    from bridge.ops.errors import UsageError
+    from bridge.security.embedded import broker_url, local_host, read_credentials
+
     if settings.broker_address is not None:
         return settings.broker_address
     try:
@@ -120,6 +106,8 @@ def _protocol(settings: Settings) -> MqttProtocol:
 
 
 def _engine(settings: Settings) -> Engine:
+    from bridge.ops.db import open_ready_engine
+
     return open_ready_engine(settings.db)
 
 
@@ -128,6 +116,8 @@ def _engine(settings: Settings) -> Engine:
 
 def _topic_filter(value: str | None) -> str | None:
     """An MQTT topic filter, checked before connecting: a bad one is a usage error."""
+    import aiomqtt
+
     if value is None:
         return None
     try:
@@ -173,6 +163,18 @@ def watch_cmd(
     retained ones. --pretty prints each JSON payload indented; with --json, one indented
     object per message.
     """
+    import asyncio
+    import json
+    import sys
+
+    from rich.json import JSON
+
+    from bridge.cli.common import json_default
+    from bridge.clock import now_ms
+    from bridge.ops import watch
+    from bridge.ops.mqtt import connect
+    from schemas import all_filter
+
     settings = _settings(broker=broker, prefix=prefix, mqtt_protocol=protocol)
     console = _console()
     with _reporting():
@@ -244,7 +246,7 @@ def devices_cmd(
     ] = None,
     sort: Annotated[
         str,
-        typer.Option("--sort", help=f"Sort column: {', '.join(fleet.SORT_KEYS)}"),
+        typer.Option("--sort", help=f"Sort column: {', '.join(SORT_KEYS)}"),
     ] = "device",
     desc: Annotated[bool, typer.Option("--desc", help="Sort descending")] = False,
     deleted: Annotated[
@@ -276,13 +278,16 @@ def devices_cmd(
     with --json, one JSON object per change. It polls the database: a change is seen
     within --interval.
     """
-    if state is not None and state not in fleet.STATES:
+    from bridge.clock import now_ms
+    from bridge.ops import fleet, render
+
+    if state is not None and state not in STATES:
         raise typer.BadParameter(
-            f"{state!r} is not one of {', '.join(fleet.STATES)}", param_hint="--state"
+            f"{state!r} is not one of {', '.join(STATES)}", param_hint="--state"
         )
-    if sort not in fleet.SORT_KEYS:
+    if sort not in SORT_KEYS:
         raise typer.BadParameter(
-            f"{sort!r} is not one of {', '.join(fleet.SORT_KEYS)}", param_hint="--sort"
+            f"{sort!r} is not one of {', '.join(SORT_KEYS)}", param_hint="--sort"
         )
     stale_ms = _duration(stale)
     settings = _settings(db=db)
@@ -329,6 +334,13 @@ def _watch_fleet(
     engine: Engine, search: str | None, interval: float, count: int | None, *, as_json: bool
 ) -> None:
     """The table once, then each change until Ctrl-C (or ``count`` changes)."""
+    import sys
+    import time
+
+    from bridge.clock import now_ms
+    from bridge.ops import fleet, render
+    from bridge.ops.fleet_watch import FleetWatch
+
     watcher = FleetWatch(engine)
     rows = watcher.start()
     console = _console()
@@ -363,6 +375,11 @@ def _watch_fleet(
 async def _retained_config(
     address: BrokerAddress, device_id: str, prefix: str, protocol: Any
 ) -> tuple[DeviceConfig | None, Status | None]:
+    import contextlib
+
+    from bridge.ops.mqtt import connect, read_retained
+    from schemas import ContractError, DeviceConfig, Status, TopicKind, decode, device_topic
+
     config_topic = device_topic(device_id, TopicKind.CONFIG, prefix)
     status_topic = device_topic(device_id, TopicKind.STATUS, prefix)
     async with connect(address, protocol=protocol, name="show", connect_timeout_s=5) as client:
@@ -381,6 +398,14 @@ async def _retained_config(
 
 
 def _config_view(settings: Settings, device_id: str) -> timeline.ConfigView:
+    import asyncio
+
+    import aiomqtt
+
+    from bridge.ops import timeline
+    from bridge.ops.errors import OpsError
+    from schemas import is_valid_device_id
+
     address = settings.broker_address
     if address is None:
         return timeline.config_view(None, None, source=None)
@@ -414,6 +439,11 @@ def device_show_cmd(
     protocol: ProtocolOpt = None,
 ) -> None:
     """Timeline (births, wills, announced offlines, commands), why it is down, uptime."""
+    import dataclasses
+
+    from bridge.clock import now_ms
+    from bridge.ops import render, timeline
+
     settings = _settings(db=db, broker=broker, prefix=prefix, mqtt_protocol=protocol)
     with _reporting():
         engine = _engine(settings)
@@ -429,6 +459,8 @@ def device_show_cmd(
 
 
 def _device_json(report: timeline.DeviceReport) -> dict[str, Any]:
+    import dataclasses
+
     return {
         "device": report.device_id,
         "state": report.state,
@@ -461,6 +493,9 @@ def top_cmd(
     state), f filters them by the state they went to (lost, offline, online, unknown,
     all), q quits.
     """
+    from bridge.clock import now_ms
+    from bridge.ops import top
+
     settings = _settings(db=db)
     with _reporting():
         engine = _engine(settings)
@@ -480,6 +515,12 @@ def top_cmd(
 
 def _top_live(console: Console, engine: Engine, interval: float) -> None:
     """Redraw every ``interval`` and at each key, until q or Ctrl-C."""
+    from rich.live import Live
+
+    from bridge.cli.keys import keys
+    from bridge.clock import now_ms
+    from bridge.ops import top
+
     view = top.TopView()
     with keys() as pressed:
 
@@ -527,6 +568,11 @@ def uptime_cmd(
     connection died); unknown time (before the first event, or with no retained
     presence) is left out of the availability ratio.
     """
+    import sys
+
+    from bridge.clock import now_ms
+    from bridge.ops import render, uptime
+
     window_ms = _duration(since)
     assert window_ms is not None
     threshold = _percent(below)
@@ -595,6 +641,12 @@ def doctor_cmd(
     table disagrees with; prints OK/WARN/FAIL with a fix for each. Exit 1 if a check
     fails, 3 if the broker or the database cannot be reached.
     """
+    import asyncio
+
+    from bridge.clock import now_ms
+    from bridge.ops import render
+    from bridge.ops.doctor import run_doctor
+
     threshold_ms = _duration(skew_threshold)
     assert threshold_ms is not None
     settings = _settings(db=db, broker=broker, prefix=prefix, mqtt_protocol=protocol)
@@ -637,6 +689,9 @@ def db_check_cmd(
     check's condition); credentials and configuration are only reported. Exit 0 when
     nothing is left, 1 when problems remain, 3 if the database cannot be reached.
     """
+    from bridge.clock import now_ms
+    from bridge.ops import db_check
+
     settings = _settings(db=db)
     with _reporting():
         engine = _engine(settings)

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import typer
 
-from schemas.export import find_drift, write_all
-
 _ROOT_HELP = "Repository root that holds schemas/json/ and docs/."
 
 
@@ -15,6 +13,8 @@ def export(
     root: Path = typer.Option(Path(), "--root", help=_ROOT_HELP, file_okay=False),
 ) -> None:
     """Write the JSON Schemas to schemas/json/ and the AsyncAPI document to docs/."""
+    from schemas.export import write_all
+
     for path in write_all(root):
         typer.echo(f"wrote {path}")
 
@@ -23,6 +23,8 @@ def check(
     root: Path = typer.Option(Path(), "--root", help=_ROOT_HELP, file_okay=False),
 ) -> None:
     """Exit 1 if the committed JSON Schemas or AsyncAPI document differ from the models."""
+    from schemas.export import find_drift
+
     drift = find_drift(root)
     if not drift:
         typer.echo("schemas/json/ and docs/asyncapi.yaml match the models")

@@ -11,39 +11,22 @@ file (:mod:`bridge.security.embedded`); there the database is the credential sto
 
 from __future__ import annotations
 
-import asyncio
-import getpass
 import inspect
 import os
-import secrets
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import aiomqtt
 import typer
-from sqlalchemy.exc import SQLAlchemyError
 
-from bridge.cli.run_cmd import settings_or_exit
-from bridge.clock import now_ms
-from bridge.db.engine import create_schema, make_engine
-from bridge.db.security_models import create_security_schema
-from bridge.db.security_store import SecurityStore, needs_proof
-from bridge.ops.durations import parse_duration
-from bridge.security.acl import StaticUsers, acl_file_text
-from bridge.security.admin_link import open_admin_link
-from bridge.security.backend import CredentialBackend, DatabaseBackend, DynsecBackend
-from bridge.security.bootstrap import BootstrapSecrets, write_dynsec_config
-from bridge.security.dynsec import DynsecError
-from bridge.security.embedded import broker_url, local_host, read_credentials
-from bridge.security.operations import SecurityAdmin, UnknownDevice, request_rotation
-from bridge.security.settings import SecuritySettings
-from bridge.settings import Settings
-from schemas import ContractError
-from schemas.device_id import validate_device_id
+if TYPE_CHECKING:
+    # The rest is imported where used: building the CLI for any command imports this
+    # module, and the security stack pulls in the whole settings tree and SQLAlchemy.
+    from bridge.db.security_store import SecurityStore
+    from bridge.security.operations import SecurityAdmin
+    from bridge.security.settings import SecuritySettings
+    from bridge.settings import Settings
 
 BrokerOpt = Annotated[
     str | None,
@@ -63,6 +46,9 @@ DeviceArg = Annotated[str, typer.Argument(metavar="ID", help="Device identifier"
 
 
 def _who(requested_by: str | None) -> str:
+    import getpass
+    import socket
+
     return requested_by or f"cli:{getpass.getuser()}@{socket.gethostname()}"
 
 
@@ -73,6 +59,13 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 def _store(settings: Settings, security: SecuritySettings | None = None) -> SecurityStore:
     """``security``: a section adjusted for this command; default the settings' own."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from bridge.clock import now_ms
+    from bridge.db.engine import create_schema, make_engine
+    from bridge.db.security_models import create_security_schema
+    from bridge.db.security_store import SecurityStore
+
     security = security or settings.security
     engine = make_engine(settings.db)
     try:
@@ -87,6 +80,8 @@ def _store(settings: Settings, security: SecuritySettings | None = None) -> Secu
 def _embedded_admin_url(settings: Settings) -> str:
     """The embedded broker a local ``run`` listens on, with the bridge's credential from
     its credentials file (none: an open broker)."""
+    from bridge.security.embedded import broker_url, local_host, read_credentials
+
     try:
         listen_host, port = settings.listen_address
         host = local_host(listen_host)
@@ -100,6 +95,12 @@ def _embedded_admin_url(settings: Settings) -> str:
 
 @asynccontextmanager
 async def _admin(settings: Settings) -> AsyncIterator[SecurityAdmin]:
+    import asyncio
+
+    from bridge.security.admin_link import open_admin_link
+    from bridge.security.backend import CredentialBackend, DatabaseBackend, DynsecBackend
+    from bridge.security.operations import SecurityAdmin
+
     security = settings.security
     url = settings.broker
     if url is None:
@@ -132,6 +133,14 @@ async def _admin(settings: Settings) -> AsyncIterator[SecurityAdmin]:
 
 def _run(action: Callable[[], Any]) -> Any:
     """Run ``action()`` (a coroutine) and turn the expected failures into messages."""
+    import asyncio
+
+    import aiomqtt
+
+    from bridge.security.dynsec import DynsecError
+    from bridge.security.operations import UnknownDevice
+    from schemas import ContractError
+
     try:
         return asyncio.run(action())
     except (UnknownDevice, ContractError, LookupError) as exc:
@@ -159,6 +168,11 @@ def rotate_token_cmd(
     The running bridge sends a rotate_token command; once the device confirms it, the
     new token becomes its only valid one (or at the deadline, confirmed or not).
     """
+    from bridge.cli.run_cmd import settings_or_exit
+    from bridge.ops.durations import parse_duration
+    from bridge.security.operations import request_rotation
+    from schemas import ContractError
+
     settings = settings_or_exit(db=db)
     try:
         deadline_s = parse_duration(deadline) / 1000
@@ -197,6 +211,16 @@ def allow_claim_cmd(
     The window is used up by the first accepted claim and audited; until then anybody
     with the claim secret could claim the id, so keep it short.
     """
+    from datetime import UTC, datetime
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from bridge.cli.run_cmd import settings_or_exit
+    from bridge.db.security_store import needs_proof
+    from bridge.ops.durations import parse_duration
+    from schemas import ContractError
+    from schemas.device_id import validate_device_id
+
     settings = settings_or_exit(db=db)
     try:
         for_ms = parse_duration(for_)
@@ -243,6 +267,8 @@ def revoke_cmd(
 
     It stays locked out (and cannot provision again) until 'device restore'.
     """
+    from bridge.cli.run_cmd import settings_or_exit
+
     settings = settings_or_exit(broker=broker, db=db)
 
     async def act() -> Any:
@@ -272,6 +298,8 @@ def delete_cmd(
 
     A deleted device is refused by provisioning until 'device restore'.
     """
+    from bridge.cli.run_cmd import settings_or_exit
+
     settings = settings_or_exit(broker=broker, db=db)
 
     async def act() -> Any:
@@ -290,6 +318,8 @@ def restore_cmd(
 ) -> None:
     """Undo 'device delete' / 'device revoke': the device may connect (with its existing
     token) and provision again."""
+    from bridge.cli.run_cmd import settings_or_exit
+
     settings = settings_or_exit(broker=broker, db=db)
 
     async def act() -> Any:
@@ -325,6 +355,8 @@ def enroll_cmd(
 
     Real kiosks provision themselves with the claim credential instead.
     """
+    from bridge.cli.run_cmd import settings_or_exit
+
     password = os.environ.get(password_env, "")
     if len(password) < 16:
         raise _fail(f"${password_env} must hold a password of at least 16 characters", 2)
@@ -361,6 +393,12 @@ def broker_init_cmd(
     """Write the dynamic-security plugin's first credential file: the bridge, ops and
     claim credentials and their roles. Passwords come from KB_BRIDGE_PASSWORD,
     KB_OPS_PASSWORD and KB_CLAIM_PASSWORD (or --generate)."""
+    import secrets
+
+    from bridge.cli.run_cmd import settings_or_exit
+    from bridge.security.acl import StaticUsers
+    from bridge.security.bootstrap import BootstrapSecrets, write_dynsec_config
+
     if if_missing and out.exists():
         typer.echo(f"{out} exists; left as it is")
         return
@@ -393,6 +431,10 @@ def broker_upgrade_cmd(broker: BrokerOpt = None, db: DbOpt = None) -> None:
     """Bring a Mosquitto bootstrapped by an older kiosk-bridge up to date: create the
     kb-device role and the kb-devices group, and put every device client in it (devices
     then have no provisioning rights at the broker). Safe to run again."""
+    from bridge.cli.run_cmd import settings_or_exit
+    from bridge.security.admin_link import open_admin_link
+    from bridge.security.backend import DynsecBackend
+
     settings = settings_or_exit(broker=broker, db=db)
     url = settings.broker
     if url is None:
@@ -412,6 +454,9 @@ def broker_acl_cmd(
     prefix: Annotated[str | None, typer.Option(help="Topic prefix (default kiosk/v1)")] = None,
 ) -> None:
     """Print the ACL pattern file (mosquitto/acl) for a topic prefix."""
+    from bridge.cli.run_cmd import settings_or_exit
+    from bridge.security.acl import acl_file_text
+
     settings = settings_or_exit(prefix=prefix)
     typer.echo(acl_file_text(settings.prefix), nl=False)
 

@@ -9,28 +9,18 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from sqlalchemy import Engine, select
 
 from bridge.db.models import Connectivity, Remote
 from bridge.db.tables import table_of
+from bridge.ops.choices import SORT_KEYS as SORT_KEYS
+from bridge.ops.choices import STATES as STATES
 from bridge.ops.timefmt import iso_utc, naive_utc_to_ms
 
 CONN = table_of(Connectivity)
 REMOTES = table_of(Remote)
-
-STATES: Final = ("online", "offline", "lost", "unknown")
-SORT_KEYS: Final[tuple[str, ...]] = (
-    "device",
-    "state",
-    "since",
-    "legacy",
-    "battery",
-    "wifi",
-    "last-seen",
-    "app",
-)
 
 
 @dataclass(frozen=True, slots=True)

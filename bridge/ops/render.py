@@ -12,9 +12,10 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from bridge.ops.choices import STATES
 from bridge.ops.doctor import DoctorReport, Level
 from bridge.ops.durations import format_duration
-from bridge.ops.fleet import STATES, FleetRow, FleetSummary
+from bridge.ops.fleet import FleetRow, FleetSummary
 from bridge.ops.fleet_watch import Change
 from bridge.ops.timefmt import ago, clock
 from bridge.ops.timeline import DeviceReport

@@ -17,8 +17,8 @@ from sqlalchemy import ColumnElement, Engine, func, select
 from bridge.db.models import CommandRecord, Connectivity, PresenceHistory, Remote
 from bridge.db.rows import utc_naive
 from bridge.db.tables import table_of
+from bridge.ops.choices import STATES
 from bridge.ops.durations import format_duration
-from bridge.ops.fleet import STATES
 from bridge.ops.timefmt import ago, clock
 from bridge.ops.uptime import APPLIED
 
