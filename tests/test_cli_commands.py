@@ -176,10 +176,11 @@ def test_filters_in_sql(engine: Engine) -> None:
 def test_list_says_why_each_command_waits(seeded: str) -> None:
     result = invoke("commands", "--db", seeded)
     assert result.exit_code == 0, result.output
-    lines = {line.split()[2]: line for line in result.output.splitlines() if "-4000-" in line}
-    assert "device offline (reboot) since" in lines[IDS["waiting"]]
-    assert "no bridge is dispatching" in lines[IDS["undispatched"]]
-    assert "superseded" in lines[IDS["superseded"]]
+    # Rows start with their creation date; the third word is the id's first 8 characters.
+    lines = {line.split()[2]: line for line in result.output.splitlines() if line[:2] == "20"}
+    assert "device offline (reboot) since" in lines[IDS["waiting"][:8]]
+    assert "no bridge is dispatching" in lines[IDS["undispatched"][:8]]
+    assert "superseded" in lines[IDS["superseded"][:8]]
     assert "5 commands: 2 queued, 2 succeeded, 1 superseded" in result.output
 
 

@@ -44,7 +44,8 @@ def commands_table(rows: Sequence[CommandRow], now_ms: int) -> Table:
     for row in rows:
         table.add_row(
             clock(row.created_ms),
-            row.id,
+            # As `device show` prints them; `commands show` takes such a prefix.
+            row.id[:8],
             row.device_id,
             row.kind,
             _state(row.state),
