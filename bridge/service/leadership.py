@@ -99,6 +99,7 @@ class Leadership:
         self._connected_peer = False
         #: The database's liveness as of the last beat (read from every instance's row).
         self.health: FleetHealth | None = None
+        self._peers: list[BridgeRow] = []
         self._started_ms = now_ms()
         self._task: asyncio.Task[None] | None = None
         self.role = "standby"
@@ -228,7 +229,11 @@ class Leadership:
         self.role = decision.role
         if not self.writing.is_set():
             self._standing_by()
-        await asyncio.to_thread(self._store.beat, self._row(decision.role))
+        row = self._row(decision.role)
+        await asyncio.to_thread(self._store.beat, row)
+        # This beat counts at once (a leader's first answers must not say "stale").
+        others = [peer for peer in self._peers if peer.instance != self.instance]
+        self.health = health_of([*others, row], row.heartbeat_ms, self._stale_after_ms)
 
     async def _step_down(self, *, clean: bool) -> None:
         self.writing.clear()
@@ -241,8 +246,8 @@ class Leadership:
 
     async def _observe_peers(self) -> None:
         rows = await asyncio.to_thread(self._store.rows)
+        self._peers = rows
         now = now_ms()
-        self.health = health_of(rows, now, self._stale_after_ms)
         fresh = now - 3 * int(self._every_s * 1000) - 1000
         self._connected_peer = any(
             row.role != "stopped"

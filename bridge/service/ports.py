@@ -59,10 +59,22 @@ class StatesLiveness:
 
     health: FleetHealth | None
     broker_connected: bool
+    #: When this was asked (epoch ms): a health read long ago says nothing of now.
+    now_ms: int = 0
+
+    @property
+    def _health_current(self) -> bool:
+        health = self.health
+        return health is not None and self.now_ms - health.checked_ms <= health.stale_after_ms
 
     @property
     def live(self) -> bool:
-        return self.health is not None and self.health.live and self.broker_connected
+        return (
+            self.health is not None
+            and self.health.live
+            and self._health_current
+            and self.broker_connected
+        )
 
     def warning(self) -> str | None:
         if self.live:
@@ -71,6 +83,12 @@ class StatesLiveness:
             return "device states may be stale: no heartbeat read from the database yet"
         if not self.health.live:
             return self.health.warning()
+        if not self._health_current:
+            age_s = (self.now_ms - self.health.checked_ms) // 1000
+            return (
+                "device states may be stale: this bridge has not reached the database "
+                f"for {age_s}s (its heartbeat failed)"
+            )
         return (
             "device states may be stale: this bridge is not connected to the broker, so "
             "no presence reaches the database"

@@ -240,7 +240,7 @@ class Freshness:
             "online": self.online,
             # The banner's words when set; else the page words it from the fields.
             "message": None,
-            "basis": "newest kb_connectivity / kb_presence_history write",
+            "basis": "kb_bridges heartbeats; newest_write_ms is the newest kb_ write",
         }
 
 
@@ -256,11 +256,8 @@ def judge_freshness(
 
 
 def freshness(engine: Engine, now_ms: int) -> Freshness:
-    # HOOK (bridge liveness): the liveness of writers in ``kb_bridges`` is being added
-    # (``bridge.db.fleet_health.read_fleet_health``, not committed when this was
-    # written). When it lands, answer ``stale = not health.live`` and
-    # ``message = health.warning()`` from it here, keeping the write time as detail.
-    # The page's banner reads only ``stale`` and ``message`` (bridge/http/ui/static).
+    # A detail beside the bridges' own liveness, which decides the banner
+    # (``/ui/api/status``: ``HttpContext.liveness``, from kb_bridges heartbeats).
     with engine.connect() as conn:
         conn_row = conn.execute(
             select(

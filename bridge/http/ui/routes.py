@@ -21,9 +21,7 @@ from fastapi.responses import (
     Response,
     StreamingResponse,
 )
-from sqlalchemy import Engine
 
-from bridge.http.context import HttpContext
 from bridge.http.deps import Ctx
 from bridge.http.errors import ApiError
 from bridge.http.events import KINDS
@@ -66,16 +64,6 @@ MAX_LOGIN_BODY: Final = 4096
 
 router = APIRouter(include_in_schema=False)
 DeviceId = Annotated[str, PathParam(pattern=DEVICE_ID_PATTERN)]
-
-
-def read_engine(ctx: HttpContext) -> Engine:
-    """The engine for reads. ``HttpContext`` is moving from the whole bridge to small
-    ports (issue 15, ``ctx.read_engine``); until that lands everywhere, either works."""
-    engine = getattr(ctx, "read_engine", None)
-    if engine is None:
-        engine = getattr(ctx, "bridge", None).read_engine  # type: ignore[union-attr]
-    assert isinstance(engine, Engine)
-    return engine
 
 
 def _page(name: str, status: int = 200, **slots: str) -> HTMLResponse:
@@ -154,7 +142,7 @@ async def asset(name: str) -> FileResponse:
 @router.get("/ui/api/fleet")
 async def fleet(ctx: Ctx, _s: Session, response: Response) -> dict[str, Any]:
     response.headers.update(SECURITY_HEADERS)
-    rows = await ctx.db(queries.fleet, read_engine(ctx))
+    rows = await ctx.db(queries.fleet, ctx.read_engine)
     return {"now_ms": ctx.clock(), "columns": list(queries.FLEET_COLUMNS), "rows": rows}
 
 
@@ -163,7 +151,7 @@ async def uptime(ctx: Ctx, _s: Session, response: Response) -> dict[str, Any]:
     response.headers.update(SECURITY_HEADERS)
     now = ctx.clock()
     start = now - queries.DAY_MS
-    bars = await ctx.db(queries.uptime_bars, read_engine(ctx), start, now)
+    bars = await ctx.db(queries.uptime_bars, ctx.read_engine, start, now)
     return {"start_ms": start, "end_ms": now, "bars": bars}
 
 
@@ -171,7 +159,7 @@ async def uptime(ctx: Ctx, _s: Session, response: Response) -> dict[str, Any]:
 async def device(ctx: Ctx, _s: Session, device_id: DeviceId, response: Response) -> dict[str, Any]:
     response.headers.update(SECURITY_HEADERS)
     now = ctx.clock()
-    engine = read_engine(ctx)
+    engine = ctx.read_engine
     try:
         report = await ctx.db(load_device, engine, device_id, now, commands_limit=20)
     except NotFound:
@@ -231,18 +219,26 @@ async def commands(
     response.headers.update(SECURITY_HEADERS)
     now = ctx.clock()
     data = await ctx.db(
-        queries.commands, read_engine(ctx), now, limit=limit, device_id=device, state=state
+        queries.commands, ctx.read_engine, now, limit=limit, device_id=device, state=state
     )
     return {"now_ms": now, **data}
 
 
 @router.get("/ui/api/status")
 async def status(ctx: Ctx, _s: Session, response: Response) -> dict[str, Any]:
-    """The stale-truth banner's source (``stale``: bool or null)."""
+    """The stale-truth banner's source: ``stale`` is the bridges' own liveness (a writer's
+    heartbeat in kb_bridges, this bridge's broker link), with ``message`` saying since
+    when; the newest write to the tables comes along as a detail."""
     response.headers.update(SECURITY_HEADERS)
     now = ctx.clock()
-    fresh = await ctx.db(queries.freshness, read_engine(ctx), now)
-    return {"now_ms": now, **fresh.to_json()}
+    fresh = await ctx.db(queries.freshness, ctx.read_engine, now)
+    live = ctx.liveness()
+    return {
+        "now_ms": now,
+        **fresh.to_json(),
+        "stale": not live.live,
+        "message": live.warning() or "",
+    }
 
 
 @router.get("/ui/api/events")
