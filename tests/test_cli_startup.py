@@ -160,3 +160,10 @@ def test_debug_keeps_the_traceback(tmp_path: Path) -> None:
     debug = kiosk_bridge("--debug", "devices", "--db", url)
     assert debug.returncode != 0
     assert "Traceback" in debug.stderr and "DatabaseUnreachable" in debug.stderr
+
+
+def test_demo_with_a_missing_directory(tmp_path: Path) -> None:
+    result = kiosk_bridge("demo", "--db", f"{tmp_path}/no/demo.db")
+    assert result.returncode == ExitCode.USAGE
+    err = one_line_error(result)
+    assert f"the directory {tmp_path}/no of the SQLite database does not exist" in err

@@ -7,6 +7,9 @@ from typing import Annotated
 
 import typer
 
+from bridge.cli.common import fail
+from bridge.cli.preflight import PreflightError, check_database
+
 
 def demo(
     duration: Annotated[float, typer.Option(help="Seconds to run", min=5)] = 30.0,
@@ -20,6 +23,12 @@ def demo(
     Each fault is announced as it is injected. The broker's passwords live in a
     temporary directory removed at the end; the database stays for a look around.
     """
+    try:
+        check_database(f"sqlite:///{db}", create=True)
+    except PreflightError as exc:
+        fail(
+            str(exc), exc.code, hint=exc.hint.replace("--db / KB_DB", "--db") if exc.hint else None
+        )
     # The whole system: imported when it runs, not for every command's start-up.
     import asyncio
 
