@@ -242,7 +242,7 @@ def test_top_keys_on_a_terminal(fleet_db: Engine, sqlite_url: str) -> None:
                 seen += os.read(primary, 65536).decode(errors="replace")
 
     try:
-        until("refreshes every 0.3s; s sort  f filter  q quit")
+        until("refreshes every 0.3s, s sort  f filter  q quit")
         until("newest first")
         seen = ""
         os.write(primary, b"f")

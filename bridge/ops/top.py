@@ -328,7 +328,7 @@ def render_frame(
 ) -> RenderableType:
     """One full frame of ``top``; ``keys`` when the keys are read (a live terminal)."""
     view = view or TopView()
-    hint = f"  (refreshes {_every(interval_s)}; " + (KEYS_HELP if keys else "Ctrl-C to quit") + ")"
+    hint = f"  (refreshes {_every(interval_s)}, " + (KEYS_HELP if keys else "Ctrl-C to quit") + ")"
     header = Text.assemble(
         ("kiosk-bridge top", "bold"),
         f"  {clock(snap.now_ms)}  ",
