@@ -19,6 +19,9 @@ class ExitCode(IntEnum):
     USAGE = 2
     #: The broker or the database could not be reached (or went away).
     UNREACHABLE = 3
+    #: The answer was given, but no bridge is writing the database: the device states
+    #: shown may be stale (frozen since the last writer's last heartbeat).
+    STALE = 4
 
 
 MEANINGS: Final[dict[ExitCode, str]] = {
@@ -33,6 +36,11 @@ MEANINGS: Final[dict[ExitCode, str]] = {
         "to change"
     ),
     ExitCode.UNREACHABLE: "the broker or the database cannot be reached",
+    ExitCode.STALE: (
+        "the output was printed, but no kiosk-bridge is writing the database: device states "
+        "may be stale (`devices`, `device show`, `top`, `uptime`; the warning on stderr names "
+        "the last bridge and since when)"
+    ),
 }
 
 

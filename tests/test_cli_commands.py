@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,6 +27,7 @@ from bridge.commands.lifecycle import CommandState
 from bridge.db.engine import create_schema, make_engine
 from bridge.db.models import CommandRecord, Connectivity, Remote
 from bridge.ops import commands
+from tests.support.liveness import writer_alive
 
 NOW = datetime.now(UTC).replace(tzinfo=None)
 NOW_MS = int(time.time() * 1000)
@@ -130,11 +132,12 @@ def seed(engine: Engine) -> None:
 
 
 @pytest.fixture
-def seeded(sqlite_url: str) -> str:
+def seeded(sqlite_url: str) -> Iterator[str]:
     engine = make_engine(sqlite_url)
     seed(engine)
     engine.dispose()
-    return sqlite_url
+    with writer_alive(sqlite_url):
+        yield sqlite_url
 
 
 def invoke(*args: str) -> Result:

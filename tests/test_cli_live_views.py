@@ -25,6 +25,7 @@ from bridge.cli import app
 from bridge.db.engine import create_schema, make_engine
 from bridge.db.models import Connectivity, PresenceHistory, Remote
 from bridge.ops import top
+from tests.support.liveness import writer_alive
 
 DEADLINE_S = 20.0
 KIOSK_BRIDGE = str(Path(sys.executable).with_name("kiosk-bridge"))
@@ -48,7 +49,8 @@ def fleet_db(sqlite_url: str) -> Iterator[Engine]:
                     device_id=device_id, state="online", session=1, since_ms=now - 60_000
                 )
             )
-    yield engine
+    with writer_alive(sqlite_url):
+        yield engine
     engine.dispose()
 
 

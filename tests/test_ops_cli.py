@@ -45,6 +45,7 @@ from schemas import (
 )
 from tests.support.bridge_harness import Db, eventually, running_bridge
 from tests.support.devices import FakeKiosk, publish_raw
+from tests.support.liveness import writer_alive
 from tests.support.services import service_unavailable
 
 FLEET = ("desk-3", "flappy-1", "hall-2", "lobby-1", "spare-9")
@@ -215,7 +216,9 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
     try:
         db_url = f"sqlite:///{base / 'fleet.db'}"
         asyncio.run(seed_fleet(broker.url, db_url))
-        yield Seeded(broker.url, db_url)
+        # The seeding bridge has stopped: these tests read the states as if it ran on.
+        with writer_alive(db_url):
+            yield Seeded(broker.url, db_url)
     finally:
         broker.kill()
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from bridge.cli import staleness
 from bridge.cli.common import console as _console
 from bridge.cli.common import echo_json as _echo_json
 from bridge.cli.common import reporting as _reporting
@@ -295,12 +296,14 @@ def devices_cmd(
         engine = _engine(settings)
         if watch_:
             try:
+                staleness.check(engine, settings.stale_after_ms)
                 _watch_fleet(engine, search, interval, count, as_json=as_json)
             finally:
                 engine.dispose()
             return
         try:
             rows = fleet.load_fleet(engine, include_deleted=deleted)
+            health = staleness.check(engine, settings.stale_after_ms)
         finally:
             engine.dispose()
         now = now_ms()
@@ -321,6 +324,7 @@ def devices_cmd(
                     "fleet_total": len(rows),
                 }
             )
+            staleness.exit_if_stale(health)
             return
         console = _console()
         if chosen:
@@ -328,6 +332,7 @@ def devices_cmd(
         else:
             console.print("no devices match", style="dim")
         console.print(render.fleet_summary_line(summary, len(rows)))
+    staleness.exit_if_stale(health)
 
 
 def _watch_fleet(
@@ -449,13 +454,15 @@ def device_show_cmd(
         engine = _engine(settings)
         try:
             report = timeline.load_device(engine, device_id, now_ms(), history_limit=limit)
+            health = staleness.check(engine, settings.stale_after_ms)
         finally:
             engine.dispose()
         report = dataclasses.replace(report, config=_config_view(settings, device_id))
         if as_json:
             _echo_json(_device_json(report))
-            return
-        _console().print(render.device_report(report))
+        else:
+            _console().print(render.device_report(report))
+    staleness.exit_if_stale(health)
 
 
 def _device_json(report: timeline.DeviceReport) -> dict[str, Any]:
@@ -500,33 +507,43 @@ def top_cmd(
     with _reporting():
         engine = _engine(settings)
         try:
-            if as_json:
-                _echo_json(top.collect(engine, now_ms()).to_json())
+            if as_json or once:
+                health = staleness.check(engine, settings.stale_after_ms)
+                if as_json:
+                    _echo_json(top.collect(engine, now_ms()).to_json())
+                else:
+                    frame = top.render_frame(top.collect(engine, now_ms()), interval_s=interval)
+                    _console().print(frame)
+                staleness.exit_if_stale(health)
                 return
-            console = _console()
-            if once:
-                frame = top.render_frame(top.collect(engine, now_ms()), interval_s=interval)
-                console.print(frame)
-                return
-            _top_live(console, engine, interval)
+            _top_live(_console(), engine, interval, settings.stale_after_ms)
         finally:
             engine.dispose()
 
 
-def _top_live(console: Console, engine: Engine, interval: float) -> None:
-    """Redraw every ``interval`` and at each key, until q or Ctrl-C."""
+def _top_live(console: Console, engine: Engine, interval: float, stale_after_ms: int) -> None:
+    """Redraw every ``interval`` and at each key, until q or Ctrl-C; while no bridge
+    writes the database, a warning stands above the frame."""
+    from rich.console import Group
     from rich.live import Live
+    from rich.text import Text
 
     from bridge.cli.keys import keys
     from bridge.clock import now_ms
+    from bridge.db.fleet_health import read_fleet_health
     from bridge.ops import top
 
     view = top.TopView()
     with keys() as pressed:
 
         def frame() -> Any:
-            snap = top.collect(engine, now_ms(), view=view)
-            return top.render_frame(snap, interval_s=interval, view=view, keys=pressed.live)
+            now = now_ms()
+            snap = top.collect(engine, now, view=view)
+            shown = top.render_frame(snap, interval_s=interval, view=view, keys=pressed.live)
+            warning = read_fleet_health(engine, now, stale_after_ms).warning()
+            if warning is None:
+                return shown
+            return Group(Text(f"warning: {warning}", style="bold yellow"), shown)
 
         try:
             with Live(frame(), console=console, screen=True, auto_refresh=False) as live:
@@ -584,6 +601,7 @@ def uptime_cmd(
         now = now_ms()
         try:
             rows = uptime.uptime_report(engine, now - window_ms, now, device)
+            health = staleness.check(engine, settings.stale_after_ms)
         finally:
             engine.dispose()
         if threshold is not None:
@@ -619,6 +637,7 @@ def uptime_cmd(
             console.print(f"{len(rows)} devices{label} over the last {since}", style="bold")
         if threshold is not None and rows:
             raise typer.Exit(1)
+    staleness.exit_if_stale(health)
 
 
 # --- doctor -------------------------------------------------------------------------------------
