@@ -171,12 +171,45 @@ async def _run_demo(options: DemoOptions, console: Console, secrets: Path) -> No
                 f"itself with the claim credential (remote {accepted.remote_id})"
             )
             await _run_fleet(options, console, bridge, broker, tokens)
+            # The fleet has stopped (running kiosks announced offline, the others' Wills
+            # went out): the table must say so before the bridge stops, or it would keep
+            # showing kiosks that no longer exist as Connected.
+            with console.status("waiting for the bridge to record the stopped fleet..."):
+                states = await _fleet_settled(bridge, SETTLE_S)
+            shown = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+            console.print(
+                f"The demo's kiosks are stopped; the table shows them {shown}. The bridge now "
+                "stops and records that the states are no longer live: `kiosk-bridge "
+                "devices` will warn that they are frozen and exit 4."
+            )
     console.print(
         f"\nThe database is [bold]{options.db_path.resolve()}[/]. Look around with:\n"
         f"  kiosk-bridge devices --db sqlite:///{options.db_path}\n"
         f"  kiosk-bridge device show kiosk-00000 --db sqlite:///{options.db_path}\n"
         f"  kiosk-bridge uptime --db sqlite:///{options.db_path}"
     )
+
+
+#: How long the demo waits for the bridge to write the stopped fleet.
+SETTLE_S = 15.0
+
+
+async def _fleet_settled(bridge: Bridge, within_s: float) -> dict[str, int]:
+    """Until no kiosk is online in the table (or ``within_s``); the states by count."""
+    reader = open_read_engine(bridge.settings.db)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    try:
+        while True:
+            rows = await asyncio.to_thread(load_fleet, reader)
+            states: dict[str, int] = {}
+            for row in rows:
+                states[row.state] = states.get(row.state, 0) + 1
+            if not states.get("online") or loop.time() >= deadline:
+                return states
+            await asyncio.sleep(0.2)
+    finally:
+        reader.dispose()
 
 
 async def _run_fleet(

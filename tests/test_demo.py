@@ -69,5 +69,9 @@ async def test_demo_runs_fleet_faults_and_a_refresh(tmp_path: Path) -> None:
     # The kill at 6 s leaves one kiosk lost for good; the rest announced their shutdown
     # when the demo stopped the fleet, and one had announced a reboot on the way.
     assert states.get("lost", 0) >= 1
-    assert states.get("lost", 0) + states.get("offline", 0) + states.get("online", 0) == 20
+    # No kiosk that no longer exists is left showing online, and the demo says so.
+    assert states.get("online", 0) == 0, states
+    assert states.get("lost", 0) + states.get("offline", 0) == 20
     assert {"reboot", "shutdown"} <= reasons
+    assert "The demo's kiosks are stopped; the table shows them" in flat
+    assert "records that the states are no longer live" in flat
