@@ -79,8 +79,10 @@ def _percent(value: str | None) -> float | None:
 
 
 def _broker_address(settings: Settings) -> BrokerAddress:
-    """The configured broker, else the embedded broker a local ``run`` listens on, with
-    the read-only ``_ops`` credential from its credentials file (none: an open one)."""
+    """The broker to read: ``--broker``/``KB_BROKER``; else the one the bridge writing
+    ``--db`` recorded in kb_bridges; else the embedded broker of a local ``run`` (with the
+    read-only ``_ops`` credential from its credentials file). With none of these it is a
+    usage error: guessing 127.0.0.1:1883 would judge whatever happens to listen there."""
     from bridge.broker_url import parse_broker_url
     from bridge.ops.errors import UsageError
     from bridge.security.embedded import broker_url, local_host, read_credentials
@@ -93,9 +95,52 @@ def _broker_address(settings: Settings) -> BrokerAddress:
         credentials = read_credentials(settings.embedded_credentials_path)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    recorded = _recorded_broker(settings)
+    embedded = parse_broker_url(broker_url(host, port))
+    if recorded is not None:
+        instance, url = recorded
+        found = parse_broker_url(url)
+        if (found.host, found.port) != (embedded.host, embedded.port) or credentials is None:
+            typer.echo(
+                f"broker: {found.url} (recorded by bridge {instance} in the database; "
+                "--broker to choose another)",
+                err=True,
+            )
+            return found
+    elif credentials is None:
+        raise UsageError(
+            "no broker to read: no --broker (or KB_BROKER) given, no bridge has recorded "
+            f"one in {settings.db}'s kb_bridges, and no local embedded broker's credentials "
+            f"file at {settings.embedded_credentials_path}",
+            hint="pass --broker mqtt://HOST:PORT (and --db for the bridge's database)",
+        )
     if credentials is None:
-        return parse_broker_url(broker_url(host, port))
+        return embedded
     return parse_broker_url(broker_url(host, port, credentials.users.ops, credentials.ops_password))
+
+
+def _recorded_broker(settings: Settings) -> tuple[str, str] | None:
+    """(instance, broker URL) of the newest bridge heartbeat in ``settings.db``, if any."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from bridge.db.bridges_store import BridgesStore
+    from bridge.ops.db import open_read_engine
+    from bridge.ops.errors import OpsError
+
+    try:
+        engine = open_read_engine(settings.db)
+    except OpsError:
+        return None
+    try:
+        rows = BridgesStore(engine).rows()
+    except SQLAlchemyError:
+        return None
+    finally:
+        engine.dispose()
+    if not rows:
+        return None
+    newest = max(rows, key=lambda row: (row.role != "stopped", row.heartbeat_ms))
+    return newest.instance, newest.broker
 
 
 def _protocol(settings: Settings) -> MqttProtocol:
