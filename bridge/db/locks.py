@@ -22,6 +22,10 @@ from __future__ import annotations
 from typing import Final
 
 LOCK_ORDER: Final = (
+    # Every write transaction of a running bridge first share-locks the writer lease's
+    # row (bridge/db/fence.py); taking the lease locks it alone, in a transaction of its
+    # own.
+    "kb_lease",
     "kb_device_config",
     "kb_connectivity",
     "remotes",
