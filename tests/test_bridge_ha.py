@@ -386,3 +386,70 @@ async def test_a_rolling_restart_during_traffic_loses_no_transition(
             kiosk.close()
         db.close()
         engine.dispose()
+
+
+@pytest.mark.timeout(120)
+async def test_a_leader_cut_off_from_the_broker_hands_over_to_a_connected_standby(
+    mosquitto: MosquittoProcess, sqlite_url: str, kiosks: list[FakeKiosk]
+) -> None:
+    """The leader still reaches the database but no longer the broker (a proxy between
+    them black-holes): it receives nothing, so it lets the lease go to the standby that
+    hears the broker; a kiosk that dies meanwhile is written by the new leader."""
+    fast = {"heartbeat_s": 0.2, "lease_ttl_s": 1.0, "keepalive_s": 5}
+    db = Db(sqlite_url)
+    try:
+        with TcpProxy(mosquitto.host, mosquitto.port) as proxy:
+            cut_off = f"mqtt://{proxy.host}:{proxy.port}"
+            async with (
+                running_bridge(cut_off, sqlite_url, **fast) as a,
+                running_bridge(mosquitto.url, sqlite_url, **fast, _wait=False) as b,
+            ):
+                await eventually(lambda: b.leadership.role, lambda r: r == "standby")
+                kiosk = FakeKiosk(mosquitto.url, "cut-1", session=1)
+                kiosks.append(kiosk)
+                await kiosk.come_online()
+                await eventually(lambda: _state(db, "cut-1"), lambda s: s == "online")
+                proxy.blackhole()
+                proxy.kill_connections()
+                await eventually(lambda: b.leadership.role, lambda r: r == "leader", within=30)
+                await eventually(lambda: a.leadership.role, lambda r: r == "standby")
+                await kiosk.crash()
+                await eventually(lambda: _state(db, "cut-1"), lambda s: s == "lost")
+                proxy.restore()
+    finally:
+        db.close()
+
+
+@pytest.mark.timeout(120)
+async def test_three_instances_one_leader_and_after_it_exactly_one_other(
+    mosquitto: MosquittoProcess, db_url: str
+) -> None:
+    fast = {"heartbeat_s": 0.2, "lease_ttl_s": 1.0}
+    engine = make_engine(db_url)
+    try:
+        first = Bridge(bridge_settings(mosquitto.url, db_url, **fast))
+        await first.__aenter__()
+        await asyncio.wait_for(first.wait_synced(), 20)
+        async with (
+            running_bridge(mosquitto.url, db_url, **fast, _wait=False) as second,
+            running_bridge(mosquitto.url, db_url, **fast, _wait=False) as third,
+        ):
+            others = (second, third)
+            await eventually(
+                lambda: [b.leadership.role for b in others], lambda r: r == ["standby"] * 2
+            )
+            await first.__aexit__(None, None, None)
+            roles = await eventually(
+                lambda: sorted(b.leadership.role for b in others),
+                lambda r: r == ["leader", "standby"],
+                what="exactly one new leader",
+            )
+            # And it stays so: the standby never takes the lease the leader renews.
+            await asyncio.sleep(1.0)
+            assert sorted(b.leadership.role for b in others) == roles
+            holder = BridgesStore(engine).lease()
+            assert holder is not None
+            [leader] = [b for b in others if b.leadership.role == "leader"]
+            assert holder.holder == leader.settings.instance and holder.token == 2
+    finally:
+        engine.dispose()
