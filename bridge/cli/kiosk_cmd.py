@@ -12,7 +12,7 @@ import typer
 from bridge.cli.common import fail
 from bridge.cli.enrollment import ENROLL_HELP
 from bridge.exit_codes import ExitCode
-from bridge.kiosk.options import MqttProtocol
+from bridge.kiosk.mqtt_version import MqttProtocol
 
 if TYPE_CHECKING:
     # The rest is imported where used: building the CLI for any command imports this

@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
+from bridge.kiosk.mqtt_version import MqttProtocol as MqttProtocol
 from schemas import DEFAULT_PREFIX
-
-
-class MqttProtocol(StrEnum):
-    #: MQTT 5, falling back to 3.1.1 when the broker refuses 5 (amqtt speaks only 3.1.1).
-    AUTO = "auto"
-    V5 = "5"
-    V311 = "3.1.1"
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from rich import box
 from rich.console import Group, RenderableType
@@ -13,7 +13,6 @@ from rich.table import Table
 from rich.text import Text
 
 from bridge.ops.choices import STATES
-from bridge.ops.doctor import DoctorReport, Level
 from bridge.ops.durations import format_duration
 from bridge.ops.fleet import FleetRow, FleetSummary
 from bridge.ops.fleet_watch import Change
@@ -21,8 +20,13 @@ from bridge.ops.timefmt import ago, clock
 from bridge.ops.timeline import DeviceReport
 from bridge.ops.uptime import Availability, DeviceUptime
 
+if TYPE_CHECKING:
+    from bridge.ops.doctor import DoctorReport
+
 STATE_STYLE: Final = {"online": "green", "offline": "yellow", "lost": "red", "unknown": "dim"}
-_LEVEL_STYLE: Final = {Level.OK: "green", Level.WARN: "yellow", Level.FAIL: "bold red"}
+# By the doctor's Level values: importing bridge.ops.doctor here would load the MQTT
+# stack into every command that prints a table.
+_LEVEL_STYLE: Final = {"OK": "green", "WARN": "yellow", "FAIL": "bold red"}
 _KIND_STYLE: Final = {
     "birth": "green",
     "offline": "yellow",
@@ -315,9 +319,10 @@ def doctor_report(report: DoctorReport) -> RenderableType:
             body.append(f"\n- {detail}", style="dim")
         if check.hint:
             body.append(f"\nfix: {check.hint}", style="cyan")
-        table.add_row(Text(check.level.value, style=_LEVEL_STYLE[check.level]), check.name, body)
-    fails = sum(1 for c in report.checks if c.level is Level.FAIL)
-    warns = sum(1 for c in report.checks if c.level is Level.WARN)
+        style = _LEVEL_STYLE[check.level.value]
+        table.add_row(Text(check.level.value, style=style), check.name, body)
+    fails = sum(1 for c in report.checks if c.level.value == "FAIL")
+    warns = sum(1 for c in report.checks if c.level.value == "WARN")
     verdict = (
         Text("all checks passed", style="green")
         if not fails and not warns
