@@ -52,7 +52,7 @@ from bridge.service.housekeeping import retention_loop
 from bridge.service.ingest import Ingest
 from bridge.service.leadership import Leadership
 from bridge.service.metrics import BridgeMetrics
-from bridge.service.mqtt_link import BridgeIdentity, LinkRole, MqttLink
+from bridge.service.mqtt_link import BridgeIdentity, LinkRole, LivePresence, MqttLink
 from bridge.service.ports import ReconcileExemptions, StatesLiveness, TransitionFeed
 from bridge.service.writer import DbWriter
 from bridge.settings import Settings
@@ -178,14 +178,22 @@ class Bridge:
             shared_group=settings.shared_group,
         )
         link_args = (settings, self.ingest, self.writer, self.metrics, package_version())
+        # Live presence travels on the command link (MQTT 5, no retained replay), the
+        # retained snapshot on the presence link: a death never waits behind a replay.
+        live = LivePresence()
         self.link = MqttLink(
-            *link_args, role=LinkRole.PRESENCE, protocol=protocol, identity=self.identity
+            *link_args,
+            role=LinkRole.PRESENCE,
+            protocol=protocol,
+            identity=self.identity,
+            live=live,
         )
         self.command_link = MqttLink(
             *link_args,
             role=LinkRole.COMMANDS,
             protocol=protocol,
             routes=self.security.routes(),
+            live=live,
         )
         address = settings.broker_address
         self.leadership = Leadership(
@@ -420,7 +428,7 @@ class Bridge:
             log.error(
                 "shutdown: %d presence events and %d devices' telemetry not written "
                 "(the retained state will reconcile them at the next start)",
-                len(self.ingest.presence),
+                self.ingest.presence_pending,
                 len(self.ingest.status),
             )
         if self.ingest.held:

@@ -40,12 +40,25 @@ log = logging.getLogger(__name__)
 _SHOWN_BYTES = 120
 
 
+class PresenceBatch(list[PresenceItem]):
+    """Presence events taken for one write, all live or all replayed."""
+
+    def __init__(self, items: list[PresenceItem], *, replay: bool) -> None:
+        super().__init__(items)
+        self.replay = replay
+
+
 @dataclass
 class Ingest:
     prefix: str
     metrics: BridgeMetrics
     buffer_max: int
+    #: Live presence events (a Will, a birth, an offline as it happens), written first.
     presence: deque[PresenceItem] = field(default_factory=deque)
+    #: Presence replayed from the broker's retained state (a snapshot being read): written
+    #: after every live event, so a death is never queued behind a 100,000-device
+    #: replay. Order between the two queues does not matter: the session fence decides.
+    replay: deque[PresenceItem] = field(default_factory=deque)
     status: dict[str, StatusItem] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     #: Devices whose presence arrived since :meth:`start_snapshot` (reconciliation).
@@ -70,6 +83,8 @@ class Ingest:
         # Built once: these are consulted for every message on the receive path.
         self._bridge_topic = bridge_presence_topic(self.prefix)
         #: The one dispatch table of the receive path: topic kind -> handler.
+        #: Whether the message being handled came from the retained store.
+        self._retained = False
         self._handlers: dict[TopicKind, Callable[[str, bytes, int], None]] = {
             TopicKind.PRESENCE: self._presence_message,
             TopicKind.STATUS: self._status_message,
@@ -79,10 +94,14 @@ class Ingest:
         if self.on_command is not None:
             self._handlers[TopicKind.CMD] = self._command_message
 
-    def handle(self, topic: str, payload: bytes, received_ms: int) -> None:
-        """Validate one message and queue its effect; never raises."""
+    def handle(
+        self, topic: str, payload: bytes, received_ms: int, *, retained: bool = False
+    ) -> None:
+        """Validate one message and queue its effect; never raises. ``retained``: the
+        broker sent it from its retained store (a snapshot), not as it was published."""
         if topic == self._bridge_topic:
             return
+        self._retained = retained
         try:
             parsed = parse_topic(topic, self.prefix)
         except ContractError as exc:
@@ -150,16 +169,22 @@ class Ingest:
                 ip_address=message.ip_address,
                 mac_address=message.mac_address,
             )
-        self.put_presence(PresenceItem(event, birth))
+        self.put_presence(PresenceItem(event, birth), replay=self._retained)
 
-    def put_presence(self, item: PresenceItem) -> bool:
+    @property
+    def presence_pending(self) -> int:
+        """Presence events queued, live and replayed."""
+        return len(self.presence) + len(self.replay)
+
+    def put_presence(self, item: PresenceItem, *, replay: bool = False) -> bool:
         """Queue a presence event from any transport; ``False`` when the buffer is full
-        (dropped, counted, logged, and a re-read of the retained state requested)."""
+        (dropped, counted, logged, and a re-read of the retained state requested).
+        ``replay``: it comes from the retained state, and waits behind live events."""
         event = item.event
         if self.seen is not None:
             # A reconciliation in progress must not mark this device unknown.
             self.seen.add(event.device_id)
-        if len(self.presence) >= self.buffer_max:
+        if len(self.presence) + len(self.replay) >= self.buffer_max:
             self.metrics.buffer_dropped.inc()
             self.on_overflow()
             log.error(
@@ -171,8 +196,8 @@ class Ingest:
                 event.state.value,
             )
             return False
-        self.presence.append(item)
-        self.metrics.buffer_depth.set(len(self.presence))
+        (self.replay if replay else self.presence).append(item)
+        self.metrics.buffer_depth.set(len(self.presence) + len(self.replay))
         self.wake.set()
         return True
 
@@ -257,15 +282,23 @@ class Ingest:
             self.metrics.buffer_depth.set(len(self.presence))
         return dropped
 
-    def take_presence(self, limit: int) -> list[PresenceItem]:
-        batch = [self.presence.popleft() for _ in range(min(limit, len(self.presence)))]
-        self.metrics.buffer_depth.set(len(self.presence))
+    def take_presence(self, limit: int, replay_limit: int | None = None) -> PresenceBatch:
+        """Live events if there are any, else replayed ones (up to ``replay_limit``):
+        never both in one batch, so a live event waits for one replay batch at most."""
+        replay = not self.presence
+        queue = self.replay if replay else self.presence
+        if replay and replay_limit is not None:
+            limit = replay_limit
+        batch = PresenceBatch(
+            [queue.popleft() for _ in range(min(limit, len(queue)))], replay=replay
+        )
+        self.metrics.buffer_depth.set(len(self.presence) + len(self.replay))
         return batch
 
-    def requeue_presence(self, batch: list[PresenceItem]) -> None:
+    def requeue_presence(self, batch: PresenceBatch) -> None:
         """Put a batch the database refused back at the front, oldest first."""
-        self.presence.extendleft(reversed(batch))
-        self.metrics.buffer_depth.set(len(self.presence))
+        (self.replay if batch.replay else self.presence).extendleft(reversed(batch))
+        self.metrics.buffer_depth.set(len(self.presence) + len(self.replay))
 
     def take_status(self, limit: int, now_ms: int) -> list[StatusItem]:
         """Up to ``limit`` devices' telemetry, skipping throttled devices whose last

@@ -14,7 +14,7 @@ import logging
 import socket
 import ssl
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +32,7 @@ from bridge.service.ingest import Ingest
 from bridge.service.metrics import BridgeMetrics
 from bridge.service.writer import DbWriter
 from bridge.settings import Settings
+from bridge.tasks import cancel_and_wait
 from schemas import BridgePresence, ContractError, PresenceState, TopicKind, encode
 from schemas.codec import decode_bridge_presence
 from schemas.topics import (
@@ -96,6 +97,33 @@ class LinkRole(enum.Enum):
     COMMANDS = "commands"
 
 
+class LivePresence:
+    """Whether the live presence subscription is in place, shared by the two links.
+
+    The command link (MQTT 5) subscribes to presence with retain handling 2 ("do not
+    send retained messages" [MQTT-3.3.1-11]): it hears only what kiosks publish from now
+    on, never the retained replay, so a Will reaches the ingest at once even while the
+    presence link is still reading a 100,000-device snapshot. The presence link reads the
+    snapshot on its own subscription and drops it once the snapshot is complete and the
+    live one is in place; while there is none (a 3.1.1-only broker, the command link
+    down) it keeps its own subscription, which carries live presence too.
+    """
+
+    def __init__(self) -> None:
+        self._ready = False
+        #: Set at every change of :attr:`ready`; the presence link waits on it.
+        self.changed = asyncio.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def set(self, ready: bool) -> None:
+        if ready != self._ready:
+            self._ready = ready
+            self.changed.set()
+
+
 class MqttLink:
     def __init__(
         self,
@@ -109,8 +137,19 @@ class MqttLink:
         protocol: str | None = None,
         routes: Sequence[Route] = (),
         identity: BridgeIdentity | None = None,
+        live: LivePresence | None = None,
     ) -> None:
         self._settings = settings
+        #: The live presence subscription: made by the command link, followed by the
+        #: presence link (see :class:`LivePresence`). None: presence travels as before,
+        #: live and retained on the presence link's one subscription.
+        self._live = live
+        #: Presence filters the presence link holds (the snapshot's; live ones while
+        #: there is no live subscription on the command link).
+        self._presence_subs: set[str] = set()
+        #: Whether a snapshot was asked for and its marker has not come back yet.
+        self._snapshot_open = False
+        self._follower: asyncio.Task[None] | None = None
         self._ingest = ingest
         self._writer = writer
         self._metrics = metrics
@@ -310,59 +349,101 @@ class MqttLink:
             log.warning("re-reading the retained presence of the fleet: %s", why)
             marker[0] = uuid.uuid4().hex
             self._ingest.start_snapshot()
+            self._snapshot_open = True
             await client.unsubscribe(presence_filter)
             await client.subscribe(presence_filter, qos=1)
+            self._presence_subs.add(presence_filter)
             await client.publish(sync_topic, marker[0].encode(), qos=1)
             _raise_if_cancelled()
 
-        presence = self.role is LinkRole.PRESENCE
-        group = settings.shared_group
         async with self._make_client(v5) as client:
-            self._client = client
-            self.v5 = v5
-            self._backoff.reset()
-            if presence:
-                self._metrics.connects.inc()
-                self._metrics.connected.set(1)
-            log.info(
-                "connected to broker as %s (MQTT %s, %s link)",
-                self.client_id,
-                "5" if v5 else "3.1.1",
-                self.role.value,
-            )
-            if presence:
-                await self._subscribe_presence(client, group, sync_topic, marker[0])
-            else:
-                await self._subscribe_commands(client, group, v5)
-            self.connected.set()
-            async for first in client.messages:
-                batch = self._backlog(first)
-                self.received += len(batch)
-                for message in batch:
-                    topic = message.topic.value
-                    if topic == sync_topic:
-                        if message.payload == marker[0].encode():
-                            await self._snapshot_read(client, presence_filter if group else None)
-                        continue
-                    payload = message.payload
-                    if not isinstance(payload, bytes | bytearray):
-                        payload = str(payload).encode()
-                    if parse_bridge_instance_topic(topic, prefix) is not None:
-                        # Only a live message means a peer just went: a retained one is
-                        # replayed at every subscription.
-                        if group and not message.retain and self._peer_went_down(bytes(payload)):
-                            await resync(client, "another bridge instance of the group is gone")
-                        continue
-                    self._dispatch(client, topic, bytes(payload))
-                if self._resync_wanted.is_set():
-                    self._resync_wanted.clear()
-                    await resync(client, "the presence buffer overflowed")
+            try:
+                await self._connected(client, v5, sync_topic, marker[0], resync)
+                await self._consume(client, sync_topic, marker, resync)
+            finally:
+                if self._follower is not None:
+                    await cancel_and_wait(self._follower)
+                    self._follower = None
+                task = asyncio.current_task()
+                stopping = task is not None and task.cancelling()
+                if self.role is LinkRole.COMMANDS and self._live is not None and not stopping:
+                    # Lost, not stopped: the presence link takes live presence back. (At
+                    # shutdown the presence link stops next; the next start re-reads.)
+                    self._live.set(False)
 
-    def _dispatch(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
+    async def _connected(
+        self,
+        client: aiomqtt.Client,
+        v5: bool,
+        sync_topic: str,
+        marker: str,
+        resync: Callable[[aiomqtt.Client, str], Awaitable[None]],
+    ) -> None:
+        """Just connected: say so, subscribe, and (presence link) follow the live
+        presence subscription."""
+        presence = self.role is LinkRole.PRESENCE
+        group = self._settings.shared_group
+        self._client = client
+        self.v5 = v5
+        self._backoff.reset()
+        if presence:
+            self._metrics.connects.inc()
+            self._metrics.connected.set(1)
+        log.info(
+            "connected to broker as %s (MQTT %s, %s link)",
+            self.client_id,
+            "5" if v5 else "3.1.1",
+            self.role.value,
+        )
+        if presence:
+            await self._subscribe_presence(client, group, sync_topic, marker)
+            if self._live is not None:
+                self._follower = asyncio.create_task(
+                    self._follow_live(client, resync), name="kb-mqtt-follow-live"
+                )
+        else:
+            await self._subscribe_commands(client, group, v5)
+        self.connected.set()
+
+    async def _consume(
+        self,
+        client: aiomqtt.Client,
+        sync_topic: str,
+        marker: list[str],
+        resync: Callable[[aiomqtt.Client, str], Awaitable[None]],
+    ) -> None:
+        prefix = self._settings.prefix
+        group = self._settings.shared_group
+        async for first in client.messages:
+            batch = self._backlog(first)
+            self.received += len(batch)
+            for message in batch:
+                topic = message.topic.value
+                if topic == sync_topic:
+                    if message.payload == marker[0].encode():
+                        await self._snapshot_read(client)
+                    continue
+                payload = message.payload
+                if not isinstance(payload, bytes | bytearray):
+                    payload = str(payload).encode()
+                if parse_bridge_instance_topic(topic, prefix) is not None:
+                    # Only a live message means a peer just went: a retained one is
+                    # replayed at every subscription.
+                    if group and not message.retain and self._peer_went_down(bytes(payload)):
+                        await resync(client, "another bridge instance of the group is gone")
+                    continue
+                self._dispatch(client, topic, bytes(payload), message.retain)
+            if self._resync_wanted.is_set():
+                self._resync_wanted.clear()
+                await resync(client, "the presence buffer overflowed")
+
+    def _dispatch(
+        self, client: aiomqtt.Client, topic: str, payload: bytes, retained: bool = False
+    ) -> None:
         """A route's traffic to its route, everything else through the ingest's table."""
         route = next((r for r in self.routes if r.matches(topic)), None)
         if route is None:
-            self._ingest.handle(topic, payload, now_ms())
+            self._ingest.handle(topic, payload, now_ms(), retained=retained)
             return
         try:
             route.handle(client, topic, payload, now_ms())
@@ -371,14 +452,61 @@ class MqttLink:
             log.exception("route for %.200r failed", topic)
             self._metrics.rejected.labels("handler_error").inc()
 
-    async def _snapshot_read(self, client: aiomqtt.Client, drop_filter: str | None) -> None:
+    async def _snapshot_read(self, client: aiomqtt.Client) -> None:
         """The snapshot's marker came back: every retained message before it is in, so
         the writer may reconcile once it has written them."""
         reconcile = self._writer.request_reconcile(self._ingest.end_snapshot())
         reconcile.add_done_callback(self._reconciled)
-        if drop_filter is not None:
-            await client.unsubscribe(drop_filter)
-            _raise_if_cancelled()
+        self._snapshot_open = False
+        await self._hand_over(client)
+
+    async def _hand_over(self, client: aiomqtt.Client) -> None:
+        """After a snapshot: leave live presence to the live subscription if there is
+        one, else keep receiving it here (in a shared group, through the group)."""
+        presence_filter = device_filter(TopicKind.PRESENCE, self._settings.prefix)
+        group = self._settings.shared_group
+        if self._live is not None and self._live.ready:
+            # The live subscription was acknowledged before this UNSUBSCRIBE is sent, so
+            # every event is routed to one of the two: none falls between them.
+            drop = set(self._presence_subs)
+        elif group:
+            # Shared subscriptions get no retained messages: the plain one read the
+            # snapshot and the group's carries this member's share from now on.
+            if shared(presence_filter, group) not in self._presence_subs:
+                await client.subscribe(shared(presence_filter, group), qos=1)
+                self._presence_subs.add(shared(presence_filter, group))
+            drop = {presence_filter}
+        else:
+            return
+        for topic_filter in sorted(drop & self._presence_subs):
+            await client.unsubscribe(topic_filter)
+            self._presence_subs.discard(topic_filter)
+        _raise_if_cancelled()
+
+    async def _follow_live(
+        self,
+        client: aiomqtt.Client,
+        resync: Callable[[aiomqtt.Client, str], Awaitable[None]],
+    ) -> None:
+        """Follow the live subscription of the command link: once it is in place, drop
+        this link's live presence (unless a snapshot is being read; its end does that);
+        when it is lost, take live presence back here at once, re-reading the retained
+        state for what may have been missed meanwhile."""
+        live = self._live
+        assert live is not None
+        while True:
+            await live.changed.wait()
+            live.changed.clear()
+            try:
+                if live.ready:
+                    if not self._snapshot_open:
+                        await self._hand_over(client)
+                elif not self._presence_subs:
+                    await resync(client, "the live presence subscription was lost")
+            except aiomqtt.MqttError as exc:
+                # The receive loop sees the same broken connection and reconnects.
+                log.debug("could not follow the live presence subscription: %s", exc)
+                return
 
     async def _subscribe_presence(
         self, client: aiomqtt.Client, group: str | None, sync_topic: str, marker: str
@@ -392,17 +520,19 @@ class MqttLink:
             retain=True,
         )
         self._ingest.start_snapshot()
-        await client.subscribe(shared(presence_filter, group), qos=1)
+        self._snapshot_open = True
+        # The snapshot's own subscription (shared ones get no retained messages). Dropped
+        # once the snapshot is in and live presence is taken care of (:meth:`_hand_over`).
+        self._presence_subs = {presence_filter}
+        await client.subscribe(presence_filter, qos=1)
         # Telemetry at QoS 0: it is last-value-wins and retained, so what a PUBACK round
         # would protect is re-read from the retained copy on every (re)connect, and the
         # bridge skips an acknowledgement per message on its busiest topic. Presence,
         # acks and commands stay QoS 1.
         await client.subscribe(shared(device_filter(TopicKind.STATUS, prefix), group), qos=0)
         if group:
-            # Shared subscriptions get no retained messages: read the snapshot through a
-            # plain subscription, dropped once reconciled. And every member watches the
-            # others' presence: a dead one's unwritten share must be re-read.
-            await client.subscribe(presence_filter, qos=1)
+            # Every member watches the others' presence: a dead one's unwritten share
+            # must be re-read.
             await client.subscribe(bridge_instances_filter(prefix), qos=1)
         await client.subscribe(sync_topic, qos=1)
         await client.publish(sync_topic, marker.encode(), qos=1)
@@ -421,6 +551,18 @@ class MqttLink:
         for route in self.routes:
             for topic_filter in route.filters():
                 await client.subscribe(topic_filter, qos=1)
+        if v5 and self._live is not None:
+            # Live presence without the retained replay (retain handling 2): see
+            # :class:`LivePresence`. Deaths and births arrive here as they happen.
+            options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            granted = await client.subscribe(
+                shared(device_filter(TopicKind.PRESENCE, prefix), group), options=options
+            )
+            _raise_if_cancelled()
+            if not _refused(granted):
+                self._live.set(True)
+            else:
+                log.warning("the broker refused the live presence subscription: %s", granted)
 
     def _peer_went_down(self, payload: bytes) -> bool:
         # The same announcement can arrive more than once (the group's subscriptions
@@ -457,6 +599,13 @@ class MqttLink:
             log.warning("could not announce the bridge offline: %s", exc)
 
 
+def _refused(granted: object) -> bool:
+    """Whether a SUBACK (as aiomqtt returns it: reason codes, or granted QoS on 3.1.1)
+    refused the subscription."""
+    codes = granted if isinstance(granted, tuple | list) else [granted]
+    return any(getattr(code, "is_failure", False) or code == 0x80 for code in codes)
+
+
 def _raise_if_cancelled() -> None:
     """Re-raise a cancellation that an await inside aiomqtt swallowed.
 
@@ -470,4 +619,4 @@ def _raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-__all__ = ["BridgeIdentity", "LinkRole", "MqttLink"]
+__all__ = ["BridgeIdentity", "LinkRole", "LivePresence", "MqttLink"]

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Target duration of one write of replayed presence (see :meth:`DbWriter._replay_batch`).
+REPLAY_BATCH_S = 0.02
+REPLAY_BATCH_MIN = 64
+
 
 class DbWriter:
     def __init__(
@@ -57,6 +61,8 @@ class DbWriter:
         self._reconcile: asyncio.Future[list[str]] | None = None
         self._reconcile_seen: set[str] = set()
         self._last_status_flush = 0.0
+        #: Seconds per replayed presence row, measured (a guess until the first batch).
+        self._replay_row_s = 1e-4
         self._backoff = Backoff(base=0.2, cap=settings.db_retry_cap_s)
         self._db_healthy = True
         self._transitions = transitions
@@ -107,7 +113,7 @@ class DbWriter:
                     "database write failed (%s); %d presence events and %d devices' telemetry "
                     "held, retry in %.2fs",
                     _short(exc),
-                    len(ingest.presence),
+                    ingest.presence_pending,
                     len(ingest.status),
                     delay,
                 )
@@ -116,13 +122,13 @@ class DbWriter:
 
     def _nothing_due(self) -> bool:
         return (
-            not self._ingest.presence
+            not self._ingest.presence_pending
             and not self._ingest.status
             and (self._reconcile is None or self._reconcile.done())
         )
 
     def _next_timeout(self) -> float | None:
-        if self._ingest.presence:
+        if self._ingest.presence_pending:
             return 0
         deadlines: list[float] = []
         if self._ingest.status:
@@ -139,7 +145,7 @@ class DbWriter:
 
     async def _step(self) -> None:
         ingest = self._ingest
-        if ingest.presence:
+        if ingest.presence_pending:
             await self._write_presence()
             return
         if self._reconcile is not None and not self._reconcile.done():
@@ -157,8 +163,16 @@ class DbWriter:
         if ingest.held.is_due(now_ms()):
             await self._retry_held()
 
+    def _replay_batch(self) -> int:
+        """Replayed presence per write: as many as fit in :data:`REPLAY_BATCH_S`, so a
+        live event that arrives meanwhile waits for about that long at most."""
+        rows = int(REPLAY_BATCH_S / max(self._replay_row_s, 1e-7))
+        return max(REPLAY_BATCH_MIN, min(self._settings.presence_batch_max, rows))
+
     async def _write_presence(self) -> None:
-        batch = self._ingest.take_presence(self._settings.presence_batch_max)
+        batch = self._ingest.take_presence(
+            self._settings.presence_batch_max, replay_limit=self._replay_batch()
+        )
         started = time.perf_counter()
         try:
             results = await self._db(self._presence.apply_presence, batch)
@@ -166,7 +180,11 @@ class DbWriter:
             self._ingest.requeue_presence(batch)
             self._metrics.db_errors.labels("presence").inc()
             raise
-        self._metrics.batch_seconds.labels("presence").observe(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        if batch.replay and batch:
+            # Moving average of the time per replayed row.
+            self._replay_row_s += 0.3 * (took / len(batch) - self._replay_row_s)
+        self._metrics.batch_seconds.labels("presence").observe(took)
         self._metrics.batch_size.labels("presence").observe(len(batch))
         if self._reconcile is not None and not self._reconcile.done():
             # Presence that arrived after the snapshot's marker is newer than the snapshot:
