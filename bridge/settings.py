@@ -148,7 +148,10 @@ class Settings(BaseSettings):
 
     broker: str | None = Field(
         default=None,
-        description="mqtt[s]://[user:pass@]host:port; unset = start the embedded broker",
+        description=(
+            "mqtt[s]://[user:pass@]host:port, or a comma-separated list of the nodes of a "
+            "cluster (tried in order); unset = start the embedded broker"
+        ),
     )
     listen: str = Field(default="127.0.0.1:1883", description="Embedded broker HOST:PORT")
     #: The embedded broker lets anyone connect and publish anything: a quick local try
@@ -171,6 +174,25 @@ class Settings(BaseSettings):
     session_expiry_s: int = Field(default=3600, ge=0)
     reconnect_base_s: float = Field(default=0.5, gt=0)
     reconnect_cap_s: float = Field(default=30.0, gt=0)
+    #: The bounded wait of the broker probes at every connect: an MQTT 5 CONNECT left
+    #: unanswered (then 3.1.1), a retained or shared-subscription probe message.
+    probe_timeout_s: float = Field(default=3.0, gt=0, le=60)
+    #: How the retained presence is read at (re)connect: ``wildcard`` (one subscription),
+    #: ``per_device`` (the exact topics of the database's known devices: brokers that do
+    #: not replay retained messages to wildcards, RabbitMQ), ``auto`` (by the probe).
+    reconcile: Literal["auto", "wildcard", "per_device"] = "auto"
+    #: Devices per SUBSCRIBE in a device-by-device reconcile.
+    reconcile_batch: int = Field(default=200, ge=1, le=10_000)
+    #: A device online from which nothing arrived for this long is ``lost`` (reason
+    #: ``silent``): a Will that died with a broker node. Unset: 2.5 x its status interval
+    #: (``kiosk_status_interval_s`` or its configured one), never below 1.5 x
+    #: ``kiosk_keepalive_s``; 0 turns the detection off.
+    silent_after_s: float | None = Field(default=None, ge=0)
+    #: The status interval of kiosks without a configured one (the contract's default).
+    kiosk_status_interval_s: float = Field(default=30.0, gt=0)
+    #: The kiosks' MQTT keepalive (the contract allows 10 to 30 s): silence is never
+    #: judged sooner than the broker itself would publish the Will.
+    kiosk_keepalive_s: float = Field(default=30.0, gt=0)
 
     offline_grace_s: float = Field(default=0.0, ge=0)
     flap_half_life_s: float = Field(default=60.0, gt=0)

@@ -91,6 +91,8 @@ async def test_doctor_passes_with_a_running_bridge(
         "database": "OK",
         "schema": "OK",
         "broker": "OK",
+        # Mosquitto: MQTT 5, retained to wildcards and shared subscriptions all work.
+        "broker features": "OK",
         "bridge presence": "OK",
         "clock skew": "OK",
         "retained vs table": "OK",

@@ -32,7 +32,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.backoff import Backoff
-from bridge.broker_url import BrokerAddress
+from bridge.broker_url import BrokerAddress, NodeCursor
 from bridge.clock import now_ms
 from bridge.kiosk.commands import CommandHandler, CommandProcessor, ReplyRoute
 from bridge.kiosk.credentials import TokenFile
@@ -137,6 +137,10 @@ class KioskCore:
     ) -> None:
         self.device_id = validate_device_id(device_id)
         self.broker = broker
+        #: The broker list (``--broker n1,n2,...``): one step on at every failure.
+        self._nodes = NodeCursor(broker)
+        #: The node of the last connection that came online (None: never yet).
+        self.online_node: str | None = None
         self.state = state
         self.options = options or AgentOptions()
         self._driver = driver
@@ -188,6 +192,11 @@ class KioskCore:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- public surface ------------------------------------------------------------------
+
+    @property
+    def node(self) -> BrokerAddress:
+        """The broker node of the current (or next) connection attempt."""
+        return self._nodes.current
 
     @property
     def protocol(self) -> MqttProtocol:
@@ -378,7 +387,7 @@ class KioskCore:
             qos=1,
             retain=True,
         )
-        if self.broker.tls:
+        if self.node.tls:
             client.tls_set()
         return client
 
@@ -409,12 +418,13 @@ class KioskCore:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = self.options.session_expiry_s
         params = ConnectParams(
-            self.broker.host, self.broker.port, self.options.keepalive, v5, properties
+            self.node.host, self.node.port, self.options.keepalive, v5, properties
         )
         try:
             self._driver.open(conn.client, params)
         except (OSError, ValueError) as exc:
-            logger.info("%s: cannot reach %s: %s", self.device_id, self.broker.url, exc)
+            logger.info("%s: cannot reach %s: %s", self.device_id, self.node.url, exc)
+            self._nodes.failed()
             self._closed(conn)
             self._conn = None
             self._schedule_reconnect(self._backoff.next_delay())
@@ -489,7 +499,12 @@ class KioskCore:
             return
         if conn is self._conn and not conn.closed and self.mode is Mode.RUNNING:
             self._backoff.reset()
+            self._nodes.succeeded()
             self.counters["connects"] += 1
+            if self.online_node != self.node.url:
+                if self.online_node is not None or len(self._nodes.nodes) > 1:
+                    logger.info("%s: online on broker node %s", self.device_id, self.node.url)
+                self.online_node = self.node.url
             self.connected.set()
             if self.on_online is not None:
                 self.on_online(self)
@@ -521,6 +536,8 @@ class KioskCore:
         else:
             if probing and not conn.v5:
                 self._protocol = MqttProtocol.V5
+            # The next node of the list (a node that died takes its connections along).
+            self._nodes.failed()
             delay = self._backoff.next_delay()
         logger.info("%s: disconnected (%s); reconnecting in %.1fs", self.device_id, reason, delay)
         self._schedule_reconnect(delay)

@@ -22,11 +22,13 @@ from bridge.db.engine import missing_tables
 from bridge.db.fleet_health import FleetHealth, read_fleet_health
 from bridge.db.models import PresenceHistory
 from bridge.db.tables import table_of
+from bridge.ops.broker_probe import describe, probe_nodes, wildcard_replay
 from bridge.ops.consistency import (
     INVALID_RETAINED,
     MISSING_ON_BROKER,
     ConsistencyReport,
     compare_snapshot,
+    load_known,
 )
 from bridge.ops.db import DB_INIT_HINT, check_reachable, first_line, open_read_engine
 from bridge.ops.durations import format_duration
@@ -39,6 +41,7 @@ from schemas import BridgePresence, ContractError, TopicKind, decode, device_fil
 from schemas.topics import (
     bridge_instance_topic,
     bridge_instances_filter,
+    device_topic,
     parse_bridge_instance_topic,
 )
 
@@ -339,11 +342,19 @@ async def run_doctor(
         try:
             async with connect(address, protocol=protocol, name="doctor") as client:
                 checks.append(Check("broker", Level.OK, f"connected to {address.url}"))
-                snapshot = await read_retained(
-                    client,
-                    [bridge_instances_filter(prefix), device_filter(TopicKind.PRESENCE, prefix)],
-                    prefix=prefix,
-                )
+                probes = await probe_nodes(address, prefix=prefix)
+                level, message, hint = describe(probes)
+                checks.append(Check("broker features", Level(level), message, hint=hint))
+                filters = [
+                    bridge_instances_filter(prefix),
+                    device_filter(TopicKind.PRESENCE, prefix),
+                ]
+                if not wildcard_replay(probes) and db_ok and engine is not None:
+                    # No retained replay to wildcards (RabbitMQ): read each known device's
+                    # exact topic, as the bridge does, instead of blaming persistence.
+                    known = await asyncio.to_thread(load_known, engine)
+                    filters += [device_topic(d, TopicKind.PRESENCE, prefix) for d in sorted(known)]
+                snapshot = await read_retained(client, filters, prefix=prefix)
                 retained, complete = list(snapshot.messages), snapshot.complete
         except Unreachable as exc:
             checks.append(Check("broker", Level.FAIL, str(exc), hint=exc.hint))

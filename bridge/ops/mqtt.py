@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 # CONNACK codes meaning "I do not speak that protocol version" (3.1.1 and v5 spellings).
 _UNSUPPORTED_PROTOCOL = frozenset({1, 132})
 CONNECT_TIMEOUT_S = 10.0
+#: The bounded wait for an answer to an MQTT 5 CONNECT under ``auto``.
+PROBE_TIMEOUT_S = 3.0
 SNAPSHOT_TIMEOUT_S = 10.0
 _HINT = "check --broker (or KB_BROKER): mqtt[s]://[user:pass@]host:port, and that the broker runs"
 
@@ -75,29 +77,72 @@ async def connect(
     inside the block pass through unchanged.
     """
     identifier = f"kb-{name}-{uuid.uuid4().hex[:12]}"
-    v5 = protocol in ("auto", "5")
     async with contextlib.AsyncExitStack() as stack:
-        while True:
-            try:
-                client = await stack.enter_async_context(
-                    _client(address, v5, identifier, connect_timeout_s)
-                )
-            except MqttConnectError as exc:
-                # paho hands MQTT 5 codes over as ReasonCode, which is unhashable.
-                code = getattr(exc.rc, "value", exc.rc)
-                if protocol == "auto" and v5 and code in _UNSUPPORTED_PROTOCOL:
-                    log.debug("broker %s refused MQTT 5; using 3.1.1", address.url)
-                    v5 = False
-                    continue
-                raise BrokerUnreachable(
-                    f"broker {address.url} refused the connection: {exc}", hint=_HINT
-                ) from None
-            except (aiomqtt.MqttError, OSError) as exc:
-                raise BrokerUnreachable(
-                    f"cannot connect to broker {address.url}: {exc}", hint=_HINT
-                ) from None
-            break
+        client = await _first_node(stack, address, protocol, identifier, connect_timeout_s)
         yield client
+
+
+async def _first_node(
+    stack: contextlib.AsyncExitStack,
+    address: BrokerAddress,
+    protocol: MqttProtocol,
+    identifier: str,
+    connect_timeout_s: float,
+) -> aiomqtt.Client:
+    """The first node of the broker list that takes the connection, in order; raises
+    the last node's :class:`BrokerUnreachable` when none does."""
+    failure: BrokerUnreachable | None = None
+    for node in address.nodes:
+        try:
+            client = await _connect_node(stack, node, protocol, identifier, connect_timeout_s)
+        except BrokerUnreachable as exc:
+            log.info("%s", exc)
+            failure = exc
+            continue
+        if len(address.nodes) > 1:
+            log.info("connected to broker node %s", node.url)
+        return client
+    assert failure is not None
+    if len(address.nodes) > 1:
+        raise BrokerUnreachable(
+            f"no node of {address.urls} took the connection; last: {failure}", hint=_HINT
+        )
+    raise failure
+
+
+async def _connect_node(
+    stack: contextlib.AsyncExitStack,
+    address: BrokerAddress,
+    protocol: MqttProtocol,
+    identifier: str,
+    connect_timeout_s: float,
+) -> aiomqtt.Client:
+    v5 = protocol in ("auto", "5")
+    while True:
+        # A broker that cannot parse MQTT 5 may never answer it (RabbitMQ 3.10): "auto"
+        # waits a bounded time for it, then speaks 3.1.1.
+        probing = protocol == "auto" and v5
+        timeout = min(connect_timeout_s, PROBE_TIMEOUT_S) if probing else connect_timeout_s
+        try:
+            return await stack.enter_async_context(_client(address, v5, identifier, timeout))
+        except MqttConnectError as exc:
+            # paho hands MQTT 5 codes over as ReasonCode, which is unhashable.
+            code = getattr(exc.rc, "value", exc.rc)
+            if probing and code in _UNSUPPORTED_PROTOCOL:
+                log.debug("broker %s refused MQTT 5; using 3.1.1", address.url)
+                v5 = False
+                continue
+            raise BrokerUnreachable(
+                f"broker {address.url} refused the connection: {exc}", hint=_HINT
+            ) from None
+        except (aiomqtt.MqttError, OSError) as exc:
+            if probing and "operation timed out" in str(exc).lower():
+                log.debug("broker %s did not answer MQTT 5; using 3.1.1", address.url)
+                v5 = False
+                continue
+            raise BrokerUnreachable(
+                f"cannot connect to broker {address.url}: {exc}", hint=_HINT
+            ) from None
 
 
 async def read_retained(

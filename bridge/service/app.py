@@ -37,6 +37,7 @@ from typing import Any, Self
 from bridge.clock import now_ms
 from bridge.db.bridges_store import BridgesStore
 from bridge.db.command_store import CommandStore
+from bridge.db.device_intervals import configured_intervals
 from bridge.db.engine import create_schema, make_engine
 from bridge.db.fence import Fence
 from bridge.db.fleet_health import create_fleet_health_view
@@ -54,6 +55,7 @@ from bridge.service.leadership import Leadership
 from bridge.service.metrics import BridgeMetrics
 from bridge.service.mqtt_link import BridgeIdentity, LinkRole, LivePresence, MqttLink
 from bridge.service.ports import ReconcileExemptions, StatesLiveness, TransitionFeed
+from bridge.service.silence import SilenceWatch, policy_of
 from bridge.service.writer import DbWriter
 from bridge.settings import Settings
 from bridge.tasks import cancel_and_wait
@@ -140,6 +142,22 @@ class Bridge:
             inflight=settings.command_inflight,
         )
         self.transitions = TransitionFeed([self.commands.on_presence])
+        # Lost Wills: online devices heard of for too long are lost (silent).
+        policy = policy_of(
+            settings.silent_after_s, settings.kiosk_status_interval_s, settings.kiosk_keepalive_s
+        )
+        self.silence = (
+            None
+            if policy is None
+            else SilenceWatch(
+                policy,
+                put_presence=lambda item: self.ingest.put_presence(item),
+                subscription=lambda: self.link.client if self.link.connected.is_set() else None,
+                writing=lambda: self.leadership.writing.is_set(),
+                metrics=self.metrics,
+                intervals=lambda: asyncio.to_thread(configured_intervals, self.read_engine),
+            )
+        )
         self.exemptions = ReconcileExemptions()
         self.ingest = Ingest(
             prefix=settings.prefix,
@@ -149,6 +167,8 @@ class Bridge:
             on_ack=self.commands.on_ack,
             on_command=self.commands.on_command_seen,
             on_overflow=self._presence_overflowed,
+            on_heard=self._heard,
+            on_presence_event=self.silence.on_presence if self.silence is not None else None,
         )
         self.presence_store = PresenceStore(
             self.engine,
@@ -184,6 +204,7 @@ class Bridge:
         self.link = MqttLink(
             *link_args,
             role=LinkRole.PRESENCE,
+            known_devices=self._known_devices,
             protocol=protocol,
             identity=self.identity,
             live=live,
@@ -262,6 +283,24 @@ class Bridge:
                 self.engine.dispose()
                 self.read_engine.dispose()
                 self._bridges_engine.dispose()
+
+    def _heard(self, device_id: str, received_ms: int) -> None:
+        """A device sent something (receive path): its silence clock restarts, and a
+        device-by-device reconcile learns of a device the database did not know."""
+        if self.silence is not None:
+            self.silence.on_heard(device_id, received_ms)
+        self.link.note_device(device_id)
+
+    async def _known_devices(self) -> list[str]:
+        """Every device the database knows (a reconcile device by device reads each)."""
+        store = PresenceStore(
+            self.read_engine,
+            writer=self.settings.instance,
+            rules=self.settings.rules,
+            grace_ms=self.settings.grace_ms,
+            clock=now_ms,
+        )
+        return sorted(await asyncio.to_thread(store.snapshot_sessions))
 
     def liveness(self) -> StatesLiveness:
         """Whether the states this bridge serves are live (as of the last heartbeat)."""
@@ -388,6 +427,11 @@ class Bridge:
             await self._enter(
                 stack, "command link", owned_task("kb-mqtt-command-link", self.command_link.run)
             )
+            if self.silence is not None:
+                await self._enter(
+                    stack, "silence watch", owned_task("kb-silence", self.silence.run)
+                )
+            await self._enter(stack, "discovery", owned_task("kb-discover", self.link.discover))
             if settings.metrics_port is not None:
                 server = await self._enter(
                     stack,

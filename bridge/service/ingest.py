@@ -38,6 +38,8 @@ from schemas.topics import bridge_presence_topic
 log = logging.getLogger(__name__)
 
 _SHOWN_BYTES = 120
+#: Topic kinds a device publishes (``cmd`` and ``config`` are the bridge's).
+_FROM_DEVICE = frozenset({TopicKind.PRESENCE, TopicKind.STATUS, TopicKind.ACK})
 
 
 class PresenceBatch(list[PresenceItem]):
@@ -78,6 +80,11 @@ class Ingest:
     #: Receivers for command traffic: ``(device, ack, received_ms)``.
     on_ack: Callable[[str, Ack, int], None] | None = None
     on_command: Callable[[str, Command, int], None] | None = None
+    #: Silence detection (:mod:`bridge.service.silence`): every message a device sent
+    #: (presence, status, ack) as ``(device, received_ms)``, and every presence event
+    #: as it is queued.
+    on_heard: Callable[[str, int], None] | None = None
+    on_presence_event: Callable[[PresenceEvent], None] | None = None
 
     def __post_init__(self) -> None:
         # Built once: these are consulted for every message on the receive path.
@@ -108,6 +115,8 @@ class Ingest:
             self._reject(exc.reason, topic, payload, str(exc))
             return
         self.metrics.messages.labels(parsed.kind.value).inc()
+        if self.on_heard is not None and parsed.kind in _FROM_DEVICE:
+            self.on_heard(parsed.device_id, received_ms)
         handler = self._handlers.get(parsed.kind)
         if handler is None:
             return
@@ -181,6 +190,8 @@ class Ingest:
         (dropped, counted, logged, and a re-read of the retained state requested).
         ``replay``: it comes from the retained state, and waits behind live events."""
         event = item.event
+        if self.on_presence_event is not None:
+            self.on_presence_event(event)
         if self.seen is not None:
             # A reconciliation in progress must not mark this device unknown.
             self.seen.add(event.device_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 _LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -71,6 +71,21 @@ class BridgeMetrics:
         )
         self.connects = Counter("kb_broker_connects", "Successful broker connections", registry=r)
         self.connected = Gauge("kb_broker_connected", "1 while connected to the broker", registry=r)
+        self.broker_node = Info(
+            "kb_broker_node", "The broker node each link uses (or tries) now", ["link"], registry=r
+        )
+        self.broker_feature = Gauge(
+            "kb_broker_feature",
+            "1 when the broker's probe found the feature works (wildcard_retained, "
+            "shared_subscriptions)",
+            ["feature"],
+            registry=r,
+        )
+        self.silent = Counter(
+            "kb_presence_silent",
+            "Online devices declared lost (silent): nothing heard for their silence bound",
+            registry=r,
+        )
         self.leader = Gauge(
             "kb_writer", "1 while this instance writes the database (holds the lease)", registry=r
         )

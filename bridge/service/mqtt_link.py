@@ -16,7 +16,7 @@ import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Self
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -26,10 +26,18 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bridge.addresses import host_port
 from bridge.backoff import Backoff
+from bridge.broker_url import BrokerAddress, NodeCursor
 from bridge.clock import now_ms
 from bridge.service.buffered_socket import buffer_reads
 from bridge.service.ingest import Ingest
 from bridge.service.metrics import BridgeMetrics
+from bridge.service.probe import (
+    BrokerFeatures,
+    Mode,
+    ProbeInconclusive,
+    choose_mode,
+    probe_features,
+)
 from bridge.service.writer import DbWriter
 from bridge.settings import Settings
 from bridge.tasks import cancel_and_wait
@@ -40,6 +48,7 @@ from schemas.topics import (
     bridge_instances_filter,
     bridge_sync_topic,
     device_filter,
+    device_topic,
     parse_bridge_instance_topic,
     shared,
 )
@@ -54,6 +63,27 @@ _UNSUPPORTED_PROTOCOL = {1, 132}
 #: doubles the rate the bridge absorbs. Bounded so other tasks (the writer, command
 #: dispatch) still run every couple of milliseconds under a flood.
 RECEIVE_BATCH = 256
+
+#: How aiomqtt words a CONNECT that got no CONNACK in time.
+_TIMED_OUT = "operation timed out"
+
+
+class _BoundedConnect(aiomqtt.Client):
+    """An aiomqtt client whose CONNECT waits ``connect_timeout`` (when set) instead of
+    its ``timeout``: an MQTT 5 CONNECT that a 3.1.1-only broker never answers
+    (RabbitMQ 3.10) is given up after the bounded probe wait, while the connection's
+    later operations keep the normal timeout."""
+
+    connect_timeout: float | None = None
+
+    async def __aenter__(self) -> Self:
+        normal = self.timeout
+        if self.connect_timeout is not None:
+            self.timeout = self.connect_timeout
+        try:
+            return await super().__aenter__()
+        finally:
+            self.timeout = normal
 
 
 class Route(Protocol):
@@ -134,6 +164,7 @@ class MqttLink:
         version: str,
         *,
         role: LinkRole,
+        known_devices: Callable[[], Awaitable[Sequence[str]]] | None = None,
         protocol: str | None = None,
         routes: Sequence[Route] = (),
         identity: BridgeIdentity | None = None,
@@ -166,6 +197,28 @@ class MqttLink:
         )
         self._client: aiomqtt.Client | None = None
         self._backoff = Backoff(base=settings.reconnect_base_s, cap=settings.reconnect_cap_s)
+        address = settings.broker_address
+        #: The broker list, walked in order at every failure (None: the embedded broker).
+        self._nodes = NodeCursor(address) if address is not None else None
+        #: The node of the current (or next) connection attempt.
+        self.node: BrokerAddress | None = address.nodes[0] if address is not None else None
+        #: Nodes that refused MQTT 5 or never answered its CONNECT: 3.1.1 from then on.
+        self._v311_nodes: set[str] = set()
+        #: Nodes where an MQTT 5 CONNECT was answered: no bounded wait needed there.
+        self._v5_nodes: set[str] = set()
+        #: What the node of the current connection does (presence link; None before the
+        #: first probe and on the embedded broker, whose abilities are known).
+        self.features: BrokerFeatures | None = None
+        self.mode = Mode(per_device_reconcile=settings.reconcile == "per_device")
+        #: The database's known devices, for a reconcile device by device.
+        self._known_devices = known_devices
+        #: Exact topics subscribed for a device-by-device replay, dropped after it.
+        self._replay_topics: list[str] = []
+        #: Per-device mode: devices whose presence the replay covers, and those heard of
+        #: that it did not (the database did not know them): read by :meth:`discover`.
+        self._covered: set[str] = set()
+        self._to_discover: list[str] = []
+        self._discover_wanted = asyncio.Event()
         #: Set once the retained snapshot of a connection has been reconciled.
         self.synced = asyncio.Event()
         self.connected = asyncio.Event()
@@ -235,7 +288,7 @@ class MqttLink:
         return batch
 
     def _make_client(self, v5: bool) -> aiomqtt.Client:
-        address = self._settings.broker_address
+        address = self.node
         if address is None:
             host, port = self._settings.listen_address
             username = password = None
@@ -278,12 +331,16 @@ class MqttLink:
             # paho's Properties.__init__ carries no annotations.
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self._settings.session_expiry_s if persistent else 0
-            client = aiomqtt.Client(
+            client: aiomqtt.Client = _BoundedConnect(
                 protocol=aiomqtt.ProtocolVersion.V5,
                 clean_start=not persistent,
                 properties=props,
                 **common,  # type: ignore[arg-type]
             )
+            if self._protocol == "auto" and self._shown() not in self._v5_nodes:
+                # Probing: a broker that cannot parse MQTT 5 may never answer.
+                assert isinstance(client, _BoundedConnect)
+                client.connect_timeout = self._settings.probe_timeout_s
         else:
             client = aiomqtt.Client(
                 protocol=aiomqtt.ProtocolVersion.V311,
@@ -293,36 +350,175 @@ class MqttLink:
         # Acks and commands are small and latency-bound: do not let Nagle hold them.
         return buffer_reads(client, [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
 
+    def _shown(self) -> str:
+        """The node of the current attempt, safe to log."""
+        if self.node is not None:
+            return self.node.url
+        return f"mqtt://{host_port(*self._settings.listen_address)}"
+
     async def run(self) -> None:
-        """Connect and consume forever; returns only by cancellation."""
-        address = self._settings.broker_address
-        shown = address.url if address else f"mqtt://{host_port(*self._settings.listen_address)}"
+        """Connect and consume forever, walking the broker list in order at every
+        failure; returns only by cancellation. Raises :class:`BrokerUnsuitable` when the
+        node lacks a feature the configured mode needs (the bridge stops, saying so)."""
         attempt = 0
         while True:
             attempt += 1
-            v5 = self._protocol in ("auto", "5")
+            shown = self._shown()
+            v5 = self._protocol in ("auto", "5") and shown not in self._v311_nodes
+            self._client = None
             try:
+                await self._probe()
+                self._metrics.broker_node.labels(self.role.value).info({"node": shown})
                 await self._session(v5)
+            except ProbeInconclusive as exc:
+                self._lost(shown, attempt, exc)
             except aiomqtt.MqttError as exc:
                 # aiomqtt's ``__aexit__`` raises the connection's error in place of a
                 # CancelledError that arrives after the connection broke: shutdown must
                 # still stop this loop, not reconnect.
                 _raise_if_cancelled()
-                if (
-                    isinstance(exc, MqttConnectError)
-                    and self._protocol == "auto"
-                    and getattr(exc.rc, "value", exc.rc) in _UNSUPPORTED_PROTOCOL
-                ):
-                    log.info("broker %s refused MQTT 5; using MQTT 3.1.1", shown)
-                    self._protocol = "3.1.1"
+                if self._falls_back(v5, exc):
                     continue
                 self._lost(shown, attempt, exc)
+            if self._nodes is not None:
+                self._nodes.failed()
+                self.node = self._nodes.current
             delay = self._backoff.next_delay()
-            log.warning("reconnecting to %s in %.2fs (attempt %d)", shown, delay, attempt)
+            log.warning(
+                "reconnecting (%s link) to %s in %.2fs (attempt %d)",
+                self.role.value,
+                self._shown(),
+                delay,
+                attempt,
+            )
             await asyncio.sleep(delay)
+
+    def _falls_back(self, v5: bool, exc: aiomqtt.MqttError) -> bool:
+        """An MQTT 5 CONNECT refused for its version, or never answered (RabbitMQ 3.10
+        cannot parse it): this node speaks 3.1.1 from now on, tried again at once. Both
+        links do the same; commands work on 3.1.1 without MQTT 5's extras."""
+        shown = self._shown()
+        if not v5 or self._protocol != "auto" or self._client is not None:
+            return False
+        refused = (
+            isinstance(exc, MqttConnectError)
+            and getattr(exc.rc, "value", exc.rc) in _UNSUPPORTED_PROTOCOL
+        )
+        unanswered = _TIMED_OUT in str(exc).lower() and shown not in self._v5_nodes
+        if not (refused or unanswered):
+            return False
+        log.warning(
+            "broker %s %s MQTT 5 (%s link); using MQTT 3.1.1 on it",
+            shown,
+            "refused"
+            if refused
+            else f"did not answer within {self._settings.probe_timeout_s:g}s of",
+            self.role.value,
+        )
+        self._v311_nodes.add(shown)
+        return True
+
+    async def _probe(self) -> None:
+        """Presence link, external broker: ask the node what it does (retained replay to
+        wildcards, shared subscriptions) and choose the mode, or stop the bridge."""
+        node = self.node
+        if self.role is not LinkRole.PRESENCE or node is None:
+            return
+        settings = self._settings
+        features = await probe_features(
+            node,
+            topic=f"{self.presence_topic.rsplit('/', 1)[0]}/probe",
+            identifier=f"{self.client_id}-probe",
+            timeout_s=settings.probe_timeout_s,
+            tls_ca=settings.security.tls_ca,
+        )
+        for name, answer in (
+            ("wildcard_retained", features.wildcard_retained),
+            ("shared_subscriptions", features.shared_subscriptions),
+        ):
+            self._metrics.broker_feature.labels(name).set(1 if answer.value == "yes" else 0)
+        mode = choose_mode(
+            features, reconcile=settings.reconcile, shared_group=settings.shared_group
+        )
+        if features != self.features or mode != self.mode:
+            log.info(
+                "broker %s: retained to wildcards %s, shared subscriptions %s (probe %d ms)%s",
+                features.node,
+                features.wildcard_retained.value,
+                features.shared_subscriptions.value,
+                features.took_ms,
+                "; reading the retained presence device by device"
+                if mode.per_device_reconcile
+                else "",
+            )
+        self.features, self.mode = features, mode
+
+    async def _replay_each_device(self, client: aiomqtt.Client) -> None:
+        """Per-device reconcile: subscribe to the exact presence and status topics of
+        every device the database knows, in bounded SUBSCRIBE batches, so a broker that
+        replays retained messages only to exact filters (RabbitMQ) still replays them all
+        before the snapshot's marker. Dropped again by :meth:`_end_device_replay`."""
+        if not self.mode.per_device_reconcile or self._known_devices is None:
+            return
+        await self._end_device_replay(client)
+        devices = list(await self._known_devices())
+        self._covered.update(devices)
+        prefix = self._settings.prefix
+        batch = self._settings.reconcile_batch
+        for start in range(0, len(devices), batch):
+            part = devices[start : start + batch]
+            topics = [(device_topic(d, TopicKind.PRESENCE, prefix), 1) for d in part] + [
+                (device_topic(d, TopicKind.STATUS, prefix), 0) for d in part
+            ]
+            await client.subscribe(topics)
+            self._replay_topics += [topic for topic, _ in topics]
+            _raise_if_cancelled()
+        log.info("reading the retained presence of %d known devices one by one", len(devices))
+
+    def note_device(self, device_id: str) -> None:
+        """A device was heard of (receive path, no I/O). In per-device mode, one the
+        database did not know has its retained presence read by :meth:`discover`: a
+        broker without wildcard replay would otherwise hide its birth until the next."""
+        if self.mode.per_device_reconcile and device_id not in self._covered:
+            self._covered.add(device_id)
+            self._to_discover.append(device_id)
+            self._discover_wanted.set()
+
+    async def discover(self) -> None:
+        """Forever: subscribe to the exact presence topic of each device :meth:`note_device`
+        found (kept: the retained birth comes now, and later ones live)."""
+        prefix = self._settings.prefix
+        while True:
+            await self._discover_wanted.wait()
+            self._discover_wanted.clear()
+            client = self._client
+            if client is None or not self.connected.is_set():
+                # Not now: the next connection's replay reads them from the database.
+                self._covered.difference_update(self._to_discover)
+                self._to_discover = []
+                continue
+            batch = self._to_discover[: self._settings.reconcile_batch]
+            self._to_discover = self._to_discover[len(batch) :]
+            if self._to_discover:
+                self._discover_wanted.set()
+            try:
+                await client.subscribe(
+                    [(device_topic(d, TopicKind.PRESENCE, prefix), 1) for d in batch]
+                )
+            except aiomqtt.MqttError as exc:
+                self._covered.difference_update(batch)
+                log.info("could not read the presence of new devices: %s", exc)
+
+    async def _end_device_replay(self, client: aiomqtt.Client) -> None:
+        topics, self._replay_topics = self._replay_topics, []
+        batch = self._settings.reconcile_batch * 2
+        for start in range(0, len(topics), batch):
+            await client.unsubscribe(topics[start : start + batch])
+            _raise_if_cancelled()
 
     def _lost(self, shown: str, attempt: int, exc: Exception) -> None:
         self.connected.clear()
+        self._replay_topics = []
         if self.role is LinkRole.PRESENCE:
             self._metrics.connected.set(0)
         self._client = None
@@ -353,6 +549,7 @@ class MqttLink:
             await client.unsubscribe(presence_filter)
             await client.subscribe(presence_filter, qos=1)
             self._presence_subs.add(presence_filter)
+            await self._replay_each_device(client)
             await client.publish(sync_topic, marker[0].encode(), qos=1)
             _raise_if_cancelled()
 
@@ -386,11 +583,16 @@ class MqttLink:
         self._client = client
         self.v5 = v5
         self._backoff.reset()
+        if v5:
+            self._v5_nodes.add(self._shown())
+        if self._nodes is not None:
+            self._nodes.succeeded()
         if presence:
             self._metrics.connects.inc()
             self._metrics.connected.set(1)
         log.info(
-            "connected to broker as %s (MQTT %s, %s link)",
+            "connected to broker %s as %s (MQTT %s, %s link)",
+            self._shown(),
             self.client_id,
             "5" if v5 else "3.1.1",
             self.role.value,
@@ -457,6 +659,7 @@ class MqttLink:
         the writer may reconcile once it has written them."""
         reconcile = self._writer.request_reconcile(self._ingest.end_snapshot())
         reconcile.add_done_callback(self._reconciled)
+        await self._end_device_replay(client)
         self._snapshot_open = False
         await self._hand_over(client)
 
@@ -534,6 +737,7 @@ class MqttLink:
             # Every member watches the others' presence: a dead one's unwritten share
             # must be re-read.
             await client.subscribe(bridge_instances_filter(prefix), qos=1)
+        await self._replay_each_device(client)
         await client.subscribe(sync_topic, qos=1)
         await client.publish(sync_topic, marker.encode(), qos=1)
 

@@ -10,6 +10,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 
+import aiomqtt
 from sqlalchemy import inspect
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -20,7 +21,9 @@ from bridge.embedded_broker import EmbeddedBroker
 from bridge.security.bootstrap import BootstrapSecrets
 from bridge.security.embedded import BrokerSecurity, broker_url, load_or_create_credentials
 from bridge.service.app import Bridge
+from bridge.service.probe import Answer, ProbeInconclusive, probe_features
 from bridge.settings import Settings
+from schemas.topics import bridge_instance_topic
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,40 @@ def resolve_instance(settings: Settings) -> Settings:
     return settings.model_copy(update={"instance": f"kb-{host}"[:57] + f"-{suffix}"})
 
 
+async def without_unsupported_group(settings: Settings) -> Settings:
+    """``--shared-group`` on a broker that delivers nothing to ``$share`` filters (NATS,
+    RabbitMQ) would leave every member idle: probe the first node that answers and, if
+    so, run without the group (instances of one database then split the work as leader
+    and standbys over the database lease), saying so. A later connect to a node that
+    lacks it stops the bridge (:class:`bridge.service.probe.BrokerUnsuitable`)."""
+    address = settings.broker_address
+    if not settings.shared_group or address is None:
+        return settings
+    for node in address.nodes:
+        try:
+            features = await probe_features(
+                node,
+                topic=f"{bridge_instance_topic(settings.instance, settings.prefix)}-probe",
+                identifier=f"{settings.client_id}-probe",
+                timeout_s=settings.probe_timeout_s,
+                tls_ca=settings.security.tls_ca,
+            )
+        except (aiomqtt.MqttError, ProbeInconclusive, OSError) as exc:
+            log.info("start-up probe of %s failed: %s", node.url, exc)
+            continue
+        if features.shared_subscriptions is Answer.YES:
+            return settings
+        log.warning(
+            "broker %s does not deliver shared subscriptions ($share/%s/...): running "
+            "without --shared-group; bridges of this database split the work as one "
+            "leader and hot standbys over the database lease",
+            node.url,
+            settings.shared_group,
+        )
+        return settings.model_copy(update={"shared_group": None})
+    return settings
+
+
 async def run_bridge(
     settings: Settings,
     stop: asyncio.Event | None = None,
@@ -116,6 +153,7 @@ async def run_bridge(
             loop.add_signal_handler(sig, stop.set)
     try:
         settings = await asyncio.to_thread(resolve_instance, settings)
+        settings = await without_unsupported_group(settings)
         async with maybe_embedded_broker(settings) as (broker, settings):
             protocol = "3.1.1" if broker is not None else None
             async with Bridge(settings, protocol=protocol, http=http) as bridge:
