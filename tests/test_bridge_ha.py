@@ -292,9 +292,10 @@ async def test_a_leader_cut_off_from_the_database_is_replaced_and_fenced(
             proxy.blackhole()
             proxy.kill_connections()
             await eventually(lambda: b.leadership.role, lambda r: r == "leader", within=30)
-            await eventually(lambda: a.leadership.role, lambda r: r == "standby", within=30)
             proxy.restore()
-            # Back on the database, a keeps standing by; b stays the writer.
+            # Back on the database, a learns it lost the lease and stands by; b stays
+            # the writer.
+            await eventually(lambda: a.leadership.role, lambda r: r == "standby", within=40)
             await eventually(
                 lambda: asyncio.to_thread(_roles, engine),
                 lambda r: r.get(a.settings.instance) == "standby",

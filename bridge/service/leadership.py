@@ -181,16 +181,26 @@ class Leadership:
                 )
 
     async def _run(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(self._every_s)
             try:
                 await self._beat()
             except SQLAlchemyError as failure:
-                log.error("heartbeat failed: %s", str(failure).splitlines()[0][:200])
-                if self.writing.is_set() and not self._shared:
-                    # Without a renewal the lease runs out and a standby takes over:
-                    # stop writing before that (the fence refuses it anyway).
-                    await self._step_down(clean=False)
+                # A leader that cannot reach the database keeps its writing parts: they
+                # hold what arrives and retry, as through any database outage. If a
+                # standby took the lease meanwhile, the fence refuses every write of
+                # this one, and its first beat that reaches the database steps it down.
+                if not failing:
+                    log.error(
+                        "heartbeat failed (repeats are not logged until it works again): %s",
+                        str(failure).splitlines()[0][:200],
+                    )
+                failing = True
+                continue
+            if failing:
+                log.warning("heartbeat written again")
+                failing = False
 
     async def _beat(self) -> None:
         await self._observe_peers()
