@@ -153,6 +153,22 @@ async def test_a_duplicate_instance_id_is_refused_and_the_running_one_is_left_al
         assert first.link.connected.is_set() and first.leadership.role == "leader"
 
 
+async def test_a_duplicate_instance_id_on_another_database_is_refused_by_the_broker_check(
+    mosquitto: MosquittoProcess, sqlite_url: str, tmp_path: Path
+) -> None:
+    """Another database, the same broker: the heartbeats cannot see the twin, the
+    retained presence on the broker does."""
+    other_db = f"sqlite:///{tmp_path / 'other.db'}"
+    async with running_bridge(mosquitto.url, sqlite_url, heartbeat_s=0.2) as first:
+        connects = first.metrics.connects._value.get()
+        twin = Bridge(bridge_settings(mosquitto.url, other_db, instance=first.settings.instance))
+        with pytest.raises(InstanceInUse, match="online on this broker for database"):
+            await twin.__aenter__()
+        await asyncio.sleep(0.5)
+        assert first.metrics.connects._value.get() == connects
+        assert first.link.connected.is_set()
+
+
 async def test_liveness_is_recorded_and_a_clean_stop_says_the_states_are_no_longer_live(
     mosquitto: MosquittoProcess, db_url: str
 ) -> None:

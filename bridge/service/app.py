@@ -51,6 +51,7 @@ from bridge.security.metrics import SecurityMetrics
 from bridge.security.runtime import SecurityRuntime
 from bridge.service.housekeeping import retention_loop
 from bridge.service.ingest import Ingest
+from bridge.service.instance_check import refuse_if_online_elsewhere
 from bridge.service.leadership import Leadership
 from bridge.service.metrics import BridgeMetrics
 from bridge.service.mqtt_link import BridgeIdentity, LinkRole, LivePresence, MqttLink
@@ -304,7 +305,7 @@ class Bridge:
 
     def liveness(self) -> StatesLiveness:
         """Whether the states this bridge serves are live (as of the last heartbeat)."""
-        return StatesLiveness(self.leadership.health, self.link.connected.is_set())
+        return StatesLiveness(self.leadership.health, self.link.connected.is_set(), now_ms())
 
     def _standing_by(self) -> None:
         """Each beat of a standby: keep only what arrived within the window (the leader
@@ -418,6 +419,15 @@ class Bridge:
         stack = contextlib.AsyncExitStack()
         try:
             await self._enter(stack, "database", self._database())
+            address = settings.broker_address
+            if address is not None:
+                await refuse_if_online_elsewhere(
+                    address,
+                    settings.instance,
+                    self.identity.database,
+                    settings.prefix,
+                    settings.presence_protocol,
+                )
             await self._enter(stack, "leadership", self._leadership_part())
             await self._enter(
                 stack,
