@@ -30,6 +30,8 @@ class DeviceTopic:
     kind: TopicKind
 
 
+# Called for every message received (parse_topic): a deployment has one or two prefixes.
+@lru_cache(maxsize=64)
 def _check_prefix(prefix: str) -> str:
     if not prefix or prefix.startswith("/") or prefix.endswith("/"):
         raise ValueError(f"topic prefix {prefix!r} must be non-empty, without leading/trailing '/'")

@@ -19,7 +19,13 @@ from bridge.db.models import Connectivity
 from bridge.testing.mosquitto import MosquittoProcess
 from schemas import PresenceOnline, Status, TopicKind, device_topic, encode
 from tests.conftest import MosquittoFactory
-from tests.support.bridge_harness import DEADLINE_S, Db, bridge_settings, eventually
+from tests.support.bridge_harness import (
+    DEADLINE_S,
+    Db,
+    bridge_settings,
+    eventually,
+    running_bridge,
+)
 from tests.support.devices import FakeKiosk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -70,10 +76,16 @@ async def test_will_during_a_large_snapshot_is_applied_before_it_ends(
 
     # No per-client queue limit: the bridge must get the whole retained set.
     broker = mosquitto_factory(extra_conf="max_queued_messages 0\nmax_inflight_messages 0\n")
-    victim = FakeKiosk(broker.url, "victim-1", 7)
-    kiosks.append(victim)
-    await victim.come_online()
+    known = FakeKiosk(broker.url, "victim-1", 7)
+    kiosks.append(known)
+    await known.come_online()
+    async with running_bridge(broker.url, db_url):
+        await eventually(lambda: db.status_of("victim-1"), lambda s: s == "Connected")
+    # While no bridge runs: the fleet appears, and a kiosk the database has never seen.
     await asyncio.to_thread(_publish_fleet, broker)
+    new = FakeKiosk(broker.url, "victim-2", 3)
+    kiosks.append(new)
+    await new.come_online()
 
     settings = bridge_settings(broker.url, db_url)
     async with Bridge(settings) as bridge:
@@ -85,11 +97,12 @@ async def test_will_during_a_large_snapshot_is_applied_before_it_ends(
         )
         if bridge.link.synced.is_set():
             pytest.skip("the snapshot was read before the test could act (machine too fast)")
-        await victim.crash()
+        await known.crash()
+        await new.crash()
         conn = await eventually(
             lambda: db.connectivity("victim-1"),
             lambda c: c is not None and c.state == "lost",
-            what="the victim's Will written",
+            what="the Will of a known device written",
         )
         # Written while the snapshot is still being read: the retained replay of the
         # fleet is neither reconciled nor fully in the database.
@@ -99,9 +112,11 @@ async def test_will_during_a_large_snapshot_is_applied_before_it_ends(
 
         await asyncio.wait_for(bridge.wait_synced(), DEADLINE_S)
         await asyncio.wait_for(bridge.wait_idle(), DEADLINE_S)
-        # The snapshot carried the victim's birth (older than its Will, same session):
-        # the session fence keeps the Will.
-        assert (await db.connectivity("victim-1")).state == "lost"
-        assert await db.status_of("victim-1") == "Disconnected"
+        # The snapshot carried both victims' births, older than their Wills (same
+        # session): the session fence keeps the Will of the known device, and the Will
+        # of the device the snapshot was still to create is applied after its birth.
+        for device in ("victim-1", "victim-2"):
+            assert (await db.connectivity(device)).state == "lost", device
+            assert await db.status_of(device) == "Disconnected", device
         assert await asyncio.to_thread(_online, db) == FLEET
         assert (await db.remote("fleet-000042")).battery_level == 42

@@ -9,6 +9,7 @@ reason, truncated, and counted.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -319,9 +320,10 @@ class Ingest:
         if gap <= 0 and len(self.status) <= limit:
             batch, self.status = list(self.status.values()), {}
         else:
-            keys = [key for key in self.status if gap <= 0 or now_ms - taken.get(key, -gap) >= gap][
-                :limit
-            ]
+            # Stops at ``limit``: after a replay 100,000 devices are pending, and the
+            # writer takes them 2,000 at a time.
+            due = (key for key in self.status if gap <= 0 or now_ms - taken.get(key, -gap) >= gap)
+            keys = list(itertools.islice(due, limit))
             batch = [self.status.pop(key) for key in keys]
         if gap > 0:
             for item in batch:

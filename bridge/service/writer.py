@@ -14,6 +14,7 @@ import contextlib
 import heapq
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -22,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from bridge.backoff import Backoff
 from bridge.clock import now_ms
-from bridge.db.presence_store import PresenceStore
+from bridge.db.presence_store import UNKNOWN_DEVICE, PresenceItem, PresenceResult, PresenceStore
 from bridge.db.status_store import WAITING_REASONS, StatusItem, StatusResult, StatusStore
 from bridge.service.ingest import Ingest
 from bridge.service.metrics import BridgeMetrics
@@ -61,6 +62,9 @@ class DbWriter:
         self._reconcile: asyncio.Future[list[str]] | None = None
         self._reconcile_seen: set[str] = set()
         self._last_status_flush = 0.0
+        #: Live events for devices the database does not know yet, received while a
+        #: snapshot is read: applied again once it is (:meth:`request_reconcile`).
+        self._after_snapshot: list[PresenceItem] = []
         #: Seconds per replayed presence row, measured (a guess until the first batch).
         self._replay_row_s = 1e-4
         self._backoff = Backoff(base=0.2, cap=settings.db_retry_cap_s)
@@ -86,6 +90,10 @@ class DbWriter:
             self._reconcile.cancel()
         self._reconcile = asyncio.get_running_loop().create_future()
         self._reconcile_seen = set(seen) | self._exemptions.devices()
+        # Every retained message is queued by now: the deaths of devices the snapshot
+        # was still to create go after it (see :meth:`_write_presence`).
+        self._ingest.replay.extend(self._after_snapshot)
+        self._after_snapshot.clear()
         self._ingest.wake.set()
         return self._reconcile
 
@@ -190,22 +198,29 @@ class DbWriter:
             # Presence that arrived after the snapshot's marker is newer than the snapshot:
             # a device written here is live, and reconciling must not mark it unknown.
             self._reconcile_seen.update(item.event.device_id for item in batch)
+        if not batch.replay:
+            self._after_replay(batch, results)
+        # Per batch, not per event: a replay writes 100,000 results.
+        verdicts = Counter(result.verdict for result in results)
+        for verdict, count in verdicts.items():
+            self._metrics.presence.labels(verdict).inc(count)
+        verbose = log.isEnabledFor(logging.INFO)
         for result in results:
-            self._metrics.presence.labels(result.verdict).inc()
             if result.verdict in ("applied", "reset"):
                 self._metrics.detection_lag.observe(
                     max(0, result.committed_ms - result.received_ms) / 1000
                 )
-                log.info(
-                    "presence device=%s %s->%s session=%d legacy=%s verdict=%s",
-                    result.device_id,
-                    result.before.state.value,
-                    result.after.state.value,
-                    result.after.session,
-                    result.legacy,
-                    result.verdict,
-                )
-            elif result.verdict in ("stale", "deleted", "unknown_device"):
+                if verbose:
+                    log.info(
+                        "presence device=%s %s->%s session=%d legacy=%s verdict=%s",
+                        result.device_id,
+                        result.before.state.value,
+                        result.after.state.value,
+                        result.after.session,
+                        result.legacy,
+                        result.verdict,
+                    )
+            elif verbose and result.verdict in ("stale", "deleted", "unknown_device"):
                 log.info("presence ignored device=%s verdict=%s", result.device_id, result.verdict)
             if result.recheck_at_ms is not None:
                 heapq.heappush(self._rechecks, (result.recheck_at_ms, result.device_id))
@@ -215,6 +230,23 @@ class DbWriter:
             {result.device_id for result in results if result.verdict in ("applied", "reset")}
         )
         self._transitions.publish(results)
+
+    def _after_replay(self, batch: list[PresenceItem], results: list[PresenceResult]) -> None:
+        """A live Will for a device whose birth is still in the snapshot (being read, or
+        read and not yet written): the device does not exist yet, so the Will changed
+        nothing, and the older retained birth would then make a dead device Connected.
+        It goes again after the replay, where the birth is written before it."""
+        unknown = [
+            item
+            for item, result in zip(batch, results, strict=True)
+            if result.verdict == UNKNOWN_DEVICE
+        ]
+        if not unknown:
+            return
+        if self._ingest.seen is not None:
+            self._after_snapshot.extend(unknown)
+        elif self._ingest.replay:
+            self._ingest.replay.extend(unknown)
 
     async def _write_status(self) -> None:
         batch = self._ingest.take_status(self._settings.status_batch_max, now_ms())

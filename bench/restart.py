@@ -1,0 +1,377 @@
+"""Restart at fleet scale (issue 20): a bridge that starts against N retained devices.
+
+Each figure is printed beside its floor, measured in the same run:
+
+1. cold: an empty database, N devices with a retained birth and a retained status on
+   Mosquitto -> every ``remotes`` row ``Connected`` with its battery. Floor:
+   ``mosquitto_sub`` receiving the same 2N retained messages (QoS 1).
+2. warm: the same database, every battery changed while no bridge ran -> every row
+   updated. Same floor.
+3. deaths during the replay: kiosks (``mosquitto_sub`` processes with a retained Will)
+   killed one by one while the bridge is still reading the snapshot of a warm restart;
+   kill -> ``kb_connectivity.state = 'lost'``. Goal: p99 under 100 ms.
+4. RSS of the bridge (peak), database size, and CPU-seconds per 1,000 devices per hour
+   for an idle fleet (every device sends a status every 30 s).
+
+    python bench/restart.py [--devices 100000] [--db sqlite] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    BridgeProcess,
+    Result,
+    database,
+    machine,
+    mosquitto,
+    percentiles,
+    wait_until,
+    workdir,
+    write_json,
+)
+from rawpub import RawPublisher
+
+from bridge.broker_url import parse_broker_url
+from schemas import PresenceLost, PresenceOnline, Status, TopicKind, device_topic, encode
+
+TS = 1_700_000_000_000
+VICTIMS = 40
+
+
+def _seed(broker_url: str, devices: int, seq: int, births: bool) -> None:
+    """Retained births (when ``births``) and statuses whose battery depends on ``seq``."""
+    address = parse_broker_url(broker_url)
+    publisher = RawPublisher(address.host, address.port, f"seed-{seq}")
+    try:
+        messages: list[tuple[str, bytes]] = []
+        for i in range(devices):
+            device = f"dev-{i:06d}"
+            if births:
+                birth = encode(PresenceOnline(session=1, ts=TS))
+                messages.append((device_topic(device, TopicKind.PRESENCE), birth))
+            status = Status(session=1, seq=seq, ts=TS + seq, battery_level=_battery(i, seq))
+            messages.append((device_topic(device, TopicKind.STATUS), encode(status)))
+        publisher.send(publisher.packets(messages, retain=True))
+        publisher.wait_acked(len(messages), timeout=600)
+    finally:
+        publisher.close()
+
+
+def _battery(i: int, seq: int) -> int:
+    return (i + seq * 7) % 100
+
+
+def floor_sub(broker_url: str, devices: int) -> float:
+    """Seconds ``mosquitto_sub`` takes to receive the whole retained set (QoS 1)."""
+    address = parse_broker_url(broker_url)
+    exe = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
+    started = time.monotonic()
+    subprocess.run(
+        [
+            exe,
+            "-h",
+            address.host,
+            "-p",
+            str(address.port),
+            "-q",
+            "1",
+            "-t",
+            "kiosk/v1/+/presence",
+            "-t",
+            "kiosk/v1/+/status",
+            "-C",
+            str(2 * devices),
+            "-W",
+            "300",
+        ],
+        stdout=subprocess.DEVNULL,
+        check=True,
+    )
+    return time.monotonic() - started
+
+
+class Victims:
+    """``mosquitto_sub`` processes holding a retained Will each, as kiosks do."""
+
+    def __init__(self, broker_url: str, count: int) -> None:
+        address = parse_broker_url(broker_url)
+        exe = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
+        self.ids = [f"victim-{i:04d}" for i in range(count)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+        for device in self.ids:
+            will = encode(PresenceLost(session=2))
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        exe,
+                        "-h",
+                        address.host,
+                        "-p",
+                        str(address.port),
+                        "-i",
+                        device,
+                        "-k",
+                        "60",
+                        "-t",
+                        f"idle/{device}",
+                        "--will-topic",
+                        device_topic(device, TopicKind.PRESENCE),
+                        "--will-payload",
+                        will.decode(),
+                        "--will-retain",
+                        "--will-qos",
+                        "1",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                )
+            )
+        # Their births, retained, so the devices exist in the database (session 2).
+        publisher = RawPublisher(address.host, address.port, "victim-births")
+        birth = encode(PresenceOnline(session=2, ts=TS))
+        publisher.send(
+            publisher.packets(
+                [(device_topic(d, TopicKind.PRESENCE), birth) for d in self.ids], retain=True
+            )
+        )
+        publisher.wait_acked(len(self.ids))
+        publisher.close()
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def _count(engine: Any, sql: str, **params: Any) -> int:
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text(sql), params).scalar_one())
+    except DBAPIError:
+        return 0  # the bridge has not made its tables yet
+
+
+def _all_right(engine: Any, devices: int, seq: int) -> bool:
+    # Batteries: (i + 7 seq) % 100; a row is right when it is Connected with its battery.
+    sql = (
+        "SELECT COUNT(*) FROM remotes WHERE status = 'Connected' AND device_identifier "
+        "LIKE 'dev-%' AND battery_level = (CAST(SUBSTR(device_identifier, 5) AS INTEGER) "
+        "+ :k) % 100"
+    )
+    if engine.dialect.name in ("mysql", "mariadb"):
+        sql = sql.replace("AS INTEGER", "AS SIGNED")
+    return _count(engine, sql, k=seq * 7) >= devices
+
+
+def _db_size_mib(engine: Any, db_url: str) -> float:
+    name = engine.dialect.name
+    if name == "sqlite":
+        path = Path(db_url.removeprefix("sqlite:///"))
+        files = [path, Path(f"{path}-wal")]
+        return sum(p.stat().st_size for p in files if p.exists()) / 2**20
+    with engine.connect() as conn:
+        if name == "postgresql":
+            return (
+                float(
+                    conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one()
+                )
+                / 2**20
+            )
+        return (
+            float(
+                conn.execute(
+                    text(
+                        "SELECT SUM(data_length + index_length) FROM information_schema.tables "
+                        "WHERE table_schema = DATABASE()"
+                    )
+                ).scalar_one()
+            )
+            / 2**20
+        )
+
+
+def _timed_restart(
+    broker_url: str,
+    db_url: str,
+    work: Path,
+    engine: Any,
+    devices: int,
+    seq: int,
+    victims: Victims | None = None,
+) -> tuple[dict[str, float], BridgeProcess, list[float]]:
+    bridge = BridgeProcess(broker_url, db_url, work)
+    started = time.monotonic()
+    start_cpu = 0.0
+    deaths: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            bridge.sample()
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    if victims is not None:
+        deaths = _kill_during_replay(engine, victims, bridge, devices, seq)
+    wait_until(lambda: _all_right(engine, devices, seq), timeout=900, interval=0.1, what="rows")
+    took = time.monotonic() - started
+    stop.set()
+    sampler.join()
+    times = bridge.ps.cpu_times()
+    cpu = times.user + times.system - start_cpu
+    return (
+        {"seconds": took, "cpu_s": cpu, "rss_peak_mib": max(bridge.rss_samples or [0.0])},
+        bridge,
+        deaths,
+    )
+
+
+def _kill_during_replay(
+    engine: Any, victims: Victims, bridge: BridgeProcess, devices: int, seq: int
+) -> list[float]:
+    """Kill the victims one by one once the replay is under way; kill -> ``lost``."""
+    # Under way: the bridge has started writing this restart's telemetry.
+    wait_until(
+        lambda: (
+            _count(engine, "SELECT COUNT(*) FROM kb_connectivity WHERE last_seq = :s", s=seq) > 0
+        ),
+        timeout=300,
+        interval=0.01,
+        what="replay under way",
+    )
+    lags: list[float] = []
+    for device, proc in zip(victims.ids, victims.procs, strict=True):
+        if _all_right(engine, devices, seq):
+            break  # the replay is over: later kills would not measure anything
+        killed = time.monotonic()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        wait_until(
+            lambda d=device: (
+                _count(
+                    engine,
+                    "SELECT COUNT(*) FROM kb_connectivity WHERE device_id = :d AND state = 'lost'",
+                    d=d,
+                )
+                > 0
+            ),
+            timeout=60,
+            interval=0.002,
+            what=f"{device} lost",
+        )
+        lags.append((time.monotonic() - killed) * 1000)
+        time.sleep(0.05)
+    return lags
+
+
+def idle_cpu(broker_url: str, bridge: BridgeProcess, devices: int, seconds: float) -> float:
+    """CPU-seconds per 1,000 devices per hour with every device sending a status every
+    30 s (paced raw publisher), measured over ``seconds``."""
+    address = parse_broker_url(broker_url)
+    publisher = RawPublisher(address.host, address.port, "idle-fleet")
+    rate = devices / 30.0
+    total = int(rate * seconds)
+    messages = []
+    for n in range(total):
+        i = n % devices
+        seq = 1000 + n // devices
+        status = Status(session=1, seq=seq, ts=TS + seq, battery_level=_battery(i, seq))
+        messages.append((device_topic(f"dev-{i:06d}", TopicKind.STATUS), encode(status)))
+    packets = publisher.packets(messages, retain=True)
+    before = bridge.ps.cpu_times()
+    started = time.monotonic()
+    publisher.send(packets, rate=rate, chunk=max(1, int(rate / 50)))
+    publisher.wait_acked(total)
+    time.sleep(0.5)
+    after = bridge.ps.cpu_times()
+    elapsed = time.monotonic() - started
+    publisher.close()
+    cpu = (after.user + after.system) - (before.user + before.system)
+    return cpu / elapsed * 3600 / (devices / 1000)
+
+
+def run(kind: str, devices: int, idle_s: float) -> Result:
+    result = Result(f"restart {devices:,} devices ({kind})")
+    with workdir() as tmp:
+        work = Path(tmp)
+        with mosquitto(work) as broker, database(kind, work) as db_url:
+            _seed(broker.url, devices, seq=1, births=True)
+            floor = floor_sub(broker.url, devices)
+            engine = create_engine(db_url)
+            cold, bridge, _ = _timed_restart(broker.url, db_url, work, engine, devices, 1)
+            bridge.stop()
+            _seed(broker.url, devices, seq=2, births=False)
+            victims = Victims(broker.url, VICTIMS)
+            try:
+                warm_floor = floor_sub(broker.url, devices)
+                warm, bridge, deaths = _timed_restart(
+                    broker.url, db_url, work, engine, devices, 2, victims
+                )
+            finally:
+                victims.close()
+            try:
+                idle = idle_cpu(broker.url, bridge, devices, idle_s)
+            finally:
+                bridge.stop()
+            size = _db_size_mib(engine, db_url)
+            engine.dispose()
+    f = result.figures
+    f["floor: mosquitto_sub retained set s"] = round(floor, 2)
+    f["cold: all rows right s"] = round(cold["seconds"], 2)
+    f["cold / floor"] = round(cold["seconds"] / floor, 2)
+    f["cold CPU s"] = round(cold["cpu_s"], 1)
+    f["warm floor s"] = round(warm_floor, 2)
+    f["warm: all rows updated s"] = round(warm["seconds"], 2)
+    f["warm / floor"] = round(warm["seconds"] / warm_floor, 2)
+    f["RSS peak MiB"] = round(max(cold["rss_peak_mib"], warm["rss_peak_mib"]), 1)
+    f["database MiB"] = round(size, 1)
+    f["idle CPU-s per 1k devices per hour"] = round(idle, 2)
+    f["kill -> lost during replay ms"] = percentiles(deaths)
+    result.notes.append(
+        f"{len(deaths)} of {VICTIMS} kiosks killed while the replay was still being read"
+    )
+    return result
+
+
+def collect(scale: float, dbs: tuple[str, ...] = ("sqlite",)) -> list[Result]:
+    sizes = [1_000, 10_000, 100_000] if scale >= 1 else [1_000, int(10_000 * scale)]
+    return [run(kind, n, 20.0) for kind in dbs for n in sizes]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", default="100000", help="comma-separated fleet sizes")
+    parser.add_argument("--db", default="sqlite", help="sqlite, mariadb, postgres (comma-sep)")
+    parser.add_argument("--idle-s", type=float, default=20.0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    print(machine())
+    results = []
+    for kind in args.db.split(","):
+        for n in args.devices.split(","):
+            result = run(kind, int(n), args.idle_s)
+            result.print()
+            results.append(result)
+    if args.json:
+        write_json(results, args.json)
+
+
+if __name__ == "__main__":
+    main()
