@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from bridge.clock import now_ms
 from bridge.db.bridges_store import BridgesStore
@@ -62,6 +62,7 @@ from bridge.settings import Settings
 from bridge.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _DRAIN_S = 5.0
 #: What a standby keeps of what it receives: events older than this were written by the
@@ -233,6 +234,7 @@ class Bridge:
             demote=self._stop_writing,
             broker_connected=self.link.connected.is_set,
             standing_by=self._standing_by,
+            run_db=self._on_db_thread,
         )
         self.http_face: HttpFace | None = None
         if http is not None:
@@ -302,6 +304,9 @@ class Bridge:
             clock=now_ms,
         )
         return sorted(await asyncio.to_thread(store.snapshot_sessions))
+
+    async def _on_db_thread(self, fn: Callable[..., T], /, *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def liveness(self) -> StatesLiveness:
         """Whether the states this bridge serves are live (as of the last heartbeat)."""

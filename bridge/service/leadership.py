@@ -23,7 +23,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Any, Protocol, Self, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -35,6 +35,17 @@ from bridge.service.metrics import BridgeMetrics
 from bridge.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
+
+
+class DbRunner(Protocol):
+    def __call__(self, fn: Callable[..., T], /, *args: Any) -> Awaitable[T]: ...
+
+
+def _to_thread(fn: Callable[..., T], /, *args: Any) -> Awaitable[T]:
+    return asyncio.to_thread(fn, *args)
 
 
 class InstanceInUse(ValueError):
@@ -81,6 +92,7 @@ class Leadership:
         demote: Callable[[], Awaitable[None]],
         broker_connected: Callable[[], bool] = lambda: True,
         standing_by: Callable[[], None] = lambda: None,
+        run_db: DbRunner | None = None,
     ) -> None:
         self._store = store
         self._fence = fence
@@ -96,6 +108,10 @@ class Leadership:
         self._demote = demote
         self._broker_connected = broker_connected
         self._standing_by = standing_by
+        #: Where the blocking database calls run: the bridge's one database thread, so
+        #: that a heartbeat never contends with the writer for SQLite's write lock
+        #: (a busy SQLite connection backs off for milliseconds at a time).
+        self._run_db: DbRunner = run_db or _to_thread
         self._connected_peer = False
         #: The database's liveness as of the last beat (read from every instance's row).
         self.health: FleetHealth | None = None
@@ -149,8 +165,8 @@ class Leadership:
             try:
                 if token is not None:
                     # A standby may take over at once instead of waiting for expiry.
-                    await asyncio.to_thread(self._store.release, self.instance, token)
-                await asyncio.to_thread(self._store.beat, self._row("stopped", stopped=True))
+                    await self._run_db(self._store.release, self.instance, token)
+                await self._run_db(self._store.beat, self._row("stopped", stopped=True))
             except SQLAlchemyError as failure:
                 log.warning("could not record this bridge as stopped: %s", failure)
 
@@ -162,7 +178,7 @@ class Leadership:
         no longer exists is dead; otherwise the row is watched for up to three beats,
         and only a heartbeat that moves on means another live bridge.
         """
-        row = await asyncio.to_thread(self._store.instance_row, self.instance)
+        row = await self._run_db(self._store.instance_row, self.instance)
         if row is None or row.role == "stopped":
             return
         if row.heartbeat_ms < now_ms() - self._stale_after_ms:
@@ -172,7 +188,7 @@ class Leadership:
         deadline = asyncio.get_running_loop().time() + 3 * self._every_s + 0.5
         while asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(self._every_s / 2)
-            again = await asyncio.to_thread(self._store.instance_row, self.instance)
+            again = await self._run_db(self._store.instance_row, self.instance)
             if again is not None and again.heartbeat_ms > row.heartbeat_ms:
                 raise InstanceInUse(
                     f"bridge instance {self.instance!r} is already running (pid {again.pid} "
@@ -210,7 +226,7 @@ class Leadership:
             broker_connected=self._broker_connected(), connected_peer=self._connected_peer
         )
         if not self._shared and may:
-            token = await asyncio.to_thread(
+            token = await self._run_db(
                 self._store.acquire, self.instance, held, now_ms(), self._ttl_ms
             )
         elif not self._shared and held is not None:
@@ -240,7 +256,7 @@ class Leadership:
         if not self.writing.is_set():
             self._standing_by()
         row = self._row(decision.role)
-        await asyncio.to_thread(self._store.beat, row)
+        await self._run_db(self._store.beat, row)
         # This beat counts at once (a leader's first answers must not say "stale").
         others = [peer for peer in self._peers if peer.instance != self.instance]
         self.health = health_of([*others, row], row.heartbeat_ms, self._stale_after_ms)
@@ -255,7 +271,7 @@ class Leadership:
             await self._demote()
 
     async def _observe_peers(self) -> None:
-        rows = await asyncio.to_thread(self._store.rows)
+        rows = await self._run_db(self._store.rows)
         self._peers = rows
         now = now_ms()
         fresh = now - 3 * int(self._every_s * 1000) - 1000
