@@ -470,3 +470,25 @@ async def test_three_instances_one_leader_and_after_it_exactly_one_other(
             assert holder.holder == leader.settings.instance and holder.token == 2
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["mariadb", "postgres"])
+def test_a_transaction_left_open_is_ended_by_the_server(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    """A leader cut off mid-transaction must not keep the lease row's share lock until
+    the server notices the dead connection: the server ends idle transactions."""
+    from bridge.db.engine import IDLE_TRANSACTION_TIMEOUT_S
+
+    url = str(request.getfixturevalue(f"{backend}_url"))
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            if backend == "mariadb":
+                value = conn.execute(text("SELECT @@idle_transaction_timeout")).scalar()
+                assert int(value) == IDLE_TRANSACTION_TIMEOUT_S
+            else:
+                value = conn.execute(text("SHOW idle_in_transaction_session_timeout")).scalar()
+                assert value == f"{IDLE_TRANSACTION_TIMEOUT_S}s"
+    finally:
+        engine.dispose()

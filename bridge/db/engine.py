@@ -28,6 +28,24 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+#: The server ends a session that sits in an open transaction this long. No transaction
+#: of ours idles (they are a few statements each), but a client cut off mid-transaction
+#: (black-holed, paused) would otherwise keep its row locks until the server noticed the
+#: dead connection, hours later with default keepalives: among them the writer lease's
+#: share lock (bridge/db/fence.py), which would hold up a standby's takeover.
+IDLE_TRANSACTION_TIMEOUT_S = 10
+
+
+def _mariadb_idle_transaction_timeout(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute(f"SET SESSION idle_transaction_timeout = {IDLE_TRANSACTION_TIMEOUT_S}")
+    except Exception:  # MySQL (not MariaDB) has no such variable
+        log.debug("this server has no idle_transaction_timeout; transactions are not bounded")
+    finally:
+        cur.close()
+
+
 def _sqlite_begin_immediate(conn: Any) -> None:
     # Take the write lock when the transaction starts: a deferred transaction that reads
     # and then writes can deadlock against another process doing the same.
@@ -62,7 +80,7 @@ def make_engine(url: str, *, echo: bool = False, read_only: bool = False) -> Eng
             event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
     if backend in ("mysql", "mariadb"):
-        return create_engine(
+        engine = create_engine(
             parsed,
             echo=echo,
             pool_pre_ping=True,
@@ -71,6 +89,8 @@ def make_engine(url: str, *, echo: bool = False, read_only: bool = False) -> Eng
             # Without these a black-holed connection hangs the database thread forever.
             connect_args={"connect_timeout": 10, "read_timeout": 30, "write_timeout": 30},
         )
+        event.listen(engine, "connect", _mariadb_idle_transaction_timeout)
+        return engine
     if backend == "postgresql":
         # TCP keepalives end a black-holed connection in about 25 s instead of never.
         return create_engine(
@@ -83,6 +103,8 @@ def make_engine(url: str, *, echo: bool = False, read_only: bool = False) -> Eng
                 "keepalives_idle": 10,
                 "keepalives_interval": 5,
                 "keepalives_count": 3,
+                # See IDLE_TRANSACTION_TIMEOUT_S.
+                "options": f"-c idle_in_transaction_session_timeout={IDLE_TRANSACTION_TIMEOUT_S}s",
             },
         )
     raise ValueError(
