@@ -102,6 +102,7 @@ class NatsCluster:
         self._binary = find_nats_server()
         self._owned_root = root is None
         self.root = Path(tempfile.mkdtemp(prefix="kb-nats-")) if root is None else root
+        self.root.mkdir(parents=True, exist_ok=True)
         self.nodes = [
             NatsNode(
                 name=f"n{i + 1}",
