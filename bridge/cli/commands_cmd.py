@@ -19,21 +19,11 @@ from bridge.cli.common import (
     reporting,
     settings,
 )
+from bridge.commands.lifecycle import CommandState
 
-#: Kept here rather than imported from bridge.ops.commands so that ``--help`` does not
-#: import SQLAlchemy; tests/test_cli_commands.py checks the two agree.
-STATE_CHOICES = (
-    "queued",
-    "sent",
-    "delivered",
-    "received",
-    "succeeded",
-    "failed",
-    "rejected",
-    "expired",
-    "cancelled",
-    "superseded",
-)
+#: The lifecycle's states, in order: from the pure, import-light lifecycle module, so
+#: ``--help`` needs no SQLAlchemy.
+STATE_CHOICES = tuple(state.value for state in CommandState)
 
 
 def _check_states(states: list[str] | None) -> list[str] | None:

@@ -1,1 +1,2 @@
-"""Commands to devices: lifecycle rules, the enqueue API and delivery."""
+"""Commands to devices: the pure lifecycle rules (the CMS-facing side is in
+``bridge.outbox``, the kiosk side in ``bridge.kiosk``)."""

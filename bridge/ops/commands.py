@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from sqlalchemy import Engine, select
 
+from bridge.commands.lifecycle import CommandState
 from bridge.db.models import CommandRecord, Connectivity
 from bridge.db.tables import table_of
 from bridge.ops.errors import NotFound, UsageError
@@ -24,20 +25,9 @@ from bridge.ops.timefmt import ago, clock, iso_utc, naive_utc_to_ms
 CMD = table_of(CommandRecord)
 CONN = table_of(Connectivity)
 
-#: Every state of the lifecycle, in its order (bridge.commands.lifecycle.CommandState).
-STATES: Final = (
-    "queued",
-    "sent",
-    "delivered",
-    "received",
-    "succeeded",
-    "failed",
-    "rejected",
-    "expired",
-    "cancelled",
-    "superseded",
-)
-FINISHED: Final = frozenset(STATES[4:])
+#: Every state of the lifecycle, in its order.
+STATES: Final = tuple(state.value for state in CommandState)
+FINISHED: Final = frozenset(state.value for state in CommandState if state.terminal)
 #: A queued command for an online device is claimed within 0.5 s (the dispatcher's
 #: full pass; the outbox probe is faster): four passes later, nobody is dispatching.
 UNDISPATCHED_AFTER_MS: Final = 2_000
