@@ -64,6 +64,9 @@ class SilenceClock:
     def __len__(self) -> int:
         return len(self._online)
 
+    def __contains__(self, device_id: object) -> bool:
+        return device_id in self._online
+
     def born(self, device_id: str, session: int, now_ms: int) -> None:
         """A birth: online in ``session`` (an older session's birth changes nothing)."""
         current = self._online.get(device_id)

@@ -37,7 +37,7 @@ from typing import Any, Self, TypeVar
 from bridge.clock import now_ms
 from bridge.db.bridges_store import BridgesStore
 from bridge.db.command_store import CommandStore
-from bridge.db.device_intervals import configured_intervals
+from bridge.db.device_intervals import configured_intervals, online_sessions
 from bridge.db.engine import create_schema, make_engine
 from bridge.db.fence import Fence
 from bridge.db.fleet_health import create_fleet_health_view
@@ -158,6 +158,7 @@ class Bridge:
                 writing=lambda: self.leadership.writing.is_set(),
                 metrics=self.metrics,
                 intervals=lambda: asyncio.to_thread(configured_intervals, self.read_engine),
+                online=lambda: asyncio.to_thread(online_sessions, self.read_engine),
             )
         )
         self.exemptions = ReconcileExemptions()

@@ -39,6 +39,7 @@ class SilenceWatch:
         writing: Callable[[], bool],
         metrics: BridgeMetrics,
         intervals: Callable[[], Awaitable[Mapping[str, int]]] | None = None,
+        online: Callable[[], Awaitable[Mapping[str, int]]] | None = None,
         tick_s: float = 0.5,
     ) -> None:
         """``subscription`` returns an object that identifies the presence link's current
@@ -49,6 +50,12 @@ class SilenceWatch:
         self._writing = writing
         self._metrics = metrics
         self._intervals = intervals
+        #: The devices the database says are online: watched too from each new
+        #: subscription on, so that after a broker restart without persistence (no
+        #: retained birth to replay, no Will ever) one that does not come back is
+        #: ``lost (silent)`` within its bound instead of staying online or unknown.
+        self._online = online
+        self._online_loaded_for: int | None = None
         self._tick_s = tick_s
         self._current: object | None = None
         #: When the current subscription was first seen (None: not subscribed).
@@ -115,7 +122,22 @@ class SilenceWatch:
                     # Not fatal: the default interval applies until the next read.
                     log.warning("could not read the configured status intervals: %s", exc)
             self.check(now_ms())
+            await self._watch_table_online()
             await asyncio.sleep(self._tick_s)
+
+    async def _watch_table_online(self) -> None:
+        since = self.since_ms
+        if self._online is None or since is None or since == self._online_loaded_for:
+            return
+        self._online_loaded_for = since
+        try:
+            online = await self._online()
+        except Exception as exc:
+            log.warning("could not read the devices online: %s", exc)
+            return
+        for device_id, session in online.items():
+            if device_id not in self.clock:
+                self.clock.born(device_id, session, since)
 
 
 def policy_of(
