@@ -22,6 +22,7 @@ import random
 import resource
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,8 @@ class FleetStats:
     connects: int
     cpu_percent: float
     rss_mb: float
+    #: Online kiosks by broker node (a broker list spreads them; a failover moves them).
+    nodes: tuple[tuple[str, int], ...] = ()
 
     @property
     def offline(self) -> int:
@@ -397,6 +400,13 @@ class Fleet:
             connects=sum(core.counters["connects"] for core in self.agents),
             cpu_percent=self._cpu_percent,
             rss_mb=_rss_mb(),
+            nodes=tuple(
+                sorted(
+                    Counter(
+                        core.node.url for core in self.agents if core.connected.is_set()
+                    ).items()
+                )
+            ),
         )
 
     # -- teardown --------------------------------------------------------------------------
