@@ -116,6 +116,7 @@ class Leadership:
         #: The database's liveness as of the last beat (read from every instance's row).
         self.health: FleetHealth | None = None
         self._peers: list[BridgeRow] = []
+        self._beats = 0
         self._started_ms = now_ms()
         self._task: asyncio.Task[None] | None = None
         self.role = "standby"
@@ -252,6 +253,13 @@ class Leadership:
         elif decision.role not in WRITER_ROLES and self.writing.is_set():
             log.error("this bridge (%s) lost the writer lease: standing by", self.instance)
             await self._step_down(clean=False)
+        elif decision.role == "standby" and (self.role != "standby" or not self._beats):
+            log.warning(
+                "this bridge (%s) stands by: another instance holds the writer lease; "
+                "it takes over when that lease runs out",
+                self.instance,
+            )
+        self._beats += 1
         self.role = decision.role
         if not self.writing.is_set():
             self._standing_by()
