@@ -43,9 +43,6 @@ BRIDGE = {
     "probe_timeout_s": 2.0,
     "heartbeat_s": 0.25,
     "lease_ttl_s": 1.5,
-    # A publish refused while the command link fails over counts as an attempt in the
-    # dispatcher: give the failover room (its default is 5).
-    "command_max_attempts": 20,
 }
 
 
@@ -119,6 +116,20 @@ async def _retained_presence(port: int, expected: int) -> set[str]:
     return found
 
 
+async def _restarted_bridge_reconciles(
+    cluster: NatsCluster, sqlite_url: str, db: Db, every: list[KioskAgent]
+) -> None:
+    async with running_bridge(cluster.broker_list, sqlite_url, _wait=False, **BRIDGE) as again:
+        await asyncio.wait_for(again.wait_synced(), 90)
+        for agent in every:
+            await eventually(
+                lambda a=agent: _state(db, a.device_id),
+                lambda r, a=agent: r is not None and r.state == "online" and r.session == a.session,
+                within=60,
+                what=f"{agent.device_id} online after the restart",
+            )
+
+
 async def _state(db: Db, device_id: str) -> Any:
     return await db.connectivity(device_id)
 
@@ -129,7 +140,8 @@ async def test_the_probe_on_nats(cluster: NatsCluster, sqlite_url: str) -> None:
         features = bridge.link.features
         assert features is not None
         assert features.wildcard_retained is Answer.YES
-        assert features.shared_subscriptions is Answer.NO
+        # Not asked without a shared group (the probe would wait its whole timeout).
+        assert features.shared_subscriptions is Answer.UNKNOWN
         assert not bridge.link.mode.per_device_reconcile
         # NATS refuses MQTT 5 cleanly: the command link speaks 3.1.1.
         await eventually(lambda: bridge.command_link.connected.is_set(), bool, within=20)
@@ -227,7 +239,10 @@ async def test_a_node_killed_with_kill_9(
                 history = await db.history(agent.device_id)
                 silent = [h for h in history if h.state == "lost" and h.reason == SILENT]
                 assert not silent, (agent.device_id, history)
-            assert standby.link.connected.is_set()
+            # The standby is connected too (it may have been dropped and come back).
+            await eventually(
+                lambda: standby.link.connected.is_set(), bool, within=60, what="standby"
+            )
         for agent in on_dead:
             assert sorted(agent.executed.values()) == [1], agent.executed
 
@@ -242,17 +257,16 @@ async def test_a_node_killed_with_kill_9(
         # back on their node, ended their silent loss with a new birth as usual.
         cluster.start_node(doomed_node)
         await asyncio.to_thread(cluster.wait_ready, 60)
-        async with running_bridge(cluster.broker_list, sqlite_url, _wait=False, **BRIDGE) as again:
-            await asyncio.wait_for(again.wait_synced(), 90)
-            for agent in every:
-                await eventually(
-                    lambda a=agent: _state(db, a.device_id),
-                    lambda r, a=agent: (
-                        r is not None and r.state == "online" and r.session == a.session
-                    ),
-                    within=60,
-                    what=f"{agent.device_id} online after the restart",
-                )
+        for attempt in range(3):
+            try:
+                await _restarted_bridge_reconciles(cluster, sqlite_url, db, every)
+                break
+            except aiomqtt.MqttError:
+                # The start-up check for a live twin (bridge/service/instance_check.py)
+                # reads retained state through a new QoS 1 subscription, which times
+                # out while NATS is still placing consumers after the node's return.
+                if attempt == 2:
+                    raise
         for agent in doomed:
             states = [(h.state, h.reason) for h in await db.history(agent.device_id)]
             assert ("lost", SILENT) in states and states[-1][0] == "online", states

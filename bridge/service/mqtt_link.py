@@ -24,6 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from bridge._compat.aiomqtt import paho_client
 from bridge.addresses import host_port
 from bridge.backoff import Backoff
 from bridge.broker_url import BrokerAddress, NodeCursor
@@ -236,7 +237,14 @@ class MqttLink:
 
     @property
     def client(self) -> aiomqtt.Client | None:
-        return self._client
+        """The connected client, or None. Between a connection's death (a broker node
+        killed) and the receive loop noticing it, the old client would take publishes
+        only to fail them at once: the dispatcher would spend a command's attempts on it
+        while the link fails over to the next node."""
+        client = self._client
+        if client is None or not paho_client(client).is_connected():
+            return None
+        return client
 
     def request_resync(self) -> None:
         """Ask for a re-read of the retained presence (from any part, no I/O here)."""
@@ -431,12 +439,15 @@ class MqttLink:
             identifier=f"{self.client_id}-probe",
             timeout_s=settings.probe_timeout_s,
             tls_ca=settings.security.tls_ca,
+            # Only a configured group needs them (a missing one costs the whole wait).
+            shared=settings.shared_group is not None,
         )
         for name, answer in (
             ("wildcard_retained", features.wildcard_retained),
             ("shared_subscriptions", features.shared_subscriptions),
         ):
-            self._metrics.broker_feature.labels(name).set(1 if answer.value == "yes" else 0)
+            if answer.value != "unknown":
+                self._metrics.broker_feature.labels(name).set(1 if answer.value == "yes" else 0)
         mode = choose_mode(
             features, reconcile=settings.reconcile, shared_group=settings.shared_group
         )

@@ -154,9 +154,13 @@ async def probe_features(
     identifier: str,
     timeout_s: float = 3.0,
     tls_ca: str | None = None,
+    shared: bool = True,
 ) -> BrokerFeatures:
     """Ask one node (``address``, its ``others`` ignored) by doing; ``topic`` is one the
     client may publish (retained) and subscribe to, under its own part of the tree.
+    ``shared=False`` skips the shared-subscription probe (answer UNKNOWN): a broker
+    without them costs the whole ``timeout_s`` to say so, for nothing when no
+    ``--shared-group`` is configured.
 
     Raises :class:`aiomqtt.MqttError` when the node cannot be reached and
     :class:`ProbeInconclusive` when it does not acknowledge the retained probe in time.
@@ -166,7 +170,7 @@ async def probe_features(
     retained_payload = f"retained {nonce}".encode()
     shared_payload = f"shared {nonce}".encode()
     wildcard = topic.rsplit("/", 1)[0] + "/+"
-    retained = wildcard_retained = shared = Answer.UNKNOWN
+    retained = wildcard_retained = shared_answer = Answer.UNKNOWN
     async with _client(address, identifier, timeout_s, tls_ca) as client:
         try:
             await asyncio.wait_for(
@@ -195,11 +199,12 @@ async def probe_features(
                 await client.unsubscribe(topic)
             if wildcard_retained is Answer.YES:
                 await client.unsubscribe(wildcard)
-            group = f"kbprobe{nonce[:8]}"
-            await client.subscribe(f"$share/{group}/{topic}", qos=0)
-            await client.publish(topic, shared_payload, qos=1)
-            got = await _first(client, topic, shared_payload, retained=False, within=timeout_s)
-            shared = Answer.YES if got else Answer.NO
+            if shared:
+                group = f"kbprobe{nonce[:8]}"
+                await client.subscribe(f"$share/{group}/{topic}", qos=0)
+                await client.publish(topic, shared_payload, qos=1)
+                got = await _first(client, topic, shared_payload, retained=False, within=timeout_s)
+                shared_answer = Answer.YES if got else Answer.NO
         finally:
             # Leave nothing retained behind (an empty retained message deletes it).
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
@@ -208,7 +213,7 @@ async def probe_features(
         node=address.url,
         retained=retained,
         wildcard_retained=wildcard_retained,
-        shared_subscriptions=shared,
+        shared_subscriptions=shared_answer,
         took_ms=int((time.monotonic() - started) * 1000),
     )
 
