@@ -145,8 +145,12 @@ async def one_run(movers: int, doomed: int) -> dict[str, float]:
                 cluster.kill(dying)
                 # The bridge resumed: connected and subscribed on another node. (Polled:
                 # the link has no event for "a new connection", and 10 ms is fine here.)
+                # (``client`` is None while the connection is dead: only a new, connected
+                # client counts.)
                 while not (  # noqa: ASYNC110
-                    leader.link.connected.is_set() and leader.link.client is not old_client
+                    leader.link.connected.is_set()
+                    and leader.link.client is not None
+                    and leader.link.client is not old_client
                 ):
                     await asyncio.sleep(0.01)
                 resumed = time.monotonic() - killed
