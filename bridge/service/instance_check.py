@@ -29,6 +29,8 @@ async def refuse_if_online_elsewhere(
     """Raise :class:`InstanceInUse` if ``instance`` announces itself online on the
     broker for a database other than ``database_id``; quietly nothing if the broker
     cannot be asked."""
+    import aiomqtt
+
     from bridge.ops.errors import OpsError
     from bridge.ops.mqtt import connect, read_retained
 
@@ -43,7 +45,9 @@ async def refuse_if_online_elsewhere(
             snapshot = await read_retained(
                 client, [topic], prefix=prefix, marker_wait_s=CHECK_TIMEOUT_S
             )
-    except (OpsError, OSError, TimeoutError) as exc:
+    except (OpsError, OSError, TimeoutError, aiomqtt.MqttError) as exc:
+        # Unanswered (a broker busy rebuilding after a node's death times the SUBSCRIBE
+        # out): the start goes on; the heartbeats still catch a twin of this database.
         log.info("could not ask the broker whether %s is online elsewhere: %s", instance, exc)
         return
     for message in snapshot.messages:
