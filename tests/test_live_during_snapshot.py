@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from bridge.broker_url import parse_broker_url
-from bridge.db.models import Connectivity
+from bridge.db.models import Connectivity, PresenceHistory
 from bridge.testing.mosquitto import MosquittoProcess
 from schemas import PresenceOnline, Status, TopicKind, device_topic, encode
 from tests.conftest import MosquittoFactory
@@ -41,6 +41,21 @@ def _online(db: Db) -> int:
     with db.engine.connect() as conn:
         stmt = select(func.count()).select_from(table).where(table.c.state == "online")
         return int(conn.execute(stmt).scalar_one())
+
+
+def _commit_times(db: Db) -> tuple[int, int]:
+    """(when victim-1's Will was committed, when the last replayed fleet birth was)."""
+    table = PresenceHistory.__table__
+    with db.engine.connect() as conn:
+        will = conn.execute(
+            select(func.min(table.c.committed_ms)).where(
+                table.c.device_id == "victim-1", table.c.state == "lost"
+            )
+        ).scalar_one()
+        replay_end = conn.execute(
+            select(func.max(table.c.committed_ms)).where(table.c.device_id.like("fleet-%"))
+        ).scalar_one()
+    return int(will), int(replay_end)
 
 
 def _publish_fleet(broker: MosquittoProcess) -> None:
@@ -104,14 +119,14 @@ async def test_will_during_a_large_snapshot_is_applied_before_it_ends(
             lambda c: c is not None and c.state == "lost",
             what="the Will of a known device written",
         )
-        # Written while the snapshot is still being read: the retained replay of the
-        # fleet is neither reconciled nor fully in the database.
-        assert not bridge.link.synced.is_set()
-        assert await asyncio.to_thread(_online, db) < FLEET
         assert conn.session == 7
 
         await asyncio.wait_for(bridge.wait_synced(), DEADLINE_S)
         await asyncio.wait_for(bridge.wait_idle(), DEADLINE_S)
+        # The Will was committed while the snapshot was still being written: before the
+        # last of the fleet's replayed births (commit times, not when this test polled).
+        will_ms, replay_end_ms = await asyncio.to_thread(_commit_times, db)
+        assert will_ms < replay_end_ms, (will_ms, replay_end_ms)
         # The snapshot carried both victims' births, older than their Wills (same
         # session): the session fence keeps the Will of the known device, and the Will
         # of the device the snapshot was still to create is applied after its birth.
