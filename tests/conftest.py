@@ -5,6 +5,7 @@ A missing service skips the test locally and fails it under ``CI=true``.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from sqlalchemy import Engine
 from bridge.db.engine import create_schema, make_engine
 from bridge.embedded_broker import EmbeddedBroker
 from bridge.testing.mosquitto import MosquittoNotFound, MosquittoProcess, find_binary
+from tests.support.agents import Agents
 from tests.support.bridge_harness import Db
 from tests.support.databases import DatabaseUnavailable, mariadb_database, postgres_database
 from tests.support.devices import FakeKiosk
@@ -148,3 +150,12 @@ async def kiosks() -> AsyncIterator[list[FakeKiosk]]:
     yield made
     for kiosk in made:
         kiosk.close()
+
+
+@pytest.fixture
+async def agents(tmp_path: Path) -> AsyncIterator[Agents]:
+    """Reference agents a test starts; closed at its end (modules may define their own)."""
+    holder = Agents(tmp_path)
+    yield holder
+    for agent in holder.made:
+        await asyncio.to_thread(agent.close)

@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,9 @@ from typer.testing import CliRunner, Result
 from bridge.cli import app
 from bridge.db.engine import create_schema, make_engine
 from bridge.db.models import CommandRecord, Connectivity, Remote
-from bridge.kiosk.agent import KioskAgent
 from bridge.outbox.api import enqueue
 from bridge.testing.mosquitto import MosquittoProcess
+from tests.support.agents import Agents
 from tests.support.bridge_harness import eventually, running_bridge
 
 CLEAN_ENV = dict.fromkeys(("KB_DB", "KB_BROKER", "KB_DEBUG", "COLUMNS"))
@@ -161,33 +161,6 @@ def test_progress_bar_on_a_terminal(db_engine: Engine, sqlite_url: str) -> None:
     assert "━" in text  # the bar
     assert "0/1" in text and "1 queued" in text, text
     assert "1 command: 1 queued" in text
-
-
-class Agents:
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.made: list[KioskAgent] = []
-
-    async def start(self, broker_url: str, device_id: str) -> KioskAgent:
-        agent = KioskAgent(
-            device_id,
-            broker_url,
-            state_dir=self.tmp_path / device_id,
-            fsync=False,
-            backoff_base_s=0.1,
-            backoff_cap_s=0.5,
-        )
-        self.made.append(agent)
-        await asyncio.to_thread(agent.start, 20)
-        return agent
-
-
-@pytest.fixture
-async def agents(tmp_path: Path) -> AsyncIterator[Agents]:
-    holder = Agents(tmp_path)
-    yield holder
-    for agent in holder.made:
-        await asyncio.to_thread(agent.close)
 
 
 async def test_fan_out_through_a_real_bridge(

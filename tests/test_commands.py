@@ -7,7 +7,6 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,44 +22,16 @@ from bridge.db.models import CommandRecord, Remote
 from bridge.db.rows import utc_naive
 from bridge.db.tables import table_of
 from bridge.embedded_broker import EmbeddedBroker
-from bridge.kiosk.agent import KioskAgent
 from bridge.outbox.api import CommandRequestError, enqueue
 from bridge.testing.mosquitto import MosquittoProcess
 from schemas import Ack, AckState, Command, TopicKind, device_topic, encode
+from tests.support.agents import Agents
 from tests.support.bridge_harness import Db, eventually, running_bridge
 from tests.support.devices import FakeKiosk, publish_raw
 from tests.support.mqtt import PahoClient
 from tests.support.ports import free_port
 
 TERMINAL = {"succeeded", "failed", "rejected", "expired", "cancelled", "superseded"}
-
-
-class Agents:
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.made: list[KioskAgent] = []
-
-    async def start(self, broker_url: str, device_id: str, **kwargs: Any) -> KioskAgent:
-        agent = KioskAgent(
-            device_id,
-            broker_url,
-            state_dir=self.tmp_path / device_id,
-            fsync=False,
-            backoff_base_s=0.1,
-            backoff_cap_s=0.5,
-            **kwargs,
-        )
-        self.made.append(agent)
-        await asyncio.to_thread(agent.start, 20)
-        return agent
-
-
-@pytest.fixture
-async def agents(tmp_path: Path) -> AsyncIterator[Agents]:
-    holder = Agents(tmp_path)
-    yield holder
-    for agent in holder.made:
-        await asyncio.to_thread(agent.close)
 
 
 @pytest.fixture

@@ -20,12 +20,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bridge.testing.managed import StartStop
 from bridge.testing.ports import free_port, port_accepts
 
 logger = logging.getLogger(__name__)
@@ -93,7 +92,7 @@ mqtt {{
 """
 
 
-class NatsCluster:
+class NatsCluster(StartStop):
     """Three (or ``size``) NATS nodes forming one JetStream cluster."""
 
     def __init__(self, size: int = 3, *, root: Path | None = None) -> None:
@@ -205,22 +204,6 @@ class NatsCluster:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _retained_round_trip(port: int, *, timeout: float) -> bool:

@@ -18,9 +18,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from bridge.testing.managed import StartStop
 from bridge.testing.ports import free_port, port_accepts
 
 READY_TIMEOUT_S = 90.0
@@ -48,7 +47,7 @@ def _find(name: str) -> str:
     return found
 
 
-class RabbitMQNode:
+class RabbitMQNode(StartStop):
     def __init__(self) -> None:
         self._server = _find("rabbitmq-server")
         self._ctl = _find("rabbitmqctl")
@@ -193,22 +192,6 @@ class RabbitMQNode:
             except OSError:
                 continue
         return "\n".join(texts) or "(no log)"
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 __all__ = ["RabbitMQNode", "RabbitMQNotFound", "RabbitMQStartError"]
