@@ -331,7 +331,9 @@ class PresenceStore:
     def snapshot_sessions(self) -> dict[str, int]:
         """Every known device and its stored session, including CMS rows never seen."""
         with self._engine.connect() as conn:
-            sessions = {r.device_id: int(r.session) for r in conn.execute(select(CONN))}
+            # Two columns, not the row: this reads the whole fleet after every snapshot.
+            rows = conn.execute(select(CONN.c.device_id, CONN.c.session))
+            sessions = {device_id: int(session) for device_id, session in rows}
             for row in conn.execute(
                 select(REMOTES.c.device_identifier).where(REMOTES.c.deleted_at.is_(None))
             ):

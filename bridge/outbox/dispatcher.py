@@ -132,6 +132,12 @@ class CommandDispatcher:
 
     def on_presence(self, results: Sequence[PresenceResult]) -> None:
         """A device came online: its queued commands are due now."""
+        if self._probe is not None and self._probe_s > 0:
+            # The outbox probe asks exactly this (a queued command of an online device)
+            # within milliseconds. Waking the full claim here ran it after every
+            # presence batch: a 100,000-device replay spent a twentieth of its time in
+            # claims that found nothing.
+            return
         if any(r.after.state is ConnState.ONLINE and r.verdict == "applied" for r in results):
             self._wake.set()
 
