@@ -32,6 +32,12 @@ from bridge._compat.aiomqtt import wrap_socket
 
 #: One read from the kernel: about 200 status messages.
 READ_SIZE = 65536
+#: Refills of the buffer per wake-up of the reader. aiomqtt's reader keeps calling
+#: ``loop_read`` while ``pending()`` is non-zero, and a refill in the middle of a packet
+#: (nearly every chunk ends in one) makes it non-zero again: while the broker keeps
+#: sending (a 200,000-message retained snapshot) one wake-up would not end, and no other
+#: task (the database writer, timers) would run until the broker paused.
+REFILLS_PER_WAKE = 1
 
 
 class BufferedSocket:
@@ -40,17 +46,25 @@ class BufferedSocket:
     Everything but ``recv`` and ``pending`` goes to the wrapped socket.
     """
 
-    __slots__ = ("_buffer", "_offset", "_sock", "_tls_pending")
+    __slots__ = ("_buffer", "_offset", "_refills", "_sock", "_tls_pending")
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
         self._buffer = b""
         self._offset = 0
+        self._refills = 0
         self._tls_pending = getattr(sock, "pending", None)
 
     def recv(self, size: int) -> bytes:
         available = len(self._buffer) - self._offset
         if available == 0:
+            if self._refills >= REFILLS_PER_WAKE:
+                # This wake-up has had its chunk: read only what the packet in hand
+                # needs, so the buffer ends empty with it and the reader returns to the
+                # event loop; the rest stays in the kernel, which wakes the reader again.
+                direct: bytes = self._sock.recv(size)
+                return direct
+            self._refills += 1
             # May raise BlockingIOError (or the TLS equivalents): paho's "try later".
             data: bytes = self._sock.recv(READ_SIZE)
             if len(data) <= size:
@@ -67,6 +81,10 @@ class BufferedSocket:
     def pending(self) -> int:
         """Bytes received from the kernel that paho has not read yet."""
         buffered = len(self._buffer) - self._offset
+        if not buffered:
+            # The reader stops here unless TLS holds more: the next wake-up may read a
+            # whole chunk again.
+            self._refills = 0
         return buffered + (self._tls_pending() if self._tls_pending is not None else 0)
 
     def __getattr__(self, name: str) -> Any:

@@ -24,7 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from bridge._compat.aiomqtt import paho_client
+from bridge._compat.aiomqtt import paho_client, take_messages
 from bridge.addresses import host_port
 from bridge.backoff import Backoff
 from bridge.broker_url import BrokerAddress, NodeCursor
@@ -44,6 +44,7 @@ from bridge.settings import Settings
 from bridge.tasks import cancel_and_wait
 from schemas import BridgePresence, ContractError, PresenceState, TopicKind, encode
 from schemas.codec import decode_bridge_presence
+from schemas.constants import BRIDGE_SEGMENT
 from schemas.topics import (
     bridge_instance_topic,
     bridge_instances_filter,
@@ -234,6 +235,8 @@ class MqttLink:
         self._last_peer_news: bytes | None = None
         #: Messages received since start (all topics): a measure of load for others.
         self.received = 0
+        #: The bridges' own topics (marker, instances): through the receive loop.
+        self._bridge_topics = f"{settings.prefix}/{BRIDGE_SEGMENT}/"
 
     @property
     def client(self) -> aiomqtt.Client | None:
@@ -355,8 +358,25 @@ class MqttLink:
                 clean_session=not persistent,
                 **common,  # type: ignore[arg-type]
             )
+        take_messages(client, self._take)
         # Acks and commands are small and latency-bound: do not let Nagle hold them.
         return buffer_reads(client, [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+
+    def _take(self, topic: str, payload: bytes, retained: bool) -> bool:
+        """A message as paho parses it: device traffic (nearly all of it) is handled
+        here at once; the bridges' own topics (the snapshot's marker, the instances'
+        presence) go on to the receive loop, which may have to await for them.
+
+        Handling device messages here, not through aiomqtt's queue and iterator, saves
+        a message object, a queue round and a loop turn per message (a 100,000-device
+        snapshot is 200,000 of them), and a Will reaches the ingest in the same turn of
+        the event loop as its bytes. The ingest only queues work (never awaits)."""
+        client = self._client
+        if client is None or topic.startswith(self._bridge_topics):
+            return False
+        self.received += 1
+        self._dispatch(client, topic, payload, retained)
+        return True
 
     def _shown(self) -> str:
         """The node of the current attempt, safe to log."""
@@ -565,10 +585,16 @@ class MqttLink:
             _raise_if_cancelled()
 
         async with self._make_client(v5) as client:
+            resyncer: asyncio.Task[None] | None = None
             try:
                 await self._connected(client, v5, sync_topic, marker[0], resync)
+                resyncer = asyncio.create_task(
+                    self._resync_when_asked(client, resync), name="kb-mqtt-resync"
+                )
                 await self._consume(client, sync_topic, marker, resync)
             finally:
+                if resyncer is not None:
+                    await cancel_and_wait(resyncer)
                 if self._follower is not None:
                     await cancel_and_wait(self._follower)
                     self._follower = None
@@ -646,9 +672,23 @@ class MqttLink:
                         await resync(client, "another bridge instance of the group is gone")
                     continue
                 self._dispatch(client, topic, bytes(payload), message.retain)
-            if self._resync_wanted.is_set():
-                self._resync_wanted.clear()
+
+    async def _resync_when_asked(
+        self,
+        client: aiomqtt.Client,
+        resync: Callable[[aiomqtt.Client, str], Awaitable[None]],
+    ) -> None:
+        """Re-read the retained presence each time :meth:`request_resync` asks (messages
+        are handled as paho parses them, outside any loop that could look)."""
+        while True:
+            await self._resync_wanted.wait()
+            self._resync_wanted.clear()
+            try:
                 await resync(client, "the presence buffer overflowed")
+            except aiomqtt.MqttError as exc:
+                # The receive loop sees the same broken connection and reconnects.
+                log.debug("could not re-read the retained presence: %s", exc)
+                return
 
     def _dispatch(
         self, client: aiomqtt.Client, topic: str, payload: bytes, retained: bool = False
