@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: How long replayed presence and telemetry wait, at most, while a snapshot is being
+#: read (see :meth:`DbWriter._snapshot_gate`).
+SNAPSHOT_GATE_S = 30.0
 #: Target duration of one write of replayed presence (see :meth:`DbWriter._replay_batch`).
 REPLAY_BATCH_S = 0.02
 REPLAY_BATCH_MIN = 64
@@ -69,6 +72,8 @@ class DbWriter:
         self._replay_row_s = 1e-4
         self._backoff = Backoff(base=0.2, cap=settings.db_retry_cap_s)
         self._db_healthy = True
+        #: Set by :meth:`drain`: everything queued is written now, snapshot or not.
+        self._draining = False
         self._transitions = transitions
         self._exemptions = exemptions
         #: Set each time the writer has nothing left to write (tests, shutdown).
@@ -128,6 +133,22 @@ class DbWriter:
                 await asyncio.sleep(delay)
                 ingest.wake.set()
 
+    def _snapshot_gate(self) -> float | None:
+        """Seconds replayed presence and telemetry still wait for the snapshot being
+        read (None: they do not wait). Live events never wait.
+
+        While a snapshot arrives, the event loop's thread is busy parsing it, and the
+        database thread gets the GIL back only at the loop thread's switch interval
+        after each of its many releases (every SQLite step): a replay batch written then
+        took hundreds of milliseconds, a Will waited behind it, and the whole restart
+        was slower than writing the replay once the snapshot is in. Bounded, so a
+        snapshot whose marker never returns cannot hold the fleet's state back."""
+        started = self._ingest.snapshot_started
+        if started is None or self._draining:
+            return None
+        left = started + SNAPSHOT_GATE_S - time.monotonic()
+        return left if left > 0 else None
+
     def _nothing_due(self) -> bool:
         return (
             not self._ingest.presence_pending
@@ -136,7 +157,12 @@ class DbWriter:
         )
 
     def _next_timeout(self) -> float | None:
-        if self._ingest.presence_pending:
+        if self._ingest.presence:
+            return 0
+        gate = self._snapshot_gate()
+        if gate is not None:
+            return gate
+        if self._ingest.replay:
             return 0
         deadlines: list[float] = []
         if self._ingest.status:
@@ -153,7 +179,12 @@ class DbWriter:
 
     async def _step(self) -> None:
         ingest = self._ingest
-        if ingest.presence_pending:
+        if ingest.presence:
+            await self._write_presence()
+            return
+        if self._snapshot_gate() is not None:
+            return
+        if ingest.replay:
             await self._write_presence()
             return
         if self._reconcile is not None and not self._reconcile.done():
@@ -344,10 +375,14 @@ class DbWriter:
 
     async def drain(self) -> None:
         """Wait until everything queued is written; callers bound it with a timeout."""
-        while not self._nothing_due():
-            self.idle.clear()
-            self._ingest.wake.set()
-            await self.idle.wait()
+        self._draining = True
+        try:
+            while not self._nothing_due():
+                self.idle.clear()
+                self._ingest.wake.set()
+                await self.idle.wait()
+        finally:
+            self._draining = False
 
 
 def _short(exc: BaseException) -> str:
