@@ -110,3 +110,23 @@ async def test_a_connected_client_reads_buffered_with_its_socket_options(
                 if len(got) == 300:
                     break
     assert got == [f"buffered/{n}" for n in range(300)]
+
+
+def test_a_wake_up_reads_one_chunk_then_only_what_the_packet_needs(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """While the broker keeps sending, aiomqtt's reader would go on for as long as the
+    buffer is refilled: after one chunk a wake-up reads only what paho asks for, so the
+    buffer ends empty and the reader goes back to the event loop."""
+    left, right = pair
+    left.sendall(b"x" * 100)
+    reader = BufferedSocket(right)
+    assert reader.recv(10) == b"x" * 10
+    assert reader.recv(90) == b"x" * 90
+    left.sendall(b"y" * 50)
+    # The wake-up has had its chunk: five bytes leave the kernel, not fifty.
+    assert reader.recv(5) == b"y" * 5
+    assert reader.pending() == 0
+    # The next wake-up (the kernel still holds 45 bytes) reads a chunk again.
+    assert reader.recv(5) == b"y" * 5
+    assert reader.pending() == 40

@@ -166,3 +166,14 @@ def test_the_fence_takes_a_silent_lost_like_a_will() -> None:
     # An announced offline of the same session keeps its reason.
     offline = DeviceState(state=ConnState.OFFLINE, session=5, since_ms=50, reason="reboot")
     assert apply_presence(offline, silent, rules).after.reason == "reboot"
+
+
+def test_an_interval_set_after_the_birth_shortens_the_bound_at_once() -> None:
+    clock = SilenceClock(SilencePolicy(status_interval_ms=30_000, keepalive_ms=2_000))
+    clock.born("fast", 1, 0)
+    clock.due(1_000, 0)  # its entry is already scheduled at the long bound
+    clock.set_interval("fast", 4_000)
+    assert clock.due(10_000, 0) == []
+    assert clock.due(10_001, 0) == [("fast", 1)]
+    # Reported once: nothing left to report for it.
+    assert clock.due(200_000, 0) == []
