@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bridge.db.presence_store import BirthInfo, PresenceItem
-from bridge.db.status_store import StatusItem
+from bridge.db.status_store import StatusItem, StatusValues
 from bridge.presence import ConnState, PresenceEvent
 from bridge.presence.fence import Offer, StatusHold
 from bridge.service.metrics import BridgeMetrics
@@ -246,7 +246,9 @@ class Ingest:
             # displace the real one before the fence ever sees it. The higher session
             # waits in the hold, which the writer re-checks.
             if status.session > pending.status.session:
-                self.hold_status(StatusItem(device_id, status, received_ms), received_ms)
+                self.hold_status(
+                    StatusItem(device_id, StatusValues.of(status), received_ms), received_ms
+                )
                 return
             self.hold_status(pending, received_ms)
             del self.status[device_id]
@@ -267,7 +269,7 @@ class Ingest:
                     self.status_min_interval_ms / 1000,
                 )
         self.status[device_id] = StatusItem(
-            device_id, status, received_ms, noisy=device_id in self.noisy
+            device_id, StatusValues.of(status), received_ms, noisy=device_id in self.noisy
         )
         self.wake.set()
 
