@@ -585,16 +585,27 @@ class MqttLink:
             _raise_if_cancelled()
 
         async with self._make_client(v5) as client:
-            resyncer: asyncio.Task[None] | None = None
+            loops: list[asyncio.Task[None]] = []
             try:
                 await self._connected(client, v5, sync_topic, marker[0], resync)
-                resyncer = asyncio.create_task(
-                    self._resync_when_asked(client, resync), name="kb-mqtt-resync"
-                )
-                await self._consume(client, sync_topic, marker, resync)
+                loops = [
+                    asyncio.create_task(
+                        self._consume(client, sync_topic, marker, resync),
+                        name=f"kb-mqtt-{self.role.value}-receive",
+                    ),
+                    asyncio.create_task(
+                        self._resync_when_asked(client, resync),
+                        name=f"kb-mqtt-{self.role.value}-resync",
+                    ),
+                ]
+                # Either ends only by an error of this connection (a re-read that
+                # failed included): the session ends with it and the link reconnects.
+                done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
+                for ended in done:
+                    ended.result()
             finally:
-                if resyncer is not None:
-                    await cancel_and_wait(resyncer)
+                for running in loops:
+                    await cancel_and_wait(running)
                 if self._follower is not None:
                     await cancel_and_wait(self._follower)
                     self._follower = None
@@ -683,12 +694,7 @@ class MqttLink:
         while True:
             await self._resync_wanted.wait()
             self._resync_wanted.clear()
-            try:
-                await resync(client, "the presence buffer overflowed")
-            except aiomqtt.MqttError as exc:
-                # The receive loop sees the same broken connection and reconnects.
-                log.debug("could not re-read the retained presence: %s", exc)
-                return
+            await resync(client, "the presence buffer overflowed")
 
     def _dispatch(
         self, client: aiomqtt.Client, topic: str, payload: bytes, retained: bool = False
