@@ -1,12 +1,14 @@
 """The CLI starts fast: ``--help`` of the root, ``devices`` and ``send`` in real processes
-under 0.5 s, none of them importing the heavy stacks; and no flag shows ``<bool>``."""
+import none of the heavy stacks; and no flag shows ``<bool>``.
+
+How long they take is measured beside a floor by ``bench/cli_startup.py``, not asserted
+here: a shared machine's load moves a start-up by more than the margin a budget has."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +21,6 @@ from bridge.cli import app
 from bridge.ops import choices, doctor, fleet
 
 KIOSK_BRIDGE = str(Path(sys.executable).with_name("kiosk-bridge"))
-BUDGET_S = 0.5
 #: Libraries a --help has no use for; each costs 0.1-0.5 s to import.
 HEAVY = ("sqlalchemy", "sqlmodel", "fastapi", "aiomqtt", "paho", "pydantic_settings", "amqtt")
 HELPS = (("--help",), ("devices", "--help"), ("send", "--help"))
@@ -42,19 +43,6 @@ def test_help_imports_no_heavy_library(args: tuple[str, ...]) -> None:
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
     heavy = sorted(m for m in imported if m.split(".")[0] in HEAVY)
     assert heavy == [], f"kiosk-bridge {' '.join(args)} imports {heavy[:10]}"
-
-
-@pytest.mark.parametrize("args", HELPS, ids=" ".join)
-def test_help_starts_within_budget(args: tuple[str, ...]) -> None:
-    # The best of several runs: the machine is shared, a single run measures the load.
-    best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
-        subprocess.run(
-            [KIOSK_BRIDGE, *args], capture_output=True, env=_env(), timeout=60, check=True
-        )
-        best = min(best, time.perf_counter() - started)
-    assert best < BUDGET_S, f"kiosk-bridge {' '.join(args)}: {best:.3f}s"
 
 
 def _commands(
