@@ -65,6 +65,8 @@ class DbWriter:
         self._reconcile: asyncio.Future[list[str]] | None = None
         self._reconcile_seen: set[str] = set()
         self._last_status_flush = 0.0
+        #: The last telemetry batch was full, so more is ready to be written now.
+        self._status_backlog = False
         #: Live events for devices the database does not know yet, received while a
         #: snapshot is read: applied again once it is (:meth:`request_reconcile`).
         self._after_snapshot: list[PresenceItem] = []
@@ -165,7 +167,13 @@ class DbWriter:
         if self._ingest.replay:
             return 0
         deadlines: list[float] = []
-        if self._ingest.status:
+        if self._ingest.status and self._status_backlog:
+            # The last batch was full: the next goes at once. Waiting out the flush timer
+            # after each one added 50 ms per 2,000 devices to a replay (2.5 s at
+            # 100,000). Not merely "as many pending as a batch": throttled devices stay
+            # pending without being written, and that would spin.
+            deadlines.append(0)
+        elif self._ingest.status:
             due = self._last_status_flush + self._settings.status_flush_s - time.monotonic()
             deadlines.append(max(0.0, due))
         if self._reconcile is not None and not self._reconcile.done():
@@ -193,7 +201,8 @@ class DbWriter:
         if self._rechecks and self._rechecks[0][0] <= now_ms():
             await self._do_rechecks()
         if ingest.status and (
-            time.monotonic() - self._last_status_flush >= self._settings.status_flush_s
+            self._status_backlog
+            or time.monotonic() - self._last_status_flush >= self._settings.status_flush_s
             or len(ingest.status) >= self._settings.status_batch_max
         ):
             await self._write_status()
@@ -289,6 +298,7 @@ class DbWriter:
             self._metrics.db_errors.labels("status").inc()
             raise
         self._last_status_flush = time.monotonic()
+        self._status_backlog = len(batch) >= self._settings.status_batch_max
         self._metrics.batch_seconds.labels("status").observe(time.perf_counter() - started)
         self._metrics.batch_size.labels("status").observe(len(batch))
         self._count_status(result)
