@@ -106,8 +106,13 @@ class SecurityStore:
         *,
         clock: Callable[[], int],
         token_storage: TokenStorage = "sha256",
+        read_engine: Engine | None = None,
     ) -> None:
+        """``read_engine``: for the periodic reads (``make_engine(..., read_only=True)``).
+        On SQLite every transaction of ``engine`` takes the write lock, so a poll on it
+        stalls the presence writer (profiled: 4 s of a 100,000-device restart)."""
         self._engine = engine
+        self._read_engine = read_engine or engine
         self._clock = clock
         self._token_storage = token_storage
         self._caps = capabilities(engine)
@@ -471,7 +476,7 @@ class SecurityStore:
         )
 
     def pending_rotations(self) -> list[PendingRotation]:
-        with self._engine.connect() as conn:
+        with self._read_engine.connect() as conn:
             rows = conn.execute(
                 select(
                     CRED.c.device_id,

@@ -125,13 +125,16 @@ class SecurityRuntime:
         reject: Callable[[str], None] | None = None,
         prefix: str = DEFAULT_PREFIX,
         shared_group: str | None = None,
+        read_engine: Engine | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self._prefix = prefix
         self._client = client
         self._engine = engine
-        self.store = SecurityStore(engine, clock=now_ms, token_storage=settings.token_storage)
+        self.store = SecurityStore(
+            engine, clock=now_ms, token_storage=settings.token_storage, read_engine=read_engine
+        )
         self.dynsec: DynsecClient | None = None
         backend: CredentialBackend
         if settings.credential_backend == "dynsec":

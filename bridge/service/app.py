@@ -199,6 +199,7 @@ class Bridge:
             reject=lambda reason: self.metrics.rejected.labels(reason).inc(),
             prefix=settings.prefix,
             shared_group=settings.shared_group,
+            read_engine=self.read_engine,
         )
         link_args = (settings, self.ingest, self.writer, self.metrics, package_version())
         # Live presence travels on the command link (MQTT 5, no retained replay), the
