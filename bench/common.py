@@ -162,8 +162,13 @@ class BridgeProcess:
         """``broker_url`` None: the embedded broker (``extra`` says where it listens)."""
         self.log_path = workdir / "bridge.log"
         self._log = self.log_path.open("wb")
-        exe = shutil.which("kiosk-bridge")
-        cmd = [exe] if exe else [sys.executable, "-m", "bridge"]
+        # This interpreter's console script: one on PATH may be a shim (pyenv's adds a
+        # bash and a second exec) or another installation. ``bridge`` has no __main__.
+        script = Path(sys.executable).with_name("kiosk-bridge")
+        exe = str(script) if script.is_file() else shutil.which("kiosk-bridge")
+        if exe is None:
+            raise RuntimeError("kiosk-bridge is not installed: pip install -e .")
+        cmd = [exe]
         broker = ["--broker", broker_url] if broker_url else []
         self.proc = subprocess.Popen(
             [*cmd, "run", *broker, "--db", db_url, "--log-level", "WARNING", *extra],
