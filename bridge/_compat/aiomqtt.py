@@ -3,11 +3,15 @@
 aiomqtt keeps its paho client as ``Client._client``, and paho builds its socket (TLS
 included) in ``Client._create_socket``; :func:`wrap_socket` puts a wrapper around each
 socket paho makes (``bridge.service.buffered_socket``). aiomqtt receives through paho's
-``on_message``; :func:`take_messages` puts a handler in front of it.
+``on_message``; :func:`take_messages` puts a handler in front of it. aiomqtt registers
+paho's reads as an event-loop reader; :func:`reader_of` reads it back from asyncio's
+selector, so that reading can be paused and resumed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -56,3 +60,21 @@ def take_messages(client: aiomqtt.Client, take: Callable[[str, bytes, bool], boo
     # per-filter callbacks first (a tenth of a message's cost in paho); aiomqtt
     # registers none.
     paho._handle_on_message = on_message
+
+
+def reader_of(loop: asyncio.AbstractEventLoop, fd: int) -> Callable[[], None] | None:
+    """What ``loop`` runs when ``fd`` is readable (aiomqtt's reader for a paho socket),
+    or None. asyncio has ``remove_reader`` but no way to read a reader back, and putting
+    one back needs its callback: the selector loop keeps the handle in its selector key.
+    """
+    selector = getattr(loop, "_selector", None)
+    if selector is None:
+        return None
+    try:
+        handle = selector.get_key(fd).data[0]
+    except (KeyError, ValueError, AttributeError, IndexError, TypeError):
+        return None
+    if handle is None or handle.cancelled():
+        return None
+    callback, args = handle._callback, handle._args
+    return functools.partial(callback, *args)

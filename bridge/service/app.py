@@ -56,6 +56,7 @@ from bridge.service.leadership import Leadership
 from bridge.service.metrics import BridgeMetrics
 from bridge.service.mqtt_link import BridgeIdentity, LinkRole, LivePresence, MqttLink
 from bridge.service.ports import ReconcileExemptions, StatesLiveness, TransitionFeed
+from bridge.service.read_pause import ReadPause
 from bridge.service.silence import SilenceWatch, policy_of
 from bridge.service.writer import DbWriter
 from bridge.settings import Settings
@@ -190,6 +191,7 @@ class Bridge:
             self._executor,
             transitions=self.transitions,
             exemptions=self.exemptions,
+            pause_snapshot=lambda: self.snapshot_reads.paused(),
         )
         self.security = SecurityRuntime(
             self.engine,
@@ -213,6 +215,9 @@ class Bridge:
             identity=self.identity,
             live=live,
         )
+        #: The presence link reads the retained snapshot: paused while a live event is
+        #: written during one, so the database thread has the GIL (see ReadPause).
+        self.snapshot_reads = ReadPause(self.link.socket)
         self.command_link = MqttLink(
             *link_args,
             role=LinkRole.COMMANDS,

@@ -16,7 +16,7 @@ import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -248,6 +248,11 @@ class MqttLink:
         if client is None or not paho_client(client).is_connected():
             return None
         return client
+
+    def socket(self) -> Any | None:
+        """The connected client's socket (for :class:`ReadPause`), or None."""
+        client = self.client
+        return None if client is None else paho_client(client).socket()
 
     def request_resync(self) -> None:
         """Ask for a re-read of the retained presence (from any part, no I/O here)."""

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -54,8 +55,12 @@ class DbWriter:
         *,
         transitions: TransitionFeed,
         exemptions: ReconcileExemptions,
+        pause_snapshot: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
+        """``pause_snapshot``: stops the snapshot's reads while a live event is written
+        during one (:class:`bridge.service.read_pause.ReadPause`)."""
         self._settings = settings
+        self._pause_snapshot = pause_snapshot
         self._ingest = ingest
         self._presence = presence_store
         self._status = status_store
@@ -222,8 +227,10 @@ class DbWriter:
             self._settings.presence_batch_max, replay_limit=self._replay_batch()
         )
         started = time.perf_counter()
+        live_during_snapshot = not batch.replay and self._ingest.snapshot_started is not None
         try:
-            results = await self._db(self._presence.apply_presence, batch)
+            with self._pause_snapshot() if live_during_snapshot else contextlib.nullcontext():
+                results = await self._db(self._presence.apply_presence, batch)
         except BaseException:
             self._ingest.requeue_presence(batch)
             self._metrics.db_errors.labels("presence").inc()
