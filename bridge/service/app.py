@@ -218,6 +218,7 @@ class Bridge:
         #: The presence link reads the retained snapshot: paused while a live event is
         #: written during one, so the database thread has the GIL (see ReadPause).
         self.snapshot_reads = ReadPause(self.link.socket)
+        self.ingest.on_live_during_snapshot = self._pause_snapshot_reads
         self.command_link = MqttLink(
             *link_args,
             role=LinkRole.COMMANDS,
@@ -318,6 +319,12 @@ class Bridge:
     def liveness(self) -> StatesLiveness:
         """Whether the states this bridge serves are live (as of the last heartbeat)."""
         return StatesLiveness(self.leadership.health, self.link.connected.is_set(), now_ms())
+
+    def _pause_snapshot_reads(self) -> None:
+        # Only a writer writes the live event that would end the pause; a standby's
+        # pause would last its full bound for nothing.
+        if self._writing is not None:
+            self.snapshot_reads.hold()
 
     def _standing_by(self) -> None:
         """Each beat of a standby: keep only what arrived within the window (the leader

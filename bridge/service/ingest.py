@@ -94,6 +94,9 @@ class Ingest:
     #: as it is queued.
     on_heard: Callable[[str, int], None] | None = None
     on_presence_event: Callable[[PresenceEvent], None] | None = None
+    #: A live presence event was queued while a snapshot is read (the reads pause
+    #: until it is written: :class:`bridge.service.read_pause.ReadPause`).
+    on_live_during_snapshot: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         # Built once: these are consulted for every message on the receive path.
@@ -228,6 +231,12 @@ class Ingest:
         (self.replay if replay else self.presence).append(item)
         self.metrics.buffer_depth.set(len(self.presence) + len(self.replay))
         self.wake.set()
+        if (
+            not replay
+            and self.snapshot_started is not None
+            and self.on_live_during_snapshot is not None
+        ):
+            self.on_live_during_snapshot()
         return True
 
     def put_status(self, device_id: str, status: Status, received_ms: int) -> None:

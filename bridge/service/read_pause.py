@@ -31,42 +31,61 @@ MAX_PAUSE_S = 1.0
 
 
 class ReadPause:
-    """Pauses the reads of whatever socket ``socket_of`` returns (None: nothing to pause)."""
+    """Pauses the reads of whatever socket ``socket_of`` returns (None: nothing to pause).
+
+    :meth:`hold` as soon as a live event is queued (the loop then parses nothing more
+    while the writer's task is scheduled and whatever runs before it on the database
+    thread finishes), :meth:`release` once it is written; :meth:`paused` is both.
+    """
 
     def __init__(
         self, socket_of: Callable[[], Any | None], *, max_pause_s: float = MAX_PAUSE_S
     ) -> None:
         self._socket_of = socket_of
         self._max_pause_s = max_pause_s
+        self._resume: Callable[[], None] | None = None
         #: Pauses taken (tests, metrics).
         self.pauses = 0
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
+    @property
+    def holding(self) -> bool:
+        return self._resume is not None
+
+    def hold(self) -> None:
+        """Take the reader off the loop now, until :meth:`release` or the bound; nothing
+        when already held or not connected. Only from the event loop's thread."""
+        if self._resume is not None:
+            return
         loop = asyncio.get_running_loop()
         sock = self._socket_of()
         fd = sock.fileno() if sock is not None else -1
         reader = reader_of(loop, fd) if fd >= 0 else None
         if sock is None or reader is None:
-            # Not connected, or already paused: nothing to take off.
-            yield
             return
         held: Any = sock
         loop.remove_reader(fd)
         self.pauses += 1
-        resumed = False
 
         def resume() -> None:
-            nonlocal resumed
-            if resumed:
+            if self._resume is not resume:
                 return
-            resumed = True
+            self._resume = None
             timer.cancel()
             if held.fileno() == fd and self._socket_of() is held and reader_of(loop, fd) is None:
                 loop.add_reader(fd, reader)
 
         timer = loop.call_later(self._max_pause_s, resume)
+        self._resume = resume
+
+    def release(self) -> None:
+        """Put the reader back (if it was taken and its connection is still the one)."""
+        if self._resume is not None:
+            self._resume()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.hold()
         try:
             yield
         finally:
-            resume()
+            self.release()
