@@ -132,3 +132,34 @@ def test_http_auth_401_path(bench: Any) -> None:
     assert figures["401 ms (kiosk-bridge)"]["p50"] > 0
     assert figures["401 ms (floor: bare starlette + dict)"]["p50"] > 0
     assert figures["ratio p99"] > 0
+
+
+def test_restart_prints_every_figure_beside_its_floor(bench: Any) -> None:
+    restart = bench("restart")
+    result = restart.run("sqlite", 300, 0.5)
+    figures = result.figures
+    for key in ("cold", "warm"):
+        assert figures[f"{key} / floor"] > 0
+    assert figures["floor: mosquitto_sub retained set s"] > 0
+    assert figures["RSS peak MiB"] > 0
+    # At 300 devices the replay may end before the first kill: the figures are still
+    # there, with n = 0, rather than missing.
+    deaths = figures["kill -> lost during replay ms"]
+    for key in (
+        "kill -> bare MQTT 5 subscriber ms (floor)",
+        "kill -> bridge received ms",
+        "bridge received -> committed ms",
+    ):
+        assert figures[key]["n"] == deaths["n"]
+
+
+def test_cli_startup_times_each_command_beside_its_floor(bench: Any) -> None:
+    result = bench("cli_startup").run(1)
+    ratios = {k: v for k, v in result.figures.items() if k.endswith(" ratio")}
+    assert set(ratios) == {
+        "--help ratio",
+        "devices --help ratio",
+        "send --help ratio",
+        "devices --json (100 rows) ratio",
+    }
+    assert all(ratio > 0 for ratio in ratios.values())
