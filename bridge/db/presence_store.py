@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
@@ -28,6 +28,7 @@ from bridge.presence import (
     ConnState,
     DeviceState,
     LegacyStatus,
+    LegacyView,
     PresenceEvent,
     PresenceRules,
     Verdict,
@@ -209,7 +210,7 @@ class PresenceStore:
         # Each device's final row is written once per batch, with prepared statements:
         # building a statement per event costs more than the SQL itself.
         writes = _BatchWrites(known=set(rows))
-        results: list[PresenceResult] = []
+        outcomes: list[tuple[str, str, DeviceState, DeviceState, LegacyView | None, int]] = []
         history: list[dict[str, Any]] = []
         now = self._clock()
         for item in items:
@@ -260,25 +261,28 @@ class PresenceStore:
                     "writer": self._writer,
                 }
             )
-            results.append(
-                PresenceResult(
-                    device_id=device_id,
-                    verdict=verdict,
-                    before=before,
-                    after=after,
-                    legacy=view.status if view else None,
-                    recheck_at_ms=view.recheck_at_ms if view else None,
-                    received_ms=event.received_ms,
-                    committed_ms=0,
-                )
-            )
+            outcomes.append((device_id, verdict, before, after, view, event.received_ms))
         writes.flush(conn, self._bulk)
         committed = self._clock()
         for row in history:
             row["committed_ms"] = committed
         if history:
             self._bulk.execute(conn, HIST, history)
-        return [replace(result, committed_ms=committed) for result in results]
+        # Built once the commit time is known: a replace() per result cost a tenth of a
+        # replayed birth's time.
+        return [
+            PresenceResult(
+                device_id=device_id,
+                verdict=verdict,
+                before=before,
+                after=after,
+                legacy=view.status if view else None,
+                recheck_at_ms=view.recheck_at_ms if view else None,
+                received_ms=received_ms,
+                committed_ms=committed,
+            )
+            for device_id, verdict, before, after, view, received_ms in outcomes
+        ]
 
     # -- legacy status that changes with time ----------------------------------------------
 
