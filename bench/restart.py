@@ -236,15 +236,23 @@ def _timed_restart(
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    if victims is not None:
-        assert online is not None
-        deaths = _kill_during_replay(engine, victims, bridge, devices, seq, online)
-    wait_until(lambda: _all_right(engine, devices, seq), timeout=900, interval=0.1, what="rows")
+    try:
+        if victims is not None:
+            assert online is not None
+            deaths = _kill_during_replay(engine, victims, bridge, devices, seq, online)
+        wait_until(lambda: _all_right(engine, devices, seq), timeout=900, interval=0.1, what="rows")
+    except BaseException:
+        # A bridge left running would hold the database and write for minutes more.
+        bridge.stop()
+        tail = bridge.log_path.read_text(errors="replace")[-2000:]
+        print(f"the bridge's log ends:\n{tail}", file=sys.stderr)
+        raise
+    finally:
+        if online is not None:
+            online.close()
+        stop.set()
+        sampler.join()
     took = time.monotonic() - started
-    if online is not None:
-        online.close()
-    stop.set()
-    sampler.join()
     times = bridge.ps.cpu_times()
     cpu = times.user + times.system - start_cpu
     return (
