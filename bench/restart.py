@@ -241,6 +241,7 @@ def _timed_restart(
             assert online is not None
             deaths = _kill_during_replay(engine, victims, bridge, devices, seq, online)
         wait_until(lambda: _all_right(engine, devices, seq), timeout=900, interval=0.1, what="rows")
+        took = time.monotonic() - started
     except BaseException:
         # A bridge left running would hold the database and write for minutes more.
         bridge.stop()
@@ -252,7 +253,6 @@ def _timed_restart(
             online.close()
         stop.set()
         sampler.join()
-    took = time.monotonic() - started
     times = bridge.ps.cpu_times()
     cpu = times.user + times.system - start_cpu
     return (
