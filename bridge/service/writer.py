@@ -41,9 +41,6 @@ SNAPSHOT_GATE_S = 30.0
 #: Target duration of one write of replayed presence (see :meth:`DbWriter._replay_batch`).
 REPLAY_BATCH_S = 0.02
 REPLAY_BATCH_MIN = 64
-#: Target duration of one telemetry write: a Will waits behind at most one. 2,000 rows
-#: (``status_batch_max``) took 150-175 ms on MariaDB and PostgreSQL during a replay.
-STATUS_BATCH_S = 0.05
 
 
 class DbWriter:
@@ -79,12 +76,7 @@ class DbWriter:
         #: snapshot is read: applied again once it is (:meth:`request_reconcile`).
         self._after_snapshot: list[PresenceItem] = []
         #: Seconds per replayed presence row, measured (a guess until the first batch).
-        #: Both start pessimistic (the first batches are the minimum, 64 rows) and grow
-        #: as they are measured: 1e-4 made the first replay batch 200 rows, about
-        #: 100 ms on MariaDB, with a Will waiting behind it.
-        self._replay_row_s = 1e-3
-        #: Seconds per telemetry row, measured the same way.
-        self._status_row_s = 1e-3
+        self._replay_row_s = 1e-4
         self._backoff = Backoff(base=0.2, cap=settings.db_retry_cap_s)
         self._db_healthy = True
         #: Set by :meth:`drain`: everything queued is written now, snapshot or not.
@@ -228,13 +220,7 @@ class DbWriter:
         """Replayed presence per write: as many as fit in :data:`REPLAY_BATCH_S`, so a
         live event that arrives meanwhile waits for about that long at most."""
         rows = int(REPLAY_BATCH_S / max(self._replay_row_s, 1e-7))
-        # The configured maximum wins over the minimum.
-        return min(self._settings.presence_batch_max, max(REPLAY_BATCH_MIN, rows))
-
-    def _status_batch(self) -> int:
-        """Telemetry per write: as many as fit in :data:`STATUS_BATCH_S`."""
-        rows = int(STATUS_BATCH_S / max(self._status_row_s, 1e-7))
-        return min(self._settings.status_batch_max, max(REPLAY_BATCH_MIN, rows))
+        return max(REPLAY_BATCH_MIN, min(self._settings.presence_batch_max, rows))
 
     async def _write_presence(self) -> None:
         batch = self._ingest.take_presence(
@@ -310,8 +296,7 @@ class DbWriter:
             self._ingest.replay.extend(unknown)
 
     async def _write_status(self) -> None:
-        limit = self._status_batch()
-        batch = self._ingest.take_status(limit, now_ms())
+        batch = self._ingest.take_status(self._settings.status_batch_max, now_ms())
         started = time.perf_counter()
         try:
             result = await self._db(self._status.apply_status, batch)
@@ -320,11 +305,8 @@ class DbWriter:
             self._metrics.db_errors.labels("status").inc()
             raise
         self._last_status_flush = time.monotonic()
-        took = time.perf_counter() - started
-        if batch:
-            self._status_row_s += 0.3 * (took / len(batch) - self._status_row_s)
-        self._status_backlog = len(batch) >= limit
-        self._metrics.batch_seconds.labels("status").observe(took)
+        self._status_backlog = len(batch) >= self._settings.status_batch_max
+        self._metrics.batch_seconds.labels("status").observe(time.perf_counter() - started)
         self._metrics.batch_size.labels("status").observe(len(batch))
         self._count_status(result)
         now = now_ms()
