@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -159,3 +160,13 @@ async def agents(tmp_path: Path) -> AsyncIterator[Agents]:
     yield holder
     for agent in holder.made:
         await asyncio.to_thread(agent.close)
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected pair of sockets; the right one does not block (the reading end)."""
+    left, right = socket.socketpair()
+    right.setblocking(False)
+    yield left, right
+    left.close()
+    right.close()

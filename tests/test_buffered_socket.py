@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
 
 import aiomqtt
 import pytest
@@ -15,15 +14,6 @@ from hypothesis import strategies as st
 
 from bridge.service.buffered_socket import READ_SIZE, BufferedSocket, buffer_reads
 from bridge.testing.mosquitto import MosquittoProcess
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    left, right = socket.socketpair()
-    right.setblocking(False)
-    yield left, right
-    left.close()
-    right.close()
 
 
 def test_small_reads_come_from_one_large_one(pair: tuple[socket.socket, socket.socket]) -> None:
