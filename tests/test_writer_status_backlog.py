@@ -7,7 +7,9 @@ writer spin."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 from bridge.clock import now_ms
 from bridge.service.app import Bridge
@@ -27,12 +29,20 @@ def _batches(bridge: Bridge) -> float:
     return value or 0.0
 
 
-async def _born(bridge: Bridge, db: Db, ids: list[str]) -> None:
-    birth = encode(PresenceOnline(session=1, ts=now_ms()))
-    for device_id in ids:
-        bridge.ingest.handle(device_topic(device_id, TopicKind.PRESENCE), birth, now_ms())
-    for device_id in ids:
-        await eventually(lambda d=device_id: db.connectivity(d), lambda c: c is not None)
+@contextlib.asynccontextmanager
+async def _fleet_born(
+    mosquitto: MosquittoProcess, db_url: str, db: Db, name: str, **settings: float
+) -> AsyncIterator[tuple[Bridge, list[str]]]:
+    """A bridge with ``settings`` (batches of :data:`BATCH`) and ``DEVICES`` devices
+    named ``{name}-NN`` whose births are written."""
+    ids = [f"{name}-{n:02d}" for n in range(DEVICES)]
+    async with running_bridge(mosquitto.url, db_url, status_batch_max=BATCH, **settings) as bridge:
+        birth = encode(PresenceOnline(session=1, ts=now_ms()))
+        for device_id in ids:
+            bridge.ingest.handle(device_topic(device_id, TopicKind.PRESENCE), birth, now_ms())
+        for device_id in ids:
+            await eventually(lambda d=device_id: db.connectivity(d), lambda c: c is not None)
+        yield bridge, ids
 
 
 def _report(bridge: Bridge, ids: list[str], seq: int, battery: int) -> None:
@@ -44,15 +54,9 @@ def _report(bridge: Bridge, ids: list[str], seq: int, battery: int) -> None:
 async def test_a_backlog_of_telemetry_is_written_without_waiting_for_the_timer(
     mosquitto: MosquittoProcess, db_url: str, db: Db
 ) -> None:
-    ids = [f"backlog-{n:02d}" for n in range(DEVICES)]
-    async with running_bridge(
-        mosquitto.url,
-        db_url,
-        status_flush_s=FLUSH_S,
-        status_batch_max=BATCH,
-        status_min_interval_s=0,
-    ) as bridge:
-        await _born(bridge, db, ids)
+    async with _fleet_born(
+        mosquitto, db_url, db, "backlog", status_flush_s=FLUSH_S, status_min_interval_s=0
+    ) as (bridge, ids):
         started = time.monotonic()
         _report(bridge, ids, seq=1, battery=55)
         # The first batch goes at once (the timer has long run out); the rest follows
@@ -71,15 +75,9 @@ async def test_a_backlog_of_telemetry_is_written_without_waiting_for_the_timer(
 async def test_throttled_telemetry_does_not_make_the_writer_spin(
     mosquitto: MosquittoProcess, db_url: str, db: Db
 ) -> None:
-    ids = [f"throttled-{n:02d}" for n in range(DEVICES)]
-    async with running_bridge(
-        mosquitto.url,
-        db_url,
-        status_flush_s=0.05,
-        status_batch_max=BATCH,
-        status_min_interval_s=3600,
-    ) as bridge:
-        await _born(bridge, db, ids)
+    async with _fleet_born(
+        mosquitto, db_url, db, "throttled", status_flush_s=0.05, status_min_interval_s=3600
+    ) as (bridge, ids):
         _report(bridge, ids, seq=1, battery=40)
         await eventually(
             lambda: db.remote(ids[-1]), lambda r: r.battery_level == 40, what="first reports"
