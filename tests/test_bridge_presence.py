@@ -290,9 +290,15 @@ async def test_database_outage_loses_nothing(
                     what="a failed write while locked",
                 )
                 # Held, not dropped: back in the buffer after each failed attempt (while
-                # an attempt is in flight the batch is out of it, so poll).
+                # an attempt is in flight the batch is out of it, so poll). An attempt
+                # waits out SQLite's 10 s busy timeout and the batch is back for only the
+                # retry's backoff: under load one poll can miss that window, so give it
+                # several attempts.
                 await eventually(
-                    lambda: len(bridge.ingest.presence), lambda n: n >= 1, what="events held"
+                    lambda: len(bridge.ingest.presence),
+                    lambda n: n >= 1,
+                    within=45,
+                    what="events held",
                 )
             finally:
                 blocker.execute("ROLLBACK")
