@@ -96,6 +96,10 @@ class RawPublisher:
             self.sock.sendall(b"".join(packets[offset : offset + chunk]))
         return time.monotonic() - start
 
+    def reader_alive(self) -> bool:
+        """Whether the broker still holds this connection open."""
+        return self._reader.is_alive()
+
     def wait_acked(self, total: int, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while self.acked < total:

@@ -182,7 +182,6 @@ class MqttLink:
         self._presence_subs: set[str] = set()
         #: Whether a snapshot was asked for and its marker has not come back yet.
         self._snapshot_open = False
-        self._follower: asyncio.Task[None] | None = None
         self._ingest = ingest
         self._writer = writer
         self._metrics = metrics
@@ -592,7 +591,7 @@ class MqttLink:
         async with self._make_client(v5) as client:
             loops: list[asyncio.Task[None]] = []
             try:
-                await self._connected(client, v5, sync_topic, marker[0], resync)
+                await self._connected(client, v5, sync_topic, marker[0])
                 loops = [
                     asyncio.create_task(
                         self._consume(client, sync_topic, marker, resync),
@@ -603,17 +602,30 @@ class MqttLink:
                         name=f"kb-mqtt-{self.role.value}-resync",
                     ),
                 ]
-                # Either ends only by an error of this connection (a re-read that
-                # failed included): the session ends with it and the link reconnects.
+                if self.role is LinkRole.PRESENCE and self._live is not None:
+                    loops.append(
+                        asyncio.create_task(
+                            self._follow_live(client, resync), name="kb-mqtt-follow-live"
+                        )
+                    )
+                # Each ends only by an error of this connection (a re-read or a hand-over
+                # that failed included): the session ends with it and the link
+                # reconnects and re-reads. A follower that died alone would leave live
+                # presence to a subscription that may be gone, and births unheard.
                 done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
                 for ended in done:
                     ended.result()
             finally:
                 for running in loops:
-                    await cancel_and_wait(running)
-                if self._follower is not None:
-                    await cancel_and_wait(self._follower)
-                    self._follower = None
+                    # Every loop ends with its connection; the error that ended the
+                    # session is raised above. Another loop's error from the same broken
+                    # connection must not cut this cleanup short: the loops after it
+                    # would outlive their connection, and the command link would never
+                    # hand live presence back (births unheard while it reconnects).
+                    try:
+                        await cancel_and_wait(running)
+                    except Exception as exc:
+                        log.debug("%s ended with its connection: %r", running.get_name(), exc)
                 task = asyncio.current_task()
                 stopping = task is not None and task.cancelling()
                 if self.role is LinkRole.COMMANDS and self._live is not None and not stopping:
@@ -627,10 +639,8 @@ class MqttLink:
         v5: bool,
         sync_topic: str,
         marker: str,
-        resync: Callable[[aiomqtt.Client, str], Awaitable[None]],
     ) -> None:
-        """Just connected: say so, subscribe, and (presence link) follow the live
-        presence subscription."""
+        """Just connected: say so and subscribe."""
         presence = self.role is LinkRole.PRESENCE
         group = self._settings.shared_group
         self._client = client
@@ -652,10 +662,6 @@ class MqttLink:
         )
         if presence:
             await self._subscribe_presence(client, group, sync_topic, marker)
-            if self._live is not None:
-                self._follower = asyncio.create_task(
-                    self._follow_live(client, resync), name="kb-mqtt-follow-live"
-                )
         else:
             await self._subscribe_commands(client, group, v5)
         self.connected.set()
@@ -744,8 +750,12 @@ class MqttLink:
         else:
             return
         for topic_filter in sorted(drop & self._presence_subs):
-            await client.unsubscribe(topic_filter)
+            # Forgotten before the UNSUBSCRIBE goes out, not after its UNSUBACK: should the
+            # live subscription be lost meanwhile, the follower must find no presence
+            # subscription here and re-read, or live presence would have no subscriber
+            # at all (births unheard until the next reconnect).
             self._presence_subs.discard(topic_filter)
+            await client.unsubscribe(topic_filter)
         _raise_if_cancelled()
 
     async def _follow_live(
@@ -762,16 +772,11 @@ class MqttLink:
         while True:
             await live.changed.wait()
             live.changed.clear()
-            try:
-                if live.ready:
-                    if not self._snapshot_open:
-                        await self._hand_over(client)
-                elif not self._presence_subs:
-                    await resync(client, "the live presence subscription was lost")
-            except aiomqtt.MqttError as exc:
-                # The receive loop sees the same broken connection and reconnects.
-                log.debug("could not follow the live presence subscription: %s", exc)
-                return
+            if live.ready:
+                if not self._snapshot_open:
+                    await self._hand_over(client)
+            elif not self._presence_subs:
+                await resync(client, "the live presence subscription was lost")
 
     async def _subscribe_presence(
         self, client: aiomqtt.Client, group: str | None, sync_topic: str, marker: str
