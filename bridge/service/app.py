@@ -56,6 +56,7 @@ from bridge.service.leadership import Leadership
 from bridge.service.metrics import BridgeMetrics
 from bridge.service.mqtt_link import BridgeIdentity, LinkRole, LivePresence, MqttLink
 from bridge.service.ports import ReconcileExemptions, StatesLiveness, TransitionFeed
+from bridge.service.presence_reread import PresenceReread
 from bridge.service.read_pause import ReadPause
 from bridge.service.silence import SilenceWatch, policy_of
 from bridge.service.writer import DbWriter
@@ -192,6 +193,7 @@ class Bridge:
             transitions=self.transitions,
             exemptions=self.exemptions,
             pause_snapshot=lambda: self.snapshot_reads.paused(),
+            birth_missing=lambda device_id: self.presence_reread.request(device_id),
         )
         self.security = SecurityRuntime(
             self.engine,
@@ -219,6 +221,14 @@ class Bridge:
         #: written during one, so the database thread has the GIL (see ReadPause).
         self.snapshot_reads = ReadPause(self.link.socket)
         self.ingest.on_live_during_snapshot = self._pause_snapshot_reads
+        #: Telemetry whose birth never came: the device's retained presence, read again.
+        self.presence_reread = PresenceReread(
+            prefix=settings.prefix,
+            client=lambda: self.link.client,
+            keep_subscribed=lambda: self.link.mode.per_device_reconcile,
+            metrics=self.metrics,
+            batch=settings.reconcile_batch,
+        )
         self.command_link = MqttLink(
             *link_args,
             role=LinkRole.COMMANDS,
@@ -461,6 +471,8 @@ class Bridge:
                     stack, "silence watch", owned_task("kb-silence", self.silence.run)
                 )
             await self._enter(stack, "discovery", owned_task("kb-discover", self.link.discover))
+            reread = owned_task("kb-presence-reread", self.presence_reread.run)
+            await self._enter(stack, "presence re-read", reread)
             if settings.metrics_port is not None:
                 server = await self._enter(
                     stack,

@@ -100,6 +100,12 @@ class BridgeMetrics:
             ["state"],
             registry=r,
         )
+        self.presence_rereads = Counter(
+            "kb_presence_rereads",
+            "Devices whose retained presence was read again: telemetry of a session whose "
+            "birth never arrived",
+            registry=r,
+        )
         self.reconciled_unknown = Counter(
             "kb_reconciled_unknown", "Devices set unknown by reconciliation", registry=r
         )

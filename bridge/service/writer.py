@@ -56,11 +56,14 @@ class DbWriter:
         transitions: TransitionFeed,
         exemptions: ReconcileExemptions,
         pause_snapshot: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+        birth_missing: Callable[[str], object] = lambda _device_id: None,
     ) -> None:
         """``pause_snapshot``: stops the snapshot's reads while a live event is written
         during one (:class:`bridge.service.read_pause.ReadPause`)."""
         self._settings = settings
         self._pause_snapshot = pause_snapshot
+        #: Told of a device whose telemetry waited for a birth that never came.
+        self._birth_missing = birth_missing
         self._ingest = ingest
         self._presence = presence_store
         self._status = status_store
@@ -360,6 +363,7 @@ class DbWriter:
                 f"no birth of its session within {ingest.held.hold_ms / 1000:g}s "
                 "(presence is of an older session)",
             )
+            self._birth_missing(item.device_id)
         else:
             self._metrics.status_skipped.labels(reason).inc()
             log.debug("status skipped reason=%s device=%s", reason, item.device_id)
