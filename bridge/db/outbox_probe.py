@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from bridge.commands.lifecycle import CommandState
 from bridge.db.models import CommandRecord, Connectivity
@@ -44,17 +44,35 @@ class OutboxProbe:
         self._conn: Connection | None = None
 
     def due(self) -> bool:
-        if self._conn is None:
-            self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        conn = self._conn if self._conn is not None else self._connect()
         now = utc_naive(self._clock())
         at = self._bind_at(now) if self._bind_at is not None else now
         try:
-            row = self._conn.exec_driver_sql(self._sql, (CommandState.QUEUED.value, at)).first()
+            row = conn.exec_driver_sql(self._sql, (CommandState.QUEUED.value, at)).first()
         except SQLAlchemyError:
             # A broken connection is replaced at the next probe.
             self.close()
             raise
         return row is not None
+
+    def _connect(self) -> Connection:
+        conn = self._engine.connect()
+        try:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+        except SQLAlchemyError:
+            conn.invalidate()
+            raise
+        except self._engine.dialect.loaded_dbapi.Error as exc:
+            # Setting the isolation level talks to the server outside SQLAlchemy's error
+            # wrapping: a connection lost just then raised the driver's own error, which
+            # the dispatcher's probe loop did not expect, and ended it (and the bridge's
+            # shutdown re-raised it). Wrapped like any other database error.
+            conn.invalidate()
+            raise DBAPIError.instance(
+                None, None, exc, self._engine.dialect.loaded_dbapi.Error
+            ) from exc
+        self._conn = conn
+        return conn
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
