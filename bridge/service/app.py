@@ -221,6 +221,10 @@ class Bridge:
         #: written during one, so the database thread has the GIL (see ReadPause).
         self.snapshot_reads = ReadPause(self.link.socket)
         self.ingest.on_live_during_snapshot = self._pause_snapshot_reads
+        # A live event queued just before the marker may be written after it, outside
+        # the writer's pause: without this its pause would last its full bound (1 s of
+        # a deaf presence link, its SUBACKs and UNSUBACKs unread).
+        self.ingest.on_snapshot_end = self.snapshot_reads.release
         #: Telemetry whose birth never came: the device's retained presence, read again.
         self.presence_reread = PresenceReread(
             prefix=settings.prefix,

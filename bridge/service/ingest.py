@@ -97,6 +97,8 @@ class Ingest:
     #: A live presence event was queued while a snapshot is read (the reads pause
     #: until it is written: :class:`bridge.service.read_pause.ReadPause`).
     on_live_during_snapshot: Callable[[], None] | None = None
+    #: The snapshot's marker came back: its reads need no pause any more.
+    on_snapshot_end: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         # Built once: these are consulted for every message on the receive path.
@@ -378,4 +380,6 @@ class Ingest:
     def end_snapshot(self) -> set[str]:
         seen, self.seen = self.seen or set(), None
         self.snapshot_started = None
+        if self.on_snapshot_end is not None:
+            self.on_snapshot_end()
         return seen

@@ -145,6 +145,10 @@ class LivePresence:
         self._ready = False
         #: Set at every change of :attr:`ready`; the presence link waits on it.
         self.changed = asyncio.Event()
+        #: Times the live subscription was lost. The command link can drop and come
+        #: back before the presence link looks (or while it waits on the broker): the
+        #: count, not :attr:`ready` alone, tells it that a gap was left to re-read.
+        self.losses = 0
 
     @property
     def ready(self) -> bool:
@@ -153,6 +157,8 @@ class LivePresence:
     def set(self, ready: bool) -> None:
         if ready != self._ready:
             self._ready = ready
+            if not ready:
+                self.losses += 1
             self.changed.set()
 
 
@@ -182,6 +188,9 @@ class MqttLink:
         self._presence_subs: set[str] = set()
         #: Whether a snapshot was asked for and its marker has not come back yet.
         self._snapshot_open = False
+        #: :attr:`LivePresence.losses` as of the last time this link's own presence
+        #: subscription covered live presence: a loss after it left a gap to re-read.
+        self._losses_covered = 0
         self._ingest = ingest
         self._writer = writer
         self._metrics = metrics
@@ -581,9 +590,12 @@ class MqttLink:
             marker[0] = uuid.uuid4().hex
             self._ingest.start_snapshot()
             self._snapshot_open = True
+            self._presence_subs.discard(presence_filter)
             await client.unsubscribe(presence_filter)
-            await client.subscribe(presence_filter, qos=1)
+            # The subscription's retained replay covers every loss until now.
+            self._note_covered()
             self._presence_subs.add(presence_filter)
+            await client.subscribe(presence_filter, qos=1)
             await self._replay_each_device(client)
             await client.publish(sync_topic, marker[0].encode(), qos=1)
             _raise_if_cancelled()
@@ -740,6 +752,7 @@ class MqttLink:
             # The live subscription was acknowledged before this UNSUBSCRIBE is sent, so
             # every event is routed to one of the two: none falls between them.
             drop = set(self._presence_subs)
+            self._note_covered()
         elif group:
             # Shared subscriptions get no retained messages: the plain one read the
             # snapshot and the group's carries this member's share from now on.
@@ -772,11 +785,15 @@ class MqttLink:
         while True:
             await live.changed.wait()
             live.changed.clear()
-            if live.ready:
-                if not self._snapshot_open:
-                    await self._hand_over(client)
-            elif not self._presence_subs:
+            gap = not live.ready or live.losses != self._losses_covered
+            if gap and not self._presence_subs:
                 await resync(client, "the live presence subscription was lost")
+            elif live.ready and not self._snapshot_open:
+                await self._hand_over(client)
+
+    def _note_covered(self) -> None:
+        if self._live is not None:
+            self._losses_covered = self._live.losses
 
     async def _subscribe_presence(
         self, client: aiomqtt.Client, group: str | None, sync_topic: str, marker: str
@@ -794,6 +811,7 @@ class MqttLink:
         # The snapshot's own subscription (shared ones get no retained messages). Dropped
         # once the snapshot is in and live presence is taken care of (:meth:`_hand_over`).
         self._presence_subs = {presence_filter}
+        self._note_covered()
         await client.subscribe(presence_filter, qos=1)
         # Telemetry at QoS 0: it is last-value-wins and retained, so what a PUBACK round
         # would protect is re-read from the retained copy on every (re)connect, and the
