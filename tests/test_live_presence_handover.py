@@ -13,14 +13,14 @@ import asyncio
 import sys
 from pathlib import Path
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from bridge.broker_url import parse_broker_url
 from bridge.db.engine import make_engine
-from bridge.db.models import Connectivity
 from schemas import PresenceOnline, TopicKind, device_topic, encode
 from tests.conftest import MosquittoFactory
 from tests.support.bridge_harness import eventually, running_bridge
+from tests.support.faults import table_states
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from rawpub import RawPublisher
@@ -32,15 +32,8 @@ ROUNDS = 12
 STEP_S = 0.002
 
 
-def _sessions(engine: Engine) -> dict[str, tuple[str, int]]:
-    table = Connectivity.__table__
-    with engine.connect() as conn:
-        rows = conn.execute(
-            select(table.c.device_id, table.c.state, table.c.session).where(
-                table.c.device_id.like("flap-%")
-            )
-        )
-        return {row.device_id: (row.state, int(row.session)) for row in rows}
+def _flap_states(engine: Engine) -> dict[str, tuple[str, int]]:
+    return {d: row for d, row in table_states(engine).items() if d.startswith("flap-")}
 
 
 async def test_births_are_not_lost_while_the_command_link_drops_and_returns(
@@ -82,7 +75,7 @@ async def test_births_are_not_lost_while_the_command_link_drops_and_returns(
             finally:
                 births.close()
             table = await eventually(
-                lambda: asyncio.to_thread(_sessions, engine),
+                lambda: asyncio.to_thread(_flap_states, engine),
                 lambda rows: rows == want,
                 what="every birth in the table",
             )

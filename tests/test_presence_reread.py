@@ -13,16 +13,16 @@ import sys
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from bridge.broker_url import parse_broker_url
 from bridge.db.engine import make_engine
-from bridge.db.models import Connectivity
 from bridge.service.metrics import BridgeMetrics
 from bridge.service.presence_reread import MIN_INTERVAL_S, PresenceReread
 from schemas import PresenceOnline, Status, TopicKind, device_topic, encode
 from tests.conftest import MosquittoFactory
 from tests.support.bridge_harness import eventually, running_bridge
+from tests.support.faults import table_states
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from rawpub import RawPublisher
@@ -61,12 +61,7 @@ def _birth(session: int) -> tuple[str, bytes]:
 
 
 def _row(engine: Engine) -> tuple[str, int] | None:
-    table = Connectivity.__table__
-    with engine.connect() as conn:
-        row = conn.execute(
-            select(table.c.state, table.c.session).where(table.c.device_id == DEVICE)
-        ).first()
-    return None if row is None else (row.state, int(row.session))
+    return table_states(engine).get(DEVICE)
 
 
 async def test_a_missed_birth_is_read_again_and_written(
