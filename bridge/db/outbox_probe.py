@@ -57,20 +57,19 @@ class OutboxProbe:
 
     def _connect(self) -> Connection:
         conn = self._engine.connect()
+        driver_error = self._engine.dialect.loaded_dbapi.Error
         try:
             conn.execution_options(isolation_level="AUTOCOMMIT")
-        except SQLAlchemyError:
+        except (SQLAlchemyError, driver_error) as exc:
             conn.invalidate()
-            raise
-        except self._engine.dialect.loaded_dbapi.Error as exc:
+            conn.close()
+            if isinstance(exc, SQLAlchemyError):
+                raise
             # Setting the isolation level talks to the server outside SQLAlchemy's error
             # wrapping: a connection lost just then raised the driver's own error, which
             # the dispatcher's probe loop did not expect, and ended it (and the bridge's
             # shutdown re-raised it). Wrapped like any other database error.
-            conn.invalidate()
-            raise DBAPIError.instance(
-                None, None, exc, self._engine.dialect.loaded_dbapi.Error
-            ) from exc
+            raise DBAPIError.instance(None, None, exc, driver_error) from exc
         self._conn = conn
         return conn
 

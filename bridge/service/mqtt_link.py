@@ -590,11 +590,12 @@ class MqttLink:
             marker[0] = uuid.uuid4().hex
             self._ingest.start_snapshot()
             self._snapshot_open = True
-            self._presence_subs.discard(presence_filter)
+            # Kept in the set throughout: it is replaced, never given up (a follower that
+            # found it missing here would start a second re-read).
+            self._presence_subs.add(presence_filter)
             await client.unsubscribe(presence_filter)
             # The subscription's retained replay covers every loss until now.
             self._note_covered()
-            self._presence_subs.add(presence_filter)
             await client.subscribe(presence_filter, qos=1)
             await self._replay_each_device(client)
             await client.publish(sync_topic, marker[0].encode(), qos=1)

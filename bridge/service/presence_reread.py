@@ -106,24 +106,25 @@ class PresenceReread:
                 await self._subscribe(batch)
 
     async def _subscribe(self, devices: list[str]) -> None:
+        shown = ", ".join(devices[:20]) + (" ..." if len(devices) > 20 else "")
         client = self._client()
-        topics = [device_topic(d, TopicKind.PRESENCE, self._prefix) for d in devices]
-        log.warning(
-            "telemetry of a session whose birth never arrived: re-reading the retained "
-            "presence of %d devices: %s%s",
-            len(devices),
-            ", ".join(devices[:20]),
-            " ..." if len(devices) > 20 else "",
-        )
-        self._metrics.presence_rereads.inc(len(devices))
         if client is None:
             # Not connected: the next connection reads every retained presence anyway.
+            log.warning("births never arrived for %s; the next connection re-reads them", shown)
             return
+        topics = [device_topic(d, TopicKind.PRESENCE, self._prefix) for d in devices]
         try:
             await client.subscribe([(topic, 1) for topic in topics])
         except aiomqtt.MqttError as exc:
-            log.warning("could not re-read the presence of %d devices: %s", len(devices), exc)
+            log.warning("could not re-read the presence of %s: %s", shown, exc)
             return
+        log.warning(
+            "telemetry of a session whose birth never arrived: re-reading the retained "
+            "presence of %d devices: %s",
+            len(devices),
+            shown,
+        )
+        self._metrics.presence_rereads.inc(len(devices))
         if not self._keep_subscribed():
             self._expiring.append((self._clock() + self._hold_s, topics))
 
