@@ -5,13 +5,18 @@ own "nothing yet" and end of stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import Callable, Iterator
 
 import aiomqtt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import bridge._compat.aiomqtt as aiomqtt_compat
+from bridge._compat.aiomqtt import take_messages
+from bridge.mqtt_publish import Publish
 from bridge.service.buffered_socket import READ_SIZE, BufferedSocket, buffer_reads
 from bridge.testing.mosquitto import MosquittoProcess
 
@@ -120,3 +125,88 @@ def test_a_wake_up_reads_one_chunk_then_only_what_the_packet_needs(
     # The next wake-up (the kernel still holds 45 bytes) reads a chunk again.
     assert reader.recv(5) == b"y" * 5
     assert reader.pending() == 40
+
+
+def _taking_client(
+    mosquitto: MosquittoProcess,
+    name: str,
+    protocol: aiomqtt.ProtocolVersion,
+    arrived: Callable[[], None],
+) -> tuple[aiomqtt.Client, list[tuple[str, bytes, bool]]]:
+    """A client whose messages under ``fast/keep/`` are taken as parsed, the rest queued."""
+    taken: list[tuple[str, bytes, bool]] = []
+
+    def take(topic: str, payload: bytes, retained: bool) -> bool:
+        if not topic.startswith("fast/keep/"):
+            return False
+        taken.append((topic, payload, retained))
+        arrived()
+        return True
+
+    client = aiomqtt.Client(mosquitto.host, mosquitto.port, identifier=name, protocol=protocol)
+    take_messages(client, take)
+    return buffer_reads(client), taken
+
+
+@pytest.mark.mosquitto
+@pytest.mark.parametrize("protocol", [aiomqtt.ProtocolVersion.V311, aiomqtt.ProtocolVersion.V5])
+async def test_a_retained_burst_is_taken_acknowledged_and_declined_in_order(
+    mosquitto: MosquittoProcess,
+    protocol: aiomqtt.ProtocolVersion,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """3,000 retained QoS 1 messages, far more than the broker sends unacknowledged (20):
+    they all arrive only if every PUBACK goes out. On 3.1.1 they are split off the
+    buffer (counted here), on MQTT 5 paho reads them; either way each is taken or
+    queued once, in order, with its retain flag."""
+    split = 0
+    real = aiomqtt_compat.publishes
+
+    def counting(buffer: bytes, start: int) -> Iterator[Publish]:
+        nonlocal split
+        for publish in real(buffer, start):
+            split += 1
+            yield publish
+
+    monkeypatch.setattr(aiomqtt_compat, "publishes", counting)
+    topics = [f"fast/{'keep' if n % 100 else 'queue'}/{n}" for n in range(3_000)]
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="fast-seed") as seed:
+        for n, topic in enumerate(topics):
+            await seed.publish(topic, f"{n:04d}".encode() * 10, qos=1, retain=True)
+    queued: list[tuple[str, bytes, bool]] = []
+    all_in = asyncio.Event()
+
+    def arrived() -> None:
+        if len(queued) + len(taken) == len(topics):
+            all_in.set()
+
+    client, taken = _taking_client(mosquitto, f"fast-{protocol.name}", protocol, arrived)
+
+    async def queue_them() -> None:
+        async for message in client.messages:
+            assert isinstance(message.payload, bytes)
+            queued.append((message.topic.value, message.payload, message.retain))
+            arrived()
+
+    async with client:
+        await client.subscribe("fast/#", qos=1)
+        receiving = asyncio.create_task(queue_them())
+        try:
+            async with asyncio.timeout(30):
+                await all_in.wait()
+        finally:
+            receiving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await receiving
+    # Retained messages come in the broker's order, not the publish order.
+    assert sorted(t for t, _, _ in taken + queued) == sorted(topics)
+    assert all(retained for _, _, retained in taken + queued)
+    assert all(
+        payload == f"{int(topic.rsplit('/', 1)[1]):04d}".encode() * 10
+        for topic, payload, _ in taken
+    )
+    assert {t for t, _, _ in queued} == {t for t in topics if "/queue/" in t}
+    if protocol is aiomqtt.ProtocolVersion.V311:
+        assert split > len(topics) // 2
+    else:
+        assert split == 0

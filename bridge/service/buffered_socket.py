@@ -46,7 +46,8 @@ REFILLS_PER_WAKE = 1
 class BufferedSocket:
     """A paho socket whose reads come from a user-space buffer refilled in large chunks.
 
-    Everything but ``recv`` and ``pending`` goes to the wrapped socket.
+    Everything but ``recv``, ``pending`` and the buffer's own methods goes to the
+    wrapped socket.
     """
 
     __slots__ = ("_buffer", "_offset", "_refills", "_sock", "_tls_pending")
@@ -80,6 +81,18 @@ class BufferedSocket:
             return data
         self._offset = start + size
         return self._buffer[start : start + size]
+
+    def buffered(self) -> tuple[bytes, int]:
+        """The buffer and where paho's next read starts in it (packets split off it
+        directly: :func:`bridge._compat.aiomqtt.take_messages`)."""
+        return self._buffer, self._offset
+
+    def consumed(self, offset: int) -> None:
+        """The buffer is read up to ``offset`` (from :meth:`buffered`)."""
+        if offset >= len(self._buffer):
+            self._buffer, self._offset = b"", 0
+        else:
+            self._offset = offset
 
     def pending(self) -> int:
         """Bytes received from the kernel that paho has not read yet."""
