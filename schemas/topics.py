@@ -6,7 +6,6 @@ received topic with :func:`parse_topic`, which returns the device id and the kin
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
@@ -110,10 +109,7 @@ def provision_topic(client_id: str, leaf: str, prefix: str = DEFAULT_PREFIX) -> 
     return f"{_check_prefix(prefix)}/{PROVISION_SEGMENT}/{client_id}/{leaf}"
 
 
-@lru_cache(maxsize=16)
-def _device_topic_re(prefix: str) -> re.Pattern[str]:
-    kinds = "|".join(k.value for k in TopicKind)
-    return re.compile(rf"{re.escape(_check_prefix(prefix))}/(?P<device_id>[^/]*)/(?P<kind>{kinds})")
+_KINDS: dict[str, TopicKind] = {kind.value: kind for kind in TopicKind}
 
 
 def parse_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> DeviceTopic:
@@ -122,15 +118,18 @@ def parse_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> DeviceTopic:
     Raises :class:`InvalidTopic` for anything that is not ``{prefix}/{id}/{kind}`` and
     :class:`InvalidDeviceId` when the shape is right but the id breaks the grammar.
     """
-    match = _device_topic_re(prefix).fullmatch(topic)
-    if match is None:
+    # Called for every message received: string splits, not a regular expression (a
+    # fifth of the time of a snapshot's message in the ingest, profiled).
+    head = _check_prefix(prefix) + "/"
+    device_id, slash, kind = topic[len(head) :].partition("/")
+    found = _KINDS.get(kind) if slash and topic.startswith(head) else None
+    if found is None:
         raise InvalidTopic(f"not a device topic under {prefix!r}: {topic[:200]!r}", field="topic")
-    device_id = match["device_id"]
     if not is_valid_device_id(device_id):
         raise InvalidDeviceId(
             f"invalid device id {device_id[:80]!r} in topic {topic[:200]!r}", field="device_id"
         )
-    return DeviceTopic(device_id=device_id, kind=TopicKind(match["kind"]))
+    return DeviceTopic(device_id, found)
 
 
 def is_bridge_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> bool:

@@ -13,6 +13,7 @@ writers cannot move a device backwards.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -74,10 +75,11 @@ class StatusValues(NamedTuple):
 
     @classmethod
     def of(cls, status: Status) -> StatusValues:
-        fields = status.__dict__
-        return cls(*[fields[name] for name in cls._fields])
+        # One C call for the fourteen fields: this runs for every status received.
+        return tuple.__new__(cls, _status_fields(status.__dict__))
 
 
+_status_fields = operator.itemgetter(*StatusValues._fields)
 assert set(METRICS) <= set(StatusValues._fields)
 
 

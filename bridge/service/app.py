@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from bridge.clock import now_ms
 from bridge.db.bridges_store import BridgesStore
@@ -44,7 +44,6 @@ from bridge.db.fleet_health import create_fleet_health_view
 from bridge.db.outbox_probe import OutboxProbe
 from bridge.db.presence_store import PresenceStore
 from bridge.db.status_store import StatusStore
-from bridge.http.face import HttpFace
 from bridge.ops.metrics_server import serve_metrics
 from bridge.outbox.dispatcher import CommandDispatcher
 from bridge.security.metrics import SecurityMetrics
@@ -62,6 +61,9 @@ from bridge.service.silence import SilenceWatch, policy_of
 from bridge.service.writer import DbWriter
 from bridge.settings import Settings
 from bridge.tasks import cancel_and_wait
+
+if TYPE_CHECKING:
+    from bridge.http.face import HttpFace
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -260,6 +262,10 @@ class Bridge:
         )
         self.http_face: HttpFace | None = None
         if http is not None:
+            # Only when it serves: FastAPI and its models are a third of the bridge's
+            # start-up imports.
+            from bridge.http.face import HttpFace
+
             self.http_face = HttpFace(
                 settings,
                 *http,

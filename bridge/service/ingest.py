@@ -29,6 +29,7 @@ from schemas import (
     PresenceMessage,
     PresenceOffline,
     PresenceOnline,
+    PresenceState,
     Status,
     TopicKind,
     decode,
@@ -47,6 +48,9 @@ _SHOWN_BYTES = 120
 REPLAY_FACTOR = 4
 #: Topic kinds a device publishes (``cmd`` and ``config`` are the bridge's).
 _FROM_DEVICE = frozenset({TopicKind.PRESENCE, TopicKind.STATUS, TopicKind.ACK})
+#: A presence message's state as the state machine's (a dict, not an enum call: this
+#: runs for every presence message of a snapshot).
+_CONN_STATE = {state: ConnState(state.value) for state in PresenceState}
 
 
 class PresenceBatch(list[PresenceItem]):
@@ -117,6 +121,8 @@ class Ingest:
         # One counter child per kind, looked up once: ``labels()`` per message was a
         # tenth of the receive path's own time.
         self._counted = {kind: self.metrics.messages.labels(kind.value) for kind in TopicKind}
+        # Read when scraped: setting it at every queued event cost a lock per message.
+        self.metrics.buffer_depth.set_function(lambda: self.presence_pending)
 
     def handle(
         self, topic: str, payload: bytes, received_ms: int, *, retained: bool = False
@@ -178,14 +184,13 @@ class Ingest:
         )
 
     def _presence(self, device_id: str, message: PresenceMessage, received_ms: int) -> None:
-        state = ConnState(message.state.value)
         event = PresenceEvent(
-            device_id=device_id,
-            state=state,
-            session=message.session,
-            received_ms=received_ms,
-            device_ts_ms=message.ts,
-            reason=message.reason.value if isinstance(message, PresenceOffline) else None,
+            device_id,
+            _CONN_STATE[message.state],
+            message.session,
+            received_ms,
+            message.ts,
+            message.reason.value if isinstance(message, PresenceOffline) else None,
         )
         birth = None
         if isinstance(message, PresenceOnline):
@@ -231,7 +236,6 @@ class Ingest:
             )
             return False
         (self.replay if replay else self.presence).append(item)
-        self.metrics.buffer_depth.set(len(self.presence) + len(self.replay))
         self.wake.set()
         if (
             not replay
@@ -320,8 +324,6 @@ class Ingest:
         while self.presence and self.presence[0].event.received_ms < older_than_ms:
             self.presence.popleft()
             dropped += 1
-        if dropped:
-            self.metrics.buffer_depth.set(len(self.presence))
         return dropped
 
     def take_presence(self, limit: int, replay_limit: int | None = None) -> PresenceBatch:
@@ -331,16 +333,13 @@ class Ingest:
         queue = self.replay if replay else self.presence
         if replay and replay_limit is not None:
             limit = replay_limit
-        batch = PresenceBatch(
+        return PresenceBatch(
             [queue.popleft() for _ in range(min(limit, len(queue)))], replay=replay
         )
-        self.metrics.buffer_depth.set(len(self.presence) + len(self.replay))
-        return batch
 
     def requeue_presence(self, batch: PresenceBatch) -> None:
         """Put a batch the database refused back at the front, oldest first."""
         (self.replay if batch.replay else self.presence).extendleft(reversed(batch))
-        self.metrics.buffer_depth.set(len(self.presence) + len(self.replay))
 
     def take_status(self, limit: int, now_ms: int) -> list[StatusItem]:
         """Up to ``limit`` devices' telemetry, skipping throttled devices whose last
