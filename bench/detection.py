@@ -49,6 +49,8 @@ class StatusPoller:
     """Reads ``remotes.status`` of one device as fast as the database answers."""
 
     def __init__(self, db_url: str) -> None:
+        #: The bridge whose writes it polls, when :func:`_bridge_polled` started one.
+        self.bridge: BridgeProcess | None = None
         self._sqlite = db_url.startswith("sqlite")
         if self._sqlite:
             self._conn = sqlite3.connect(
@@ -227,6 +229,7 @@ def _bridge_polled(
         wait_until(lambda: _ready(engine), 60, what="bridge schema")
         engine.dispose()
         poller = StatusPoller(db_url)
+        poller.bridge = bridge
         try:
             yield poller
         finally:

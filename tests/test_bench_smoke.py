@@ -153,6 +153,17 @@ def test_restart_prints_every_figure_beside_its_floor(bench: Any) -> None:
         assert figures[key]["n"] == deaths["n"]
 
 
+def test_connected_kiosks_in_two_processes_are_each_killed_and_seen(bench: Any) -> None:
+    result = bench("connected").run("sqlite", 40, 2, 6)
+    figures = result.figures
+    assert figures["kiosks connected (all rows Connected)"] == 40
+    assert len(figures["each process connected its share in s"]) == 2
+    deaths = figures["kill -> Disconnected ms"]
+    assert deaths["n"] == 6
+    assert 0 < deaths["p50"] <= deaths["max"]
+    assert figures["bridge RSS MiB"] > 0
+
+
 def test_cli_startup_times_each_command_beside_its_floor(bench: Any) -> None:
     result = bench("cli_startup").run(1)
     ratios = {k: v for k, v in result.figures.items() if k.endswith(" ratio")}
