@@ -13,6 +13,7 @@ All methods are blocking: the service calls them from its single database thread
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,20 +129,47 @@ class _BulkInsert:
         for keys, group in groups.items():
             columns = keys + tuple(name for name in defaults if name not in keys)
             sql, fields, positional = self._compiled(table, columns)
-            values = [
-                [
-                    value if process is None or value is None else process(value)
-                    for name, process in fields
-                    for value in (row[name] if name in row else defaults[name],)
-                ]
-                for row in group
+            names = [name for name, _ in fields]
+            # A group's defaults are the same for every row: processed once. Of the
+            # rest, only the columns whose type converts are touched per row, and a
+            # value converted once is reused (a replay's rows share their timestamps).
+            constants = {
+                name: _bound(process, defaults[name])
+                for name, process in fields
+                if name not in keys
+            }
+            converted: list[tuple[int, Any, dict[Any, Any]]] = [
+                (i, process, {})
+                for i, (name, process) in enumerate(fields)
+                if process is not None and name in keys
             ]
-            if positional:
-                params: list[Any] = [tuple(row) for row in values]
-            else:
-                names = [name for name, _ in fields]
-                params = [dict(zip(names, row, strict=True)) for row in values]
+            pick = operator.itemgetter(*names)
+            params: list[Any] = []
+            for row in group:
+                picked = pick({**constants, **row} if constants else row)
+                values = list(picked) if len(names) > 1 else [picked]
+                for i, process, memo in converted:
+                    value = values[i]
+                    if value is not None:
+                        values[i] = _memo_bound(memo, process, value)
+                params.append(
+                    tuple(values) if positional else dict(zip(names, values, strict=True))
+                )
             conn.exec_driver_sql(sql, params)
+
+
+def _bound(process: Any, value: Any) -> Any:
+    return value if process is None or value is None else process(value)
+
+
+def _memo_bound(memo: dict[Any, Any], process: Any, value: Any) -> Any:
+    try:
+        return memo[value]
+    except KeyError:
+        memo[value] = bound = process(value)
+        return bound
+    except TypeError:  # unhashable (a JSON value): converted each time
+        return process(value)
 
 
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:

@@ -80,7 +80,9 @@ class StatusValues(NamedTuple):
 
 
 _status_fields = operator.itemgetter(*StatusValues._fields)
-assert set(METRICS) <= set(StatusValues._fields)
+#: The metrics are the tail of a status's values, in the same order (rows slice them).
+_FIRST_METRIC = StatusValues._fields.index(METRICS[0])
+assert StatusValues._fields[_FIRST_METRIC:] == METRICS
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,7 @@ _ROW = (
 # remotes' (the metrics and last_seen_at).
 _CONN_VALUES = slice(_ROW.index("session"), _ROW.index(METRICS[0]))
 _REMOTE_VALUES = slice(_ROW.index(METRICS[0]), None)
+_LAST_SEEN = _ROW.index("last_seen_at")
 # Where each row value is stored, so it is bound through that column's own type.
 _ROW_TYPES = [
     CONN.c.device_id,
@@ -173,9 +176,16 @@ class _StatusSql:
         self.lock = " FOR UPDATE" if caps.row_locks else ""
         self.dialect = dialect.name
         self.set_based = caps.set_based_status
-        self.row_proc = [
+        processors = [
             column.type.dialect_impl(dialect).bind_processor(dialect) for column in _ROW_TYPES
         ]
+        # Only the columns whose type converts (SQLite: booleans, dates): a row is built
+        # for every status written.
+        self.row_proc = [(i, proc) for i, proc in enumerate(processors) if proc is not None]
+        self._last_seen_proc = processors[_LAST_SEEN]
+        #: The last ``received_ms`` and its stored ``last_seen_at``: the statuses of a
+        #: snapshot arrive dozens per millisecond.
+        self._stamp: tuple[int, Any] = (-1, None)
         m = self.mark
         sets = ", ".join(f"{name} = COALESCE({m}, {name})" for name in METRICS)
         self.remote_update = (
@@ -190,18 +200,30 @@ class _StatusSql:
 
     def row(self, item: StatusItem) -> tuple[Any, ...]:
         status = item.status
+        received = item.received_ms
+        stamp_ms, last_seen = self._stamp
+        if stamp_ms != received:
+            last_seen = utc_naive(received)
+            if self._last_seen_proc is not None:
+                last_seen = self._last_seen_proc(last_seen)
+            self._stamp = (received, last_seen)
         values = [
             item.device_id,
             status.session,
             status.seq,
-            item.received_ms,
+            received,
             status.ts,
             item.noisy,
             status.config_version,
-            *(getattr(status, name) for name in METRICS),
-            utc_naive(item.received_ms),
+            *status[_FIRST_METRIC:],
+            last_seen,
         ]
-        return _bind(self.row_proc, values)
+        for i, process in self.row_proc:
+            if i != _LAST_SEEN:
+                value = values[i]
+                if value is not None:
+                    values[i] = process(value)
+        return tuple(values)
 
     def in_list(self, count: int) -> str:
         return ", ".join([self.mark] * count)
@@ -331,13 +353,6 @@ def _power_of_two_pieces(rows: list[T]) -> Iterable[list[T]]:
             size >>= 1
         yield rows[start : start + size]
         start += size
-
-
-def _bind(processors: list[Any], values: list[Any]) -> tuple[Any, ...]:
-    return tuple(
-        value if process is None or value is None else process(value)
-        for process, value in zip(processors, values, strict=True)
-    )
 
 
 class StatusStore:
