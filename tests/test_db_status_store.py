@@ -162,6 +162,37 @@ def test_a_batch_larger_than_one_statement_is_written_whole(engine: Engine) -> N
     assert [stored[d] for d in ids] == list(range(len(ids)))
 
 
+def test_a_batch_gives_way_between_its_transactions_and_returns_the_rest(
+    engine: Engine,
+) -> None:
+    """Asked between two transactions (never before the first), a batch that must give
+    way to a live presence event stops there: what it wrote is written and counted,
+    the rest comes back unattempted, unchanged, to be written after."""
+    ids = [f"way-{n:04d}" for n in range(1_203)]
+    _born(engine, *ids)
+    items = [
+        StatusItem(d, _status(1, ram_usage_mb=n), 1_764_000_000_000) for n, d in enumerate(ids)
+    ]
+    asked: list[int] = []
+
+    def give_way() -> bool:
+        asked.append(1)
+        return True
+
+    store = StatusStore(engine, writer="test")
+    result = store.apply_status(items, give_way)
+    assert asked == [1]
+    assert 0 < result.written < len(ids)
+    assert result.unattempted == items[result.written :]
+    with engine.connect() as conn:
+        stored = dict(conn.execute(select(Remote.device_identifier, Remote.ram_usage_mb)).all())
+    assert [stored[d] for d in ids[: result.written]] == list(range(result.written))
+    assert all(stored[d] is None for d in ids[result.written :])
+    # Never asked to give way: the whole batch, as before.
+    rest = store.apply_status(result.unattempted, lambda: False)
+    assert rest.written == len(result.unattempted) and rest.unattempted == []
+
+
 def test_two_writers_racing_never_move_a_device_backwards(db_url: str) -> None:
     """Two stores on their own connections write interleaved batches for the same
     devices, with seqs in random order: each device ends at the highest seq either

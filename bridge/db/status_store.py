@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
@@ -23,7 +23,7 @@ from sqlalchemy.engine import Dialect
 
 from bridge.db.dialect import Capabilities, capabilities
 from bridge.db.models import Connectivity, Remote
-from bridge.db.presence_store import CHUNK, chunks
+from bridge.db.presence_store import CHUNK
 from bridge.db.rows import utc_naive
 from bridge.db.tables import table_of
 from bridge.presence.fence import StatusVerdict, status_verdict
@@ -112,6 +112,8 @@ class StatusResult:
     skipped: dict[str, int] = field(default_factory=dict)
     #: The items skipped for a reason in :data:`WAITING_REASONS`, with that reason.
     waiting: list[tuple[StatusItem, str]] = field(default_factory=list)
+    #: The items not attempted: the batch gave way between two of its transactions.
+    unattempted: list[StatusItem] = field(default_factory=list)
 
     def skip(self, reason: str, item: StatusItem | None = None) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -361,13 +363,24 @@ class StatusStore:
         self._writer = writer
         self._sql = _StatusSql(engine.dialect, capabilities(engine))
 
-    def apply_status(self, items: Sequence[StatusItem]) -> StatusResult:
+    def apply_status(
+        self, items: Sequence[StatusItem], give_way: Callable[[], bool] | None = None
+    ) -> StatusResult:
+        """Write ``items`` in transactions of :data:`SET_CHUNK` (or :data:`CHUNK`) rows.
+        ``give_way`` is asked between two of them: when it says so, the rest is left
+        unattempted (``result.unattempted``), so that a live presence event waits for
+        one transaction of telemetry, not for a whole batch (2,000 rows took 150-175 ms
+        on MariaDB and PostgreSQL)."""
         result = StatusResult()
         if self._sql.set_based:
             apply, size = self._apply_set_based, SET_CHUNK
         else:
             apply, size = self._apply_row_by_row, CHUNK
-        for part in chunks(items, size):
+        for start in range(0, len(items), size):
+            if start and give_way is not None and give_way():
+                result.unattempted = list(items[start:])
+                break
+            part = items[start : start + size]
             with self._engine.begin() as conn:
                 # The DBAPI cursor of this transaction: same connection, same BEGIN.
                 cursor = conn.connection.cursor()

@@ -364,7 +364,12 @@ class Ingest:
         self.metrics.status_pending.set(len(self.status))
         return batch
 
-    def requeue_status(self, batch: list[StatusItem]) -> None:
+    def requeue_status(self, batch: list[StatusItem], *, untaken: bool = False) -> None:
+        """Put telemetry back unless newer is pending. ``untaken``: it was never
+        attempted, so it does not count as its devices' last write (throttling)."""
+        if untaken:
+            for item in batch:
+                self.status_taken_ms.pop(item.device_id, None)
         for item in batch:
             newer = self.status.get(item.device_id)
             if newer is None or (newer.status.session, newer.status.seq) < (

@@ -298,19 +298,28 @@ class DbWriter:
         elif self._ingest.replay:
             self._ingest.replay.extend(unknown)
 
+    def _live_presence_waits(self) -> bool:
+        """Asked from the database thread between two transactions of a status batch:
+        a deque's length is read atomically."""
+        return bool(self._ingest.presence)
+
     async def _write_status(self) -> None:
         batch = self._ingest.take_status(self._settings.status_batch_max, now_ms())
         started = time.perf_counter()
         try:
-            result = await self._db(self._status.apply_status, batch)
+            result = await self._db(self._status.apply_status, batch, self._live_presence_waits)
         except BaseException:
             self._ingest.requeue_status(batch)
             self._metrics.db_errors.labels("status").inc()
             raise
         self._last_status_flush = time.monotonic()
-        self._status_backlog = len(batch) >= self._settings.status_batch_max
+        # Gave way to a live presence event: that goes first, then the rest at once.
+        self._ingest.requeue_status(result.unattempted, untaken=True)
+        self._status_backlog = len(batch) >= self._settings.status_batch_max or bool(
+            result.unattempted
+        )
         self._metrics.batch_seconds.labels("status").observe(time.perf_counter() - started)
-        self._metrics.batch_size.labels("status").observe(len(batch))
+        self._metrics.batch_size.labels("status").observe(len(batch) - len(result.unattempted))
         self._count_status(result)
         now = now_ms()
         for item, _reason in result.waiting:
