@@ -99,6 +99,28 @@ def test_sqlite_datetimes_are_stored_as_the_orm_stores_them(tmp_path) -> None:  
     assert text == utc_naive(received).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
+def test_sqlite_datetimes_of_a_birth_are_stored_as_the_orm_stores_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The presence store's bulk INSERT of a new device, at a whole second: the same
+    text as the ORM writes, not the driver's adapter's (which drops ".000000")."""
+    path = tmp_path / "birth.db"
+    engine = make_engine(f"sqlite:///{path}")
+    create_schema(engine)
+    received = int(datetime(2026, 11, 28, 12, 0, 0).timestamp() * 1000)
+    store = PresenceStore(engine, writer="test", rules=PresenceRules(), grace_ms=0, clock=now_ms)
+    try:
+        store.apply_presence(
+            [PresenceItem(PresenceEvent("fmt-2", ConnState.ONLINE, 7, received, None, None))]
+        )
+    finally:
+        engine.dispose()
+    with sqlite3.connect(path) as raw:
+        stored = raw.execute(
+            "SELECT created_at, updated_at, last_seen_at FROM remotes "
+            "WHERE device_identifier = 'fmt-2'"
+        ).fetchone()
+    assert stored == (utc_naive(received).strftime("%Y-%m-%d %H:%M:%S.%f"),) * 3
+
+
 def test_one_batch_with_every_outcome_counts_each_reason(engine: Engine) -> None:
     _born(engine, "mix-new", "mix-stale", "mix-dup", "mix-gone", "mix-old-session")
     store = StatusStore(engine, writer="test")

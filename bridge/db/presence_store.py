@@ -110,7 +110,13 @@ class _BulkInsert:
             order = list(compiled.positiontup or ()) if positional else list(columns)
             if positional and sorted(order) != sorted(columns):
                 raise AssertionError(f"unexpected parameters {order} for {columns}")
-            processors = [table.c[name].type.bind_processor(self._dialect) for name in order]
+            # The dialect's own type, as Core binds it (SQLite's DATETIME writes the
+            # ORM's text form; the generic type has no processor, and the driver's
+            # default adapter drops ".000000" on whole seconds).
+            processors = [
+                table.c[name].type.dialect_impl(self._dialect).bind_processor(self._dialect)
+                for name in order
+            ]
             found = (compiled.string, [*zip(order, processors, strict=True)], positional)
             self._cache[key] = found
         return found
