@@ -8,7 +8,6 @@ import gc
 import logging
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 
 import aiomqtt
@@ -169,13 +168,6 @@ async def run_bridge(
                 # walks it, which removes pauses of tens of ms from the latency tail.
                 gc.collect()
                 gc.freeze()
-                if bridge.has_live_lane:
-                    # The live lane's thread waited up to a switch interval (5 ms) for
-                    # the GIL after each round trip to the database, while the receive
-                    # path and the other lane ran: at 100,000 devices 1 ms took a
-                    # death's parse -> commit p99 from 55-114 to 27-39 ms (MariaDB,
-                    # PostgreSQL), with the same restart times.
-                    sys.setswitchinterval(0.001)
                 served = asyncio.create_task(bridge.serve_forever(), name="kb-serve")
                 stopper = asyncio.create_task(stop.wait(), name="kb-stop")
                 done, _ = await asyncio.wait({served, stopper}, return_when=asyncio.FIRST_COMPLETED)
