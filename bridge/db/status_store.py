@@ -182,8 +182,10 @@ class _StatusSql:
             column.type.dialect_impl(dialect).bind_processor(dialect) for column in _ROW_TYPES
         ]
         # Only the columns whose type converts (SQLite: booleans, dates): a row is built
-        # for every status written.
-        self.row_proc = [(i, proc) for i, proc in enumerate(processors) if proc is not None]
+        # for every status written. ``last_seen_at`` is converted once per timestamp.
+        self.row_proc = [
+            (i, proc) for i, proc in enumerate(processors) if proc is not None and i != _LAST_SEEN
+        ]
         self._last_seen_proc = processors[_LAST_SEEN]
         #: The last ``received_ms`` and its stored ``last_seen_at``: the statuses of a
         #: snapshot arrive dozens per millisecond.
@@ -221,10 +223,9 @@ class _StatusSql:
             last_seen,
         ]
         for i, process in self.row_proc:
-            if i != _LAST_SEEN:
-                value = values[i]
-                if value is not None:
-                    values[i] = process(value)
+            value = values[i]
+            if value is not None:
+                values[i] = process(value)
         return tuple(values)
 
     def in_list(self, count: int) -> str:
