@@ -15,6 +15,7 @@ bridge, over MQTT 3.1.1 and 5; and the rules that stop them (``mosquitto/README.
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,19 @@ PROTOCOLS = [pytest.param(False, id="mqtt311"), pytest.param(True, id="mqtt5")]
 broker = secure_broker_fixture("claim-attacks")
 db = security_db_fixture()
 running = secure_bridge_fixture()
+
+
+#: The victim's first reconnect delay after the take-over: long enough for the
+#: attacker's refusal to reach it first (the bridge answers in milliseconds).
+VICTIM_HOLD_S = 5.0
+
+
+class _LongestDelay(random.Random):
+    """Full jitter's upper end every time: with a draw near 0 s the victim took its
+    client id back, and disconnected the attacker, before the refusal arrived."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
 
 
 def _nonce() -> str:
@@ -127,7 +141,15 @@ async def test_claim_credential_under_a_device_client_id_cannot_take_its_identit
 ) -> None:
     device = f"victim-g-{int(v5)}"
     token = (await provision(broker, device)).token
-    agent = KioskAgent(device, broker.url(), password=token, state_dir=tmp_path, fsync=False)
+    agent = KioskAgent(
+        device,
+        broker.url(),
+        password=token,
+        state_dir=tmp_path,
+        fsync=False,
+        backoff_base_s=VICTIM_HOLD_S,
+        rng=_LongestDelay(),
+    )
     try:
         await asyncio.to_thread(agent.start, 20)
         await eventually(lambda: db.status_of(device), lambda s: s == "Connected")
