@@ -27,6 +27,9 @@ from schemas.topics import bridge_instance_topic
 
 log = logging.getLogger(__name__)
 
+#: Middle-generation collections between two full ones (CPython's default is 10).
+FULL_COLLECTION_AFTER = 1_000
+
 
 def embedded_bridge_settings(
     settings: Settings, broker: EmbeddedBroker, credentials: BootstrapSecrets | None
@@ -168,6 +171,14 @@ async def run_bridge(
                 # walks it, which removes pauses of tens of ms from the latency tail.
                 gc.collect()
                 gc.freeze()
+                # Full collections only every 1,000 middle ones, not 10: the young
+                # generations still collect short-lived cycles, but a restart's backlog
+                # (a queued status or birth is a tracked object) is no longer walked
+                # ten times while it is read. Measured at 100,000 devices: ten full
+                # collections of 40-80 ms each during the replay, and the Wills read
+                # then waited for them (kill -> read p95 83 ms, 9 ms without them).
+                young, middle, _full = gc.get_threshold()
+                gc.set_threshold(young, middle, FULL_COLLECTION_AFTER)
                 served = asyncio.create_task(bridge.serve_forever(), name="kb-serve")
                 stopper = asyncio.create_task(stop.wait(), name="kb-stop")
                 done, _ = await asyncio.wait({served, stopper}, return_when=asyncio.FIRST_COMPLETED)
