@@ -125,6 +125,13 @@ class Bridge:
         self._bridges_engine = make_engine(settings.db)
         self.identity = BridgeIdentity()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kb-db")
+        # Live presence's own lane where the database takes concurrent writers (see
+        # bridge.service.writer); SQLite's one write lock would only make it wait.
+        self._live_executor = (
+            None
+            if self.engine.dialect.name == "sqlite"
+            else ThreadPoolExecutor(max_workers=1, thread_name_prefix="kb-db-live")
+        )
         self.command_store = CommandStore(
             self.engine,
             clock=now_ms,
@@ -196,6 +203,7 @@ class Bridge:
             exemptions=self.exemptions,
             pause_snapshot=lambda: self.snapshot_reads.paused(),
             birth_missing=lambda device_id: self.presence_reread.request(device_id),
+            live_executor=self._live_executor,
         )
         self.security = SecurityRuntime(
             self.engine,
@@ -310,6 +318,8 @@ class Bridge:
         finally:
             try:
                 self._executor.shutdown(wait=True)
+                if self._live_executor is not None:
+                    self._live_executor.shutdown(wait=True)
             finally:
                 self.engine.dispose()
                 self.read_engine.dispose()

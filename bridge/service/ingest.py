@@ -74,6 +74,8 @@ class Ingest:
     replay: deque[PresenceItem] = field(default_factory=deque)
     status: dict[str, StatusItem] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set when a live presence event is queued (the writer's live lane, if it has one).
+    live_wake: asyncio.Event = field(default_factory=asyncio.Event)
     #: Devices whose presence arrived since :meth:`start_snapshot` (reconciliation).
     seen: set[str] | None = None
     #: When the snapshot being read was asked for (``time.monotonic()``; None: none is).
@@ -239,6 +241,8 @@ class Ingest:
             return False
         (self.replay if replay else self.presence).append(item)
         self.wake.set()
+        if not replay:
+            self.live_wake.set()
         if (
             not replay
             and self.snapshot_started is not None
@@ -328,10 +332,14 @@ class Ingest:
             dropped += 1
         return dropped
 
-    def take_presence(self, limit: int, replay_limit: int | None = None) -> PresenceBatch:
+    def take_presence(
+        self, limit: int, replay_limit: int | None = None, *, replay: bool | None = None
+    ) -> PresenceBatch:
         """Live events if there are any, else replayed ones (up to ``replay_limit``):
-        never both in one batch, so a live event waits for one replay batch at most."""
-        replay = not self.presence
+        never both in one batch, so a live event waits for one replay batch at most.
+        ``replay`` True or False: from that queue only (a writer with a live lane)."""
+        if replay is None:
+            replay = not self.presence
         queue = self.replay if replay else self.presence
         if replay and replay_limit is not None:
             limit = replay_limit
@@ -342,6 +350,8 @@ class Ingest:
     def requeue_presence(self, batch: PresenceBatch) -> None:
         """Put a batch the database refused back at the front, oldest first."""
         (self.replay if batch.replay else self.presence).extendleft(reversed(batch))
+        if batch and not batch.replay:
+            self.live_wake.set()
 
     def take_status(self, limit: int, now_ms: int) -> list[StatusItem]:
         """Up to ``limit`` devices' telemetry, skipping throttled devices whose last

@@ -5,6 +5,14 @@ loop on it) never waits for the database and writes stay in arrival order. Prese
 batches always go before telemetry; telemetry is flushed in bounded batches so that a
 presence event never waits behind more than one of them. A failed batch is put back and
 retried with capped backoff: while the database is down the bridge keeps consuming.
+
+On MariaDB and PostgreSQL live presence (a Will, a birth as it happens) has a lane of
+its own: its own thread, so its own connection, writing while a replayed batch or a
+telemetry transaction is in flight on the other, and never queued behind the other
+parts' jobs on the shared database thread (a leadership read, an outbox claim). Row
+locks in one order (connectivity, then ``remotes``) keep the two lanes apart. SQLite has
+one write lock: a second lane would only wait for it in the driver's sleeping busy
+handler, so there live presence keeps going first on the one thread.
 """
 
 from __future__ import annotations
@@ -57,9 +65,12 @@ class DbWriter:
         exemptions: ReconcileExemptions,
         pause_snapshot: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
         birth_missing: Callable[[str], object] = lambda _device_id: None,
+        live_executor: ThreadPoolExecutor | None = None,
     ) -> None:
         """``pause_snapshot``: stops the snapshot's reads while a live event is written
-        during one (:class:`bridge.service.read_pause.ReadPause`)."""
+        during one (:class:`bridge.service.read_pause.ReadPause`). ``live_executor``:
+        the live lane's own database thread (None: live presence goes first on
+        ``executor``)."""
         self._settings = settings
         self._pause_snapshot = pause_snapshot
         #: Told of a device whose telemetry waited for a birth that never came.
@@ -82,6 +93,10 @@ class DbWriter:
         self._replay_row_s = 1e-4
         self._backoff = Backoff(base=0.2, cap=settings.db_retry_cap_s)
         self._db_healthy = True
+        self._live_executor = live_executor
+        self._live_backoff = Backoff(base=0.2, cap=settings.db_retry_cap_s)
+        #: A live batch is taken and not yet written (the lane's; drain waits for it).
+        self._live_busy = False
         #: Set by :meth:`drain`: everything queued is written now, snapshot or not.
         self._draining = False
         self._transitions = transitions
@@ -89,8 +104,12 @@ class DbWriter:
         #: Set each time the writer has nothing left to write (tests, shutdown).
         self.idle = asyncio.Event()
 
-    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def _db(
+        self, fn: Callable[..., T], *args: Any, executor: ThreadPoolExecutor | None = None
+    ) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            executor or self._executor, fn, *args
+        )
 
     async def start(self) -> None:
         """Load the devices whose legacy status may still change with time."""
@@ -113,6 +132,45 @@ class DbWriter:
         return self._reconcile
 
     async def run(self) -> None:
+        if self._live_executor is None:
+            await self._run_main()
+            return
+        async with asyncio.TaskGroup() as lanes:
+            lanes.create_task(self._run_main(), name="kb-db-writer-main")
+            lanes.create_task(self._run_live(), name="kb-db-writer-live")
+
+    async def _run_live(self) -> None:
+        """The live lane: each live presence batch as soon as it is queued."""
+        ingest = self._ingest
+        healthy = True
+        while True:
+            if not ingest.presence:
+                ingest.live_wake.clear()
+                await ingest.live_wake.wait()
+                continue
+            self._live_busy = True
+            try:
+                await self._write_presence(replay=False)
+                if not healthy:
+                    log.warning("database is back; live presence writes resumed")
+                    healthy = True
+                self._live_backoff.reset()
+            except SQLAlchemyError as exc:
+                healthy = False
+                delay = self._live_backoff.next_delay()
+                log.error(
+                    "database write of live presence failed (%s); %d events held, retry in %.2fs",
+                    _short(exc),
+                    len(ingest.presence),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            finally:
+                self._live_busy = False
+                # The main lane decides when the writer is idle (drain, tests).
+                ingest.wake.set()
+
+    async def _run_main(self) -> None:
         ingest = self._ingest
         while True:
             timeout = self._next_timeout()
@@ -162,12 +220,13 @@ class DbWriter:
     def _nothing_due(self) -> bool:
         return (
             not self._ingest.presence_pending
+            and not self._live_busy
             and not self._ingest.status
             and (self._reconcile is None or self._reconcile.done())
         )
 
     def _next_timeout(self) -> float | None:
-        if self._ingest.presence:
+        if self._ingest.presence and self._live_executor is None:
             return 0
         gate = self._snapshot_gate()
         if gate is not None:
@@ -195,13 +254,13 @@ class DbWriter:
 
     async def _step(self) -> None:
         ingest = self._ingest
-        if ingest.presence:
+        if ingest.presence and self._live_executor is None:
             await self._write_presence()
             return
         if self._snapshot_gate() is not None:
             return
         if ingest.replay:
-            await self._write_presence()
+            await self._write_presence(replay=True if self._live_executor else None)
             return
         if self._reconcile is not None and not self._reconcile.done():
             await self._do_reconcile()
@@ -225,15 +284,17 @@ class DbWriter:
         rows = int(REPLAY_BATCH_S / max(self._replay_row_s, 1e-7))
         return max(REPLAY_BATCH_MIN, min(self._settings.presence_batch_max, rows))
 
-    async def _write_presence(self) -> None:
+    async def _write_presence(self, replay: bool | None = None) -> None:
+        """One batch: live first (``replay`` None), or from the one queue asked for."""
         batch = self._ingest.take_presence(
-            self._settings.presence_batch_max, replay_limit=self._replay_batch()
+            self._settings.presence_batch_max, replay_limit=self._replay_batch(), replay=replay
         )
         started = time.perf_counter()
         live_during_snapshot = not batch.replay and self._ingest.snapshot_started is not None
+        lane = self._executor if batch.replay else self._live_executor
         try:
             with self._pause_snapshot() if live_during_snapshot else contextlib.nullcontext():
-                results = await self._db(self._presence.apply_presence, batch)
+                results = await self._db(self._presence.apply_presence, batch, executor=lane)
         except BaseException:
             self._ingest.requeue_presence(batch)
             self._metrics.db_errors.labels("presence").inc()
@@ -306,8 +367,10 @@ class DbWriter:
     async def _write_status(self) -> None:
         batch = self._ingest.take_status(self._settings.status_batch_max, now_ms())
         started = time.perf_counter()
+        # With a live lane, live presence does not wait for this batch at all.
+        give_way = None if self._live_executor else self._live_presence_waits
         try:
-            result = await self._db(self._status.apply_status, batch, self._live_presence_waits)
+            result = await self._db(self._status.apply_status, batch, give_way)
         except BaseException:
             self._ingest.requeue_status(batch)
             self._metrics.db_errors.labels("status").inc()

@@ -1,19 +1,24 @@
-"""A live presence event that arrives while a large telemetry batch is being written
-waits for one transaction of it, not for the whole batch: the writer's status batch
-gives way between its transactions, the event is written, then the rest of the batch.
-Real SQLite and the real stores; the event is queued from inside the batch's first
-transaction, as a Will would arrive from the receive path meanwhile."""
+"""What a live presence event waits for while the writer is busy with other work. Real
+databases and the real stores; the event is queued from inside a transaction of the
+other work, as a Will would arrive from the receive path meanwhile.
+
+- On SQLite (one lane): a large telemetry batch gives way between its transactions, so
+  the event waits for one transaction of it, not for the whole batch.
+- On MariaDB and PostgreSQL (a live lane): the event is written while a replayed
+  presence batch's transaction is still open on the other lane."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import Connection, select
 
 from bridge.clock import now_ms
 from bridge.db.engine import create_schema, make_engine
@@ -109,3 +114,90 @@ async def test_a_will_waits_for_one_telemetry_transaction_not_the_batch(tmp_path
     engine.dispose()
     assert state == ConnState.LOST.value
     assert [batteries[d] for d in ids] == [n % 100 for n in range(DEVICES)]
+
+
+class _HeldReplay(PresenceStore):
+    """A replayed batch's transaction stays open (its rows written and locked, not
+    committed) until a live batch has committed on the other lane, or 10 s."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.replay_open = threading.Event()
+        self.live_committed = threading.Event()
+        self.order: list[str] = []
+
+    def apply_presence(self, items: Sequence[PresenceItem]) -> list[PresenceResult]:
+        results = super().apply_presence(items)
+        if not getattr(items, "replay", True):
+            self.order.append("live committed")
+            self.live_committed.set()
+        return results
+
+    def _apply_presence(self, conn: Connection, items: Sequence[PresenceItem]) -> list[Any]:
+        results = super()._apply_presence(conn, items)
+        if getattr(items, "replay", False):
+            self.order.append("replay open")
+            self.replay_open.set()
+            waited = self.live_committed.wait(10)
+            self.order.append(f"replay commits (live first: {waited})")
+        return results
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("mariadb", id="mariadb", marks=pytest.mark.mariadb),
+        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+    ]
+)
+def server_url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+async def test_live_presence_is_written_while_a_replayed_batch_is_open(server_url: str) -> None:
+    engine = make_engine(server_url)
+    create_schema(engine)
+    settings = load_settings(db=server_url)
+    rules = PresenceRules()
+    ids = [f"lane-{n:03d}" for n in range(40)]
+    PresenceStore(engine, writer="test", rules=rules, grace_ms=0, clock=now_ms).apply_presence(
+        [PresenceItem(_event(d, ConnState.ONLINE)) for d in ids]
+    )
+    metrics = BridgeMetrics()
+    ingest = Ingest(prefix=settings.prefix, metrics=metrics, buffer_max=1_000)
+    # A restart's replay: the other devices' births of a newer session.
+    for device_id in ids[1:]:
+        ingest.put_presence(PresenceItem(_event(device_id, ConnState.ONLINE, 2)), replay=True)
+    store = _HeldReplay(engine, writer="test", rules=rules, grace_ms=0, clock=now_ms)
+    main = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kb-db-test")
+    live = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kb-db-live-test")
+    writer = DbWriter(
+        settings,
+        ingest,
+        store,
+        StatusStore(engine, writer="test"),
+        metrics,
+        main,
+        transitions=TransitionFeed(),
+        exemptions=ReconcileExemptions(),
+        live_executor=live,
+    )
+    running = asyncio.create_task(writer.run())
+    try:
+        assert await asyncio.to_thread(store.replay_open.wait, 10)
+        # The Will of the one device the open batch does not hold.
+        ingest.put_presence(PresenceItem(_event(ids[0], ConnState.LOST)))
+        async with asyncio.timeout(30):
+            await writer.drain()
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        main.shutdown(wait=True)
+        live.shutdown(wait=True)
+    assert store.order[:3] == ["replay open", "live committed", "replay commits (live first: True)"]
+    with engine.connect() as conn:
+        states = dict(conn.execute(select(Connectivity.device_id, Connectivity.state)).all())
+        sessions = dict(conn.execute(select(Connectivity.device_id, Connectivity.session)).all())
+    engine.dispose()
+    assert states[ids[0]] == ConnState.LOST.value
+    assert all(sessions[d] == 2 and states[d] == ConnState.ONLINE.value for d in ids[1:])
