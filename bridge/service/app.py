@@ -298,6 +298,11 @@ class Bridge:
         #: the writes would be refused).
         self._drain_on_stop = True
 
+    @property
+    def has_live_lane(self) -> bool:
+        """Live presence is written on a database thread of its own (MariaDB, PostgreSQL)."""
+        return self._live_executor is not None
+
     # -- the parts' lifecycles ---------------------------------------------------------------
 
     @contextlib.asynccontextmanager
