@@ -7,6 +7,7 @@ import random
 import sqlite3
 import threading
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Engine, select
 
@@ -268,3 +269,30 @@ def test_two_writers_racing_never_move_a_device_backwards(db_url: str) -> None:
             engine.dispose()
     assert links == dict.fromkeys(devices, 119)
     assert rams == dict.fromkeys(devices, 119)
+
+
+def test_a_device_born_during_a_status_batch_is_not_counted_stale(mariadb_url: str) -> None:
+    """MariaDB, where live presence writes on a connection of its own: a birth commits
+    between a status batch's UPDATEs (which found no row, and could lock none) and its
+    count of the skips. The status is neither written nor stale: it waits for the
+    re-check (before, it was counted stale and dropped)."""
+    engine = make_engine(mariadb_url)
+    create_schema(engine)
+
+    class BirthInBetween(StatusStore):
+        def _count_skips(self, cursor: Any, items: Any, skipped: int, result: Any) -> None:
+            _born(engine, "race-1")  # its own connection and transaction, committed
+            super()._count_skips(cursor, items, skipped, result)
+
+    try:
+        _born(engine, "race-0")
+        item = StatusItem("race-1", _status(1, battery_level=9), 1_764_000_000_000)
+        other = StatusItem("race-0", _status(1, battery_level=8), 1_764_000_000_000)
+        result = BirthInBetween(engine, writer="test").apply_status([other, item])
+        assert result.written == 1
+        assert "stale" not in result.skipped
+        assert result.waiting == [(item, "unknown_device")]
+        # The re-check writes it.
+        assert StatusStore(engine, writer="test").apply_status([item]).written == 1
+    finally:
+        engine.dispose()

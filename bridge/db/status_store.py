@@ -429,8 +429,22 @@ class StatusStore:
         for item in items:
             fence = fences.get(item.device_id)
             reason = _missing(remotes.get(item.device_id), fence)
-            if reason is None and fence is not None and item.status.session > int(fence[1]):
-                reason = "session_ahead"
+            if reason is None and fence is not None:
+                verdict = status_verdict(
+                    int(fence[1]),
+                    (int(fence[2]), int(fence[3])),
+                    item.status.session,
+                    item.status.seq,
+                )
+                if verdict is StatusVerdict.AHEAD:
+                    reason = "session_ahead"
+                elif verdict is StatusVerdict.APPLY and skipped > 0:
+                    # Neither written (it would read as its own stored seq) nor stale:
+                    # the device's row was committed by the live presence lane after
+                    # the UPDATEs ran (a new device's row cannot be locked before it
+                    # exists). It waits like a status of an unknown device, and is
+                    # written at the re-check.
+                    reason = "unknown_device"
             if reason is not None:
                 result.skip(reason, item)
                 skipped -= 1
