@@ -7,7 +7,9 @@ else that follows the same locking, therefore cannot interleave a stale state. I
 of first-seen devices can still race another writer; the unique keys turn that into an
 ``IntegrityError`` and the whole batch is retried.
 
-All methods are blocking: the service calls them from its single database thread.
+All methods are blocking: the service calls them from its database thread, and on
+MariaDB and PostgreSQL also from the live lane's (``bridge.service.writer``): a store
+keeps no state between calls but caches of compiled statements.
 """
 
 from __future__ import annotations
