@@ -23,3 +23,20 @@ async def cancel_and_wait(task: asyncio.Task[object], *, again_after_s: float = 
             log.warning("task %s survived a cancellation; cancelling it again", task.get_name())
     with contextlib.suppress(asyncio.CancelledError):
         task.result()
+
+
+async def cancel_child_and_wait(task: asyncio.Task[object], *, again_after_s: float = 1.0) -> None:
+    """:func:`cancel_and_wait` for a task that ``task``'s caller owns: finished even if
+    the caller is cancelled again meanwhile (its owner's own ``cancel_and_wait`` does
+    that every second), so the caller never ends while its child runs on. A
+    cancellation received meanwhile is raised once the child has ended."""
+    stopping = asyncio.ensure_future(cancel_and_wait(task, again_after_s=again_after_s))
+    cancelled = False
+    while not stopping.done():
+        try:
+            await asyncio.shield(stopping)
+        except asyncio.CancelledError:
+            cancelled = True
+    stopping.result()
+    if cancelled:
+        raise asyncio.CancelledError

@@ -31,6 +31,7 @@ from bridge.service.metrics import BridgeMetrics
 from bridge.service.ports import ReconcileExemptions, TransitionFeed
 from bridge.service.writer import DbWriter
 from bridge.settings import load_settings
+from bridge.tasks import cancel_and_wait
 from schemas import Status
 
 DEVICES = 3 * SET_CHUNK + 7
@@ -201,3 +202,78 @@ async def test_live_presence_is_written_while_a_replayed_batch_is_open(server_ur
     engine.dispose()
     assert states[ids[0]] == ConnState.LOST.value
     assert all(sessions[d] == 2 and states[d] == ConnState.ONLINE.value for d in ids[1:])
+
+
+def _sqlite_writer(tmp_path: Path, writer_class: type[DbWriter]) -> tuple[DbWriter, list[Any]]:
+    url = f"sqlite:///{tmp_path / 'lanes.db'}"
+    engine = make_engine(url)
+    create_schema(engine)
+    settings = load_settings(db=url)
+    metrics = BridgeMetrics()
+    ingest = Ingest(prefix=settings.prefix, metrics=metrics, buffer_max=100)
+    executors = [ThreadPoolExecutor(max_workers=1) for _ in range(2)]
+    writer = writer_class(
+        settings,
+        ingest,
+        PresenceStore(engine, writer="test", rules=PresenceRules(), grace_ms=0, clock=now_ms),
+        StatusStore(engine, writer="test"),
+        metrics,
+        executors[0],
+        transitions=TransitionFeed(),
+        exemptions=ReconcileExemptions(),
+        live_executor=executors[1],
+    )
+    return writer, [engine, *executors]
+
+
+def _release(resources: list[Any]) -> None:
+    engine, *executors = resources
+    for executor in executors:
+        executor.shutdown(wait=True)
+    engine.dispose()
+
+
+class _DropsOneCancellation(DbWriter):
+    """A live lane that carries on after its first cancellation, as one awaiting
+    ``asyncio.wait_for`` can on Python 3.11."""
+
+    async def _run_live(self) -> None:
+        try:
+            await super()._run_live()
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            assert current is not None
+            current.uncancel()
+            await super()._run_live()
+
+
+async def test_a_writer_stops_even_if_its_live_lane_drops_a_cancellation(
+    tmp_path: Path,
+) -> None:
+    writer, resources = _sqlite_writer(tmp_path, _DropsOneCancellation)
+    running = asyncio.create_task(writer.run(), name="writer")
+    try:
+        await asyncio.wait_for(writer.idle.wait(), 10)
+        (live,) = [t for t in asyncio.all_tasks() if t.get_name() == "kb-db-writer-live"]
+        # The bridge's own way of stopping a task (a cancel every second until it ends).
+        async with asyncio.timeout(10):
+            await cancel_and_wait(running, again_after_s=0.2)
+        assert running.cancelled()
+        assert live.done()
+    finally:
+        _release(resources)
+
+
+class _FailingLane(DbWriter):
+    async def _run_live(self) -> None:
+        raise RuntimeError("the live lane broke")
+
+
+async def test_a_live_lane_that_fails_ends_the_writer_with_its_error(tmp_path: Path) -> None:
+    writer, resources = _sqlite_writer(tmp_path, _FailingLane)
+    try:
+        with pytest.raises(RuntimeError, match="the live lane broke"):
+            async with asyncio.timeout(10):
+                await writer.run()
+    finally:
+        _release(resources)

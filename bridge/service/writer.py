@@ -38,6 +38,7 @@ from bridge.service.ingest import Ingest
 from bridge.service.metrics import BridgeMetrics
 from bridge.service.ports import ReconcileExemptions, TransitionFeed
 from bridge.settings import Settings
+from bridge.tasks import cancel_child_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +134,18 @@ class DbWriter:
 
     async def run(self) -> None:
         if self._live_executor is None:
-            await self._run_main()
+            await self._run_main(None)
             return
-        async with asyncio.TaskGroup() as lanes:
-            lanes.create_task(self._run_main(), name="kb-db-writer-main")
-            lanes.create_task(self._run_live(), name="kb-db-writer-live")
+        # The main lane runs in this task and owns the live one, not a TaskGroup: on
+        # Python 3.11 a lane can drop a cancellation (``asyncio.wait_for``), and an
+        # aborting TaskGroup ignores every later one, so a writer told to stop went on
+        # for good. cancel_child_and_wait cancels again until the lane has ended.
+        live = asyncio.create_task(self._run_live(), name="kb-db-writer-live")
+        live.add_done_callback(lambda _task: self._ingest.wake.set())
+        try:
+            await self._run_main(live)
+        finally:
+            await cancel_child_and_wait(live)
 
     async def _run_live(self) -> None:
         """The live lane: each live presence batch as soon as it is queued."""
@@ -170,7 +178,7 @@ class DbWriter:
                 # The main lane decides when the writer is idle (drain, tests).
                 ingest.wake.set()
 
-    async def _run_main(self) -> None:
+    async def _run_main(self, live: asyncio.Task[None] | None) -> None:
         ingest = self._ingest
         while True:
             timeout = self._next_timeout()
@@ -180,6 +188,10 @@ class DbWriter:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ingest.wake.wait(), timeout)
             ingest.wake.clear()
+            if live is not None and live.done():
+                # Its error, if it failed: the writer's owner decides what follows.
+                live.result()
+                raise RuntimeError("the live presence lane ended on its own")
             self.idle.clear()
             try:
                 await self._step()
