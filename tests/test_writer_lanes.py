@@ -277,3 +277,75 @@ async def test_a_live_lane_that_fails_ends_the_writer_with_its_error(tmp_path: P
                 await writer.run()
     finally:
         _release(resources)
+
+
+class _LiveHeldForReconcile(PresenceStore):
+    """A live batch's transaction stays open (written, not committed) until the
+    reconcile has read the sessions it will mark, or 3 s."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.live_open = threading.Event()
+        self.reconcile_read = threading.Event()
+        self.order: list[str] = []
+
+    def snapshot_sessions(self) -> dict[str, int]:
+        sessions = super().snapshot_sessions()
+        self.order.append("reconcile read")
+        self.reconcile_read.set()
+        return sessions
+
+    def _apply_presence(self, conn: Connection, items: Sequence[PresenceItem]) -> list[Any]:
+        results = super()._apply_presence(conn, items)
+        if not getattr(items, "replay", True):
+            self.live_open.set()
+            self.reconcile_read.wait(3)
+            self.order.append("live commits")
+        return results
+
+
+async def test_a_reconcile_waits_for_live_presence_on_the_other_lane(server_url: str) -> None:
+    # A bridge that takes over reconciles against the snapshot it read while standing by;
+    # a Will queued meanwhile is live presence, and was overwritten with `unknown` when
+    # the reconcile read the sessions before the Will committed and wrote after.
+    engine = make_engine(server_url)
+    create_schema(engine)
+    settings = load_settings(db=server_url)
+    rules = PresenceRules()
+    PresenceStore(engine, writer="test", rules=rules, grace_ms=0, clock=now_ms).apply_presence(
+        [PresenceItem(_event(d, ConnState.ONLINE)) for d in ("rec-0", "rec-1")]
+    )
+    metrics = BridgeMetrics()
+    ingest = Ingest(prefix=settings.prefix, metrics=metrics, buffer_max=100)
+    store = _LiveHeldForReconcile(engine, writer="test", rules=rules, grace_ms=0, clock=now_ms)
+    executors = [ThreadPoolExecutor(max_workers=1) for _ in range(2)]
+    writer = DbWriter(
+        settings,
+        ingest,
+        store,
+        StatusStore(engine, writer="test"),
+        metrics,
+        executors[0],
+        transitions=TransitionFeed(),
+        exemptions=ReconcileExemptions(),
+        live_executor=executors[1],
+    )
+    running = asyncio.create_task(writer.run())
+    try:
+        ingest.put_presence(PresenceItem(_event("rec-0", ConnState.LOST)))
+        assert await asyncio.to_thread(store.live_open.wait, 10)
+        # The snapshot held neither device (they came online after it was read).
+        async with asyncio.timeout(30):
+            changed = await writer.request_reconcile(set())
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        for executor in executors:
+            executor.shutdown(wait=True)
+    with engine.connect() as conn:
+        states = dict(conn.execute(select(Connectivity.device_id, Connectivity.state)).all())
+    engine.dispose()
+    assert store.order == ["live commits", "reconcile read"]
+    assert changed == ["rec-1"]
+    assert states == {"rec-0": ConnState.LOST.value, "rec-1": "unknown"}

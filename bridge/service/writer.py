@@ -98,6 +98,10 @@ class DbWriter:
         self._live_backoff = Backoff(base=0.2, cap=settings.db_retry_cap_s)
         #: A live batch is taken and not yet written (the lane's; drain waits for it).
         self._live_busy = False
+        #: Held by the live lane for each batch and by the reconcile: a reconcile reads
+        #: the sessions it will mark ``unknown`` first, and a Will committed on the live
+        #: lane between that read and its write was overwritten with ``unknown``.
+        self._live_or_reconcile = asyncio.Lock()
         #: Set by :meth:`drain`: everything queued is written now, snapshot or not.
         self._draining = False
         self._transitions = transitions
@@ -158,7 +162,8 @@ class DbWriter:
                 continue
             self._live_busy = True
             try:
-                await self._write_presence(replay=False)
+                async with self._live_or_reconcile:
+                    await self._write_presence(replay=False)
                 if not healthy:
                     log.warning("database is back; live presence writes resumed")
                     healthy = True
@@ -255,7 +260,7 @@ class DbWriter:
         elif self._ingest.status:
             due = self._last_status_flush + self._settings.status_flush_s - time.monotonic()
             deadlines.append(max(0.0, due))
-        if self._reconcile is not None and not self._reconcile.done():
+        if self._reconcile_due():
             deadlines.append(0)
         if self._rechecks:
             deadlines.append(max(0.0, (self._rechecks[0][0] - now_ms()) / 1000))
@@ -274,8 +279,9 @@ class DbWriter:
         if ingest.replay:
             await self._write_presence(replay=True if self._live_executor else None)
             return
-        if self._reconcile is not None and not self._reconcile.done():
-            await self._do_reconcile()
+        if self._reconcile_due():
+            async with self._live_or_reconcile:
+                await self._do_reconcile()
             return
         if self._rechecks and self._rechecks[0][0] <= now_ms():
             await self._do_rechecks()
@@ -289,6 +295,14 @@ class DbWriter:
         # that batch wrote, and never delays the current session's.
         if ingest.held.is_due(now_ms()):
             await self._retry_held()
+
+    def _reconcile_due(self) -> bool:
+        """A reconcile is asked for and every live presence event queued before it is
+        written (on one lane, :meth:`_step` writes them first): a device whose event is
+        written counts as seen. The live lane wakes the main one after each batch."""
+        if self._reconcile is None or self._reconcile.done():
+            return False
+        return self._live_executor is None or not (self._ingest.presence or self._live_busy)
 
     def _replay_batch(self) -> int:
         """Replayed presence per write: as many as fit in :data:`REPLAY_BATCH_S`, so a
