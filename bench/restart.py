@@ -5,8 +5,11 @@ Each figure is printed beside its floor, measured in the same run:
 1. cold: an empty database, N devices with a retained birth and a retained status on
    Mosquitto -> every ``remotes`` row ``Connected`` with its battery. Floor:
    ``mosquitto_sub`` receiving the same 2N retained messages (QoS 1).
+   Second floor: the simplest Python program doing the same work
+   (``bench/minimal_restart.py``: paho, ``json.loads``, SQLite upserts in batches), and
+   paho receiving alone, each timed from its process start as the bridge is.
 2. warm: the same database, every battery changed while no bridge ran -> every row
-   updated. Same floor.
+   updated. Same floors.
 3. deaths during the replay: kiosks (``mosquitto_sub`` processes with a retained Will)
    killed one by one from the moment the bridge of a warm restart has subscribed, while
    it reads and writes the snapshot, until every row is right;
@@ -110,6 +113,20 @@ def floor_sub(broker_url: str, devices: int) -> float:
         stdout=subprocess.DEVNULL,
         check=True,
     )
+    return time.monotonic() - started
+
+
+def floor_python(broker_url: str, devices: int, db_path: Path, *, receive_only: bool) -> float:
+    """Seconds the simplest Python program takes to do a restart's work, from its
+    process start, as the bridge's are (``bench/minimal_restart.py``)."""
+    address = parse_broker_url(broker_url)
+    script = Path(__file__).with_name("minimal_restart.py")
+    command = [sys.executable, str(script), address.host, str(address.port), str(db_path)]
+    command.append(str(devices))
+    if receive_only:
+        command.append("--receive-only")
+    started = time.monotonic()
+    subprocess.run(command, check=True, timeout=600)
     return time.monotonic() - started
 
 
@@ -418,6 +435,9 @@ def run(kind: str, devices: int, idle_s: float) -> Result:
         with mosquitto(work) as broker, database(kind, work) as db_url:
             _seed(broker.url, devices, seq=1, births=True)
             floor = floor_sub(broker.url, devices)
+            python_db = work / "minimal-restart.db"
+            receive_floor = floor_python(broker.url, devices, python_db, receive_only=True)
+            python_floor = floor_python(broker.url, devices, python_db, receive_only=False)
             engine = create_engine(db_url)
             cold, bridge, _ = _timed_restart(broker.url, db_url, work, engine, devices, 1)
             bridge.stop()
@@ -425,6 +445,7 @@ def run(kind: str, devices: int, idle_s: float) -> Result:
             victims = Victims(broker.url, VICTIMS)
             try:
                 warm_floor = floor_sub(broker.url, devices)
+                warm_python = floor_python(broker.url, devices, python_db, receive_only=False)
                 warm, bridge, deaths = _timed_restart(
                     broker.url, db_url, work, engine, devices, 2, victims
                 )
@@ -441,9 +462,16 @@ def run(kind: str, devices: int, idle_s: float) -> Result:
     f["cold: all rows right s"] = round(cold["seconds"], 2)
     f["cold / floor"] = round(cold["seconds"] / floor, 2)
     f["cold CPU s"] = round(cold["cpu_s"], 1)
+    # The same work by the simplest Python program (paho + json + SQLite upserts), and
+    # paho's receive alone: what Python itself costs on this machine, beside the broker.
+    f["floor: paho receive only s"] = round(receive_floor, 2)
+    f["floor: paho + SQLite minimal restart s"] = round(python_floor, 2)
+    f["cold / paho + SQLite floor"] = round(cold["seconds"] / python_floor, 2)
     f["warm floor s"] = round(warm_floor, 2)
     f["warm: all rows updated s"] = round(warm["seconds"], 2)
     f["warm / floor"] = round(warm["seconds"] / warm_floor, 2)
+    f["warm paho + SQLite floor s"] = round(warm_python, 2)
+    f["warm / paho + SQLite floor"] = round(warm["seconds"] / warm_python, 2)
     f["RSS peak MiB"] = round(max(cold["rss_peak_mib"], warm["rss_peak_mib"]), 1)
     f["database MiB"] = round(size, 1)
     f["idle CPU-s per 1k devices per hour"] = round(idle, 2)

@@ -140,6 +140,8 @@ def test_restart_prints_every_figure_beside_its_floor(bench: Any) -> None:
     figures = result.figures
     for key in ("cold", "warm"):
         assert figures[f"{key} / floor"] > 0
+        assert figures[f"{key} / paho + SQLite floor"] > 0
+    assert figures["floor: paho receive only s"] > 0
     assert figures["floor: mosquitto_sub retained set s"] > 0
     assert figures["RSS peak MiB"] > 0
     # At 300 devices the replay may end before the first kill: the figures are still
