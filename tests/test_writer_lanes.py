@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, Engine, select
 
 from bridge.clock import now_ms
 from bridge.db.engine import create_schema, make_engine
@@ -30,7 +30,7 @@ from bridge.service.ingest import Ingest
 from bridge.service.metrics import BridgeMetrics
 from bridge.service.ports import ReconcileExemptions, TransitionFeed
 from bridge.service.writer import DbWriter
-from bridge.settings import load_settings
+from bridge.settings import Settings, load_settings
 from bridge.tasks import cancel_and_wait
 from schemas import Status
 
@@ -154,6 +154,41 @@ def server_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(f"{request.param}_url"))
 
 
+def _two_lane_writer(
+    settings: Settings,
+    ingest: Ingest,
+    presence: PresenceStore,
+    engine: Engine,
+    metrics: BridgeMetrics,
+    writer_class: type[DbWriter] = DbWriter,
+) -> tuple[DbWriter, list[ThreadPoolExecutor]]:
+    """A writer with a live lane, as the bridge builds it on MariaDB and PostgreSQL."""
+    executors = [
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kb-db-{lane}-test")
+        for lane in ("main", "live")
+    ]
+    writer = writer_class(
+        settings,
+        ingest,
+        presence,
+        StatusStore(engine, writer="test"),
+        metrics,
+        executors[0],
+        transitions=TransitionFeed(),
+        exemptions=ReconcileExemptions(),
+        live_executor=executors[1],
+    )
+    return writer, executors
+
+
+async def _stop(running: asyncio.Task[None], executors: list[ThreadPoolExecutor]) -> None:
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    for executor in executors:
+        executor.shutdown(wait=True)
+
+
 async def test_live_presence_is_written_while_a_replayed_batch_is_open(server_url: str) -> None:
     engine = make_engine(server_url)
     create_schema(engine)
@@ -169,19 +204,7 @@ async def test_live_presence_is_written_while_a_replayed_batch_is_open(server_ur
     for device_id in ids[1:]:
         ingest.put_presence(PresenceItem(_event(device_id, ConnState.ONLINE, 2)), replay=True)
     store = _HeldReplay(engine, writer="test", rules=rules, grace_ms=0, clock=now_ms)
-    main = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kb-db-test")
-    live = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kb-db-live-test")
-    writer = DbWriter(
-        settings,
-        ingest,
-        store,
-        StatusStore(engine, writer="test"),
-        metrics,
-        main,
-        transitions=TransitionFeed(),
-        exemptions=ReconcileExemptions(),
-        live_executor=live,
-    )
+    writer, executors = _two_lane_writer(settings, ingest, store, engine, metrics)
     running = asyncio.create_task(writer.run())
     try:
         assert await asyncio.to_thread(store.replay_open.wait, 10)
@@ -190,11 +213,7 @@ async def test_live_presence_is_written_while_a_replayed_batch_is_open(server_ur
         async with asyncio.timeout(30):
             await writer.drain()
     finally:
-        running.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
-        main.shutdown(wait=True)
-        live.shutdown(wait=True)
+        await _stop(running, executors)
     assert store.order[:3] == ["replay open", "live committed", "replay commits (live first: True)"]
     with engine.connect() as conn:
         states = dict(conn.execute(select(Connectivity.device_id, Connectivity.state)).all())
@@ -204,30 +223,21 @@ async def test_live_presence_is_written_while_a_replayed_batch_is_open(server_ur
     assert all(sessions[d] == 2 and states[d] == ConnState.ONLINE.value for d in ids[1:])
 
 
-def _sqlite_writer(tmp_path: Path, writer_class: type[DbWriter]) -> tuple[DbWriter, list[Any]]:
+def _sqlite_writer(
+    tmp_path: Path, writer_class: type[DbWriter]
+) -> tuple[DbWriter, Engine, list[ThreadPoolExecutor]]:
     url = f"sqlite:///{tmp_path / 'lanes.db'}"
     engine = make_engine(url)
     create_schema(engine)
     settings = load_settings(db=url)
     metrics = BridgeMetrics()
     ingest = Ingest(prefix=settings.prefix, metrics=metrics, buffer_max=100)
-    executors = [ThreadPoolExecutor(max_workers=1) for _ in range(2)]
-    writer = writer_class(
-        settings,
-        ingest,
-        PresenceStore(engine, writer="test", rules=PresenceRules(), grace_ms=0, clock=now_ms),
-        StatusStore(engine, writer="test"),
-        metrics,
-        executors[0],
-        transitions=TransitionFeed(),
-        exemptions=ReconcileExemptions(),
-        live_executor=executors[1],
-    )
-    return writer, [engine, *executors]
+    presence = PresenceStore(engine, writer="test", rules=PresenceRules(), grace_ms=0, clock=now_ms)
+    writer, executors = _two_lane_writer(settings, ingest, presence, engine, metrics, writer_class)
+    return writer, engine, executors
 
 
-def _release(resources: list[Any]) -> None:
-    engine, *executors = resources
+def _release(engine: Engine, executors: list[ThreadPoolExecutor]) -> None:
     for executor in executors:
         executor.shutdown(wait=True)
     engine.dispose()
@@ -250,7 +260,7 @@ class _DropsOneCancellation(DbWriter):
 async def test_a_writer_stops_even_if_its_live_lane_drops_a_cancellation(
     tmp_path: Path,
 ) -> None:
-    writer, resources = _sqlite_writer(tmp_path, _DropsOneCancellation)
+    writer, engine, executors = _sqlite_writer(tmp_path, _DropsOneCancellation)
     running = asyncio.create_task(writer.run(), name="writer")
     try:
         await asyncio.wait_for(writer.idle.wait(), 10)
@@ -261,7 +271,7 @@ async def test_a_writer_stops_even_if_its_live_lane_drops_a_cancellation(
         assert running.cancelled()
         assert live.done()
     finally:
-        _release(resources)
+        _release(engine, executors)
 
 
 class _FailingLane(DbWriter):
@@ -270,13 +280,13 @@ class _FailingLane(DbWriter):
 
 
 async def test_a_live_lane_that_fails_ends_the_writer_with_its_error(tmp_path: Path) -> None:
-    writer, resources = _sqlite_writer(tmp_path, _FailingLane)
+    writer, engine, executors = _sqlite_writer(tmp_path, _FailingLane)
     try:
         with pytest.raises(RuntimeError, match="the live lane broke"):
             async with asyncio.timeout(10):
                 await writer.run()
     finally:
-        _release(resources)
+        _release(engine, executors)
 
 
 class _LiveHeldForReconcile(PresenceStore):
@@ -318,18 +328,7 @@ async def test_a_reconcile_waits_for_live_presence_on_the_other_lane(server_url:
     metrics = BridgeMetrics()
     ingest = Ingest(prefix=settings.prefix, metrics=metrics, buffer_max=100)
     store = _LiveHeldForReconcile(engine, writer="test", rules=rules, grace_ms=0, clock=now_ms)
-    executors = [ThreadPoolExecutor(max_workers=1) for _ in range(2)]
-    writer = DbWriter(
-        settings,
-        ingest,
-        store,
-        StatusStore(engine, writer="test"),
-        metrics,
-        executors[0],
-        transitions=TransitionFeed(),
-        exemptions=ReconcileExemptions(),
-        live_executor=executors[1],
-    )
+    writer, executors = _two_lane_writer(settings, ingest, store, engine, metrics)
     running = asyncio.create_task(writer.run())
     try:
         ingest.put_presence(PresenceItem(_event("rec-0", ConnState.LOST)))
@@ -338,11 +337,7 @@ async def test_a_reconcile_waits_for_live_presence_on_the_other_lane(server_url:
         async with asyncio.timeout(30):
             changed = await writer.request_reconcile(set())
     finally:
-        running.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
-        for executor in executors:
-            executor.shutdown(wait=True)
+        await _stop(running, executors)
     with engine.connect() as conn:
         states = dict(conn.execute(select(Connectivity.device_id, Connectivity.state)).all())
     engine.dispose()
