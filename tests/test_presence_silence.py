@@ -186,9 +186,11 @@ def test_a_watched_fleet_adds_nothing_for_the_cyclic_collector_to_walk() -> None
     clock = SilenceClock()
     gc.collect()
     before = len(gc.get_objects())
-    for n in range(2_000):
+    for n in range(10_000):
         clock.born(f"k{n}", session=n + 1, now_ms=1_000 + n)
-        clock.heard(f"k{n}", now_ms=2_000 + n)
+        clock.heard(f"k{n}", now_ms=20_000 + n)
     gc.collect()
-    assert len(clock) == 2_000
-    assert len(gc.get_objects()) - before < 100
+    assert len(clock) == 10_000
+    # A margin for what other threads of the test process allocate meanwhile; an object
+    # per device would be 10,000.
+    assert len(gc.get_objects()) - before < 1_000
