@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -41,6 +42,39 @@ from bridge.settings import Settings
 from bridge.tasks import cancel_child_and_wait
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _LaneHealth:
+    """A lane's retry schedule, and whether its last write failed (so that its
+    recovery is logged once)."""
+
+    #: How its log lines name the lane's writes ("writes resumed") and a failed one
+    #: ("write failed").
+    writes: str
+    write: str
+    backoff: Backoff
+    healthy: bool = True
+
+    def succeeded(self) -> None:
+        if not self.healthy:
+            log.warning("database is back; %s resumed", self.writes)
+            self.healthy = True
+        self.backoff.reset()
+
+    def failed(self, exc: BaseException, held: str) -> float:
+        """Log the failure with what is ``held``; the seconds to wait before retrying."""
+        self.healthy = False
+        delay = self.backoff.next_delay()
+        log.error(
+            "database %s failed (%s); %s held, retry in %.2fs",
+            self.write,
+            _short(exc),
+            held,
+            delay,
+        )
+        return delay
+
 
 T = TypeVar("T")
 
@@ -92,15 +126,19 @@ class DbWriter:
         self._after_snapshot: list[PresenceItem] = []
         #: Seconds per replayed presence row, measured (a guess until the first batch).
         self._replay_row_s = 1e-4
-        self._backoff = Backoff(base=0.2, cap=settings.db_retry_cap_s)
-        self._db_healthy = True
+        self._health = _LaneHealth(
+            "writes", "write", Backoff(base=0.2, cap=settings.db_retry_cap_s)
+        )
         self._live_executor = live_executor
-        self._live_backoff = Backoff(base=0.2, cap=settings.db_retry_cap_s)
-        #: A live batch is taken and not yet written (the lane's; drain waits for it).
-        self._live_busy = False
-        #: Held by the live lane for each batch and by the reconcile: a reconcile reads
-        #: the sessions it will mark ``unknown`` first, and a Will committed on the live
-        #: lane between that read and its write was overwritten with ``unknown``.
+        self._live_health = _LaneHealth(
+            "live presence writes",
+            "write of live presence",
+            Backoff(base=0.2, cap=settings.db_retry_cap_s),
+        )
+        #: Held by the live lane while it takes and writes a batch, and by the reconcile:
+        #: a reconcile reads the sessions it will mark ``unknown`` first, and a Will
+        #: committed on the live lane between that read and its write was overwritten
+        #: with ``unknown``.
         self._live_or_reconcile = asyncio.Lock()
         #: Set by :meth:`drain`: everything queued is written now, snapshot or not.
         self._draining = False
@@ -154,32 +192,18 @@ class DbWriter:
     async def _run_live(self) -> None:
         """The live lane: each live presence batch as soon as it is queued."""
         ingest = self._ingest
-        healthy = True
         while True:
             if not ingest.presence:
                 ingest.live_wake.clear()
                 await ingest.live_wake.wait()
                 continue
-            self._live_busy = True
             try:
                 async with self._live_or_reconcile:
                     await self._write_presence(replay=False)
-                if not healthy:
-                    log.warning("database is back; live presence writes resumed")
-                    healthy = True
-                self._live_backoff.reset()
+                self._live_health.succeeded()
             except SQLAlchemyError as exc:
-                healthy = False
-                delay = self._live_backoff.next_delay()
-                log.error(
-                    "database write of live presence failed (%s); %d events held, retry in %.2fs",
-                    _short(exc),
-                    len(ingest.presence),
-                    delay,
-                )
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self._live_health.failed(exc, f"{len(ingest.presence)} events"))
             finally:
-                self._live_busy = False
                 # The main lane decides when the writer is idle (drain, tests).
                 ingest.wake.set()
 
@@ -200,22 +224,13 @@ class DbWriter:
             self.idle.clear()
             try:
                 await self._step()
-                if not self._db_healthy:
-                    log.warning("database is back; writes resumed")
-                    self._db_healthy = True
-                self._backoff.reset()
+                self._health.succeeded()
             except SQLAlchemyError as exc:
-                delay = self._backoff.next_delay()
-                self._db_healthy = False
-                log.error(
-                    "database write failed (%s); %d presence events and %d devices' telemetry "
-                    "held, retry in %.2fs",
-                    _short(exc),
-                    ingest.presence_pending,
-                    len(ingest.status),
-                    delay,
+                held = (
+                    f"{ingest.presence_pending} presence events and "
+                    f"{len(ingest.status)} devices' telemetry"
                 )
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self._health.failed(exc, held))
                 ingest.wake.set()
 
     def _snapshot_gate(self) -> float | None:
@@ -237,7 +252,7 @@ class DbWriter:
     def _nothing_due(self) -> bool:
         return (
             not self._ingest.presence_pending
-            and not self._live_busy
+            and not self._live_writing()
             and not self._ingest.status
             and (self._reconcile is None or self._reconcile.done())
         )
@@ -302,7 +317,13 @@ class DbWriter:
         written counts as seen. The live lane wakes the main one after each batch."""
         if self._reconcile is None or self._reconcile.done():
             return False
-        return self._live_executor is None or not (self._ingest.presence or self._live_busy)
+        return self._live_executor is None or not (self._ingest.presence or self._live_writing())
+
+    def _live_writing(self) -> bool:
+        """The live lane has a batch taken and not yet written (drain and the reconcile
+        wait for it). The reconcile holds the same lock, but only while a reconcile is
+        pending, when both questions have that answer anyway."""
+        return self._live_or_reconcile.locked()
 
     def _replay_batch(self) -> int:
         """Replayed presence per write: as many as fit in :data:`REPLAY_BATCH_S`, so a
